@@ -1,0 +1,94 @@
+"""Evaluate an ``AnnGraph`` as the ANN it came from (torch, batched).
+
+One evaluator per node type, in a table keyed by the node's class. Used to check the tracer
+(the IR must reproduce the original model's outputs) and to give FTBC its ANN activations.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConvNode, FlattenNode,
+                          InputNode, LinearNode, ReluNode)
+
+Evaluator = Callable[[AnnNode, list[torch.Tensor]], torch.Tensor]
+EVALUATORS: dict[type, Evaluator] = {}
+
+
+def evaluates(node_type: type) -> Callable[[Evaluator], Evaluator]:
+    def register(fn: Evaluator) -> Evaluator:
+        EVALUATORS[node_type] = fn
+        return fn
+    return register
+
+
+def _t(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(arr), dtype=like.dtype, device=like.device)
+
+
+@evaluates(InputNode)
+def _input(node: InputNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    x = xs[0]
+    if node.mean is None:
+        return x
+    chan = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - _t(node.mean, x).reshape(chan)) / _t(node.std, x).reshape(chan)
+
+
+@evaluates(ConvNode)
+def _conv(node: ConvNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    x = xs[0]
+    return F.conv2d(x, _t(node.weight, x), _t(node.bias, x), node.stride, node.padding,
+                    node.dilation, node.groups)
+
+
+@evaluates(LinearNode)
+def _linear(node: LinearNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    x = xs[0]
+    return F.linear(x, _t(node.weight, x), _t(node.bias, x))
+
+
+@evaluates(ReluNode)
+def _relu(node: ReluNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].clamp(min=0.0, max=node.clip)
+
+
+@evaluates(AvgPoolNode)
+def _avgpool(node: AvgPoolNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    return F.avg_pool2d(xs[0], node.kernel, node.stride, node.padding)
+
+
+@evaluates(FlattenNode)
+def _flatten(node: FlattenNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].flatten(1)
+
+
+@evaluates(AddNode)
+def _add(node: AddNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(xs).sum(0)
+
+
+@torch.no_grad()
+def ann_forward(graph: AnnGraph, x: torch.Tensor | np.ndarray, *, record: bool = False,
+                dtype: torch.dtype = torch.float32):
+    """Run the graph on a batch. Returns the output, or ``(output, {node name: value})`` when
+    ``record`` is set (every node's value, e.g. the ReLU activations FTBC targets)."""
+    values: dict[str, torch.Tensor] = {}
+    for node in graph.nodes:
+        ins = ([torch.as_tensor(x, dtype=dtype)] if isinstance(node, InputNode)
+               else [values[name] for name in node.inputs])
+        values[node.name] = EVALUATORS[type(node)](node, ins)
+    out = values[graph.output]
+    return (out, values) if record else out
+
+
+def ann_accuracy(graph: AnnGraph, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent over (x, y), batched."""
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = ann_forward(graph, x[start:start + batch_size])
+        correct += int((logits.argmax(1).numpy() == y[start:start + batch_size]).sum())
+    return 100.0 * correct / max(len(x), 1)
