@@ -1,0 +1,188 @@
+"""``ftbc-export``: the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from toolchain.errors import FtbcError, InputError
+
+EXIT_CODES = """exit codes:
+  0  success
+  1  internal error (a bug in ftbc: please report it with the command line)
+  2  unsupported model or bad input (file, data, options)
+  3  hardware limit exceeded (every violation is listed)
+  4  verification mismatch: Lava differs from the bit-exact emulator
+"""
+
+DESCRIPTION = """Convert a trained PyTorch ANN (ReLU-like activations) into a spiking network of
+integrate-and-fire neurons, calibrate it with FTBC (forward temporal bias correction),
+normalise thresholds to 1, quantize it for Loihi 2, export it as a lava-dl netx HDF5 file
+with time-indexed bias schedules, and prove it in Lava's bit-accurate CPU simulation.
+
+Outputs in --out: report.json, accuracy.png, network.net (quantized targets)."""
+
+EPILOG = """model formats: TorchScript (torch.jit.save), torch.export programs (.pt2),
+state_dict files with --arch; pickled whole modules only with --trust-pickle.
+data: digits (built in, scikit-learn's 8x8 digits, seeded 80/20 split) | mnist:DIR
+(DIR/mnist_{train,test}.npz, uint8 x, y) | npz:TRAIN.npz,TEST.npz (float x as the model
+expects it, integer y). Calibration uses the training split only.
+
+""" + EXIT_CODES
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W or F (integers), got {text!r}")
+    if not shape or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
+    return shape
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftbc-export", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", type=Path, help="trained model file")
+    p.add_argument("--target", default="loihi2-sim",
+                   help="hardware target (default loihi2-sim; see --list-targets)")
+    p.add_argument("--list-targets", action="store_true", help="list targets and exit")
+    p.add_argument("--data", default="digits", help="data set (default digits; see below)")
+    p.add_argument("--out", type=Path, help="output directory (default build/<model name>)")
+    p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
+                   help="model input shape without batch (default: from the data set)")
+    g = p.add_argument_group("model loading")
+    g.add_argument("--arch", metavar="pkg.module:Class", help="architecture for a state_dict")
+    g.add_argument("--arch-kwargs", default="{}", metavar="JSON",
+                   help="keyword arguments for --arch as a JSON object")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled whole module (runs code from the file!)")
+    g = p.add_argument_group("conversion")
+    g.add_argument("--timesteps", "-T", type=_positive(int), default=16,
+                   help="simulation time steps T (default 16)")
+    g.add_argument("--threshold", choices=("max", "percentile", "mse"), default="mse",
+                   help="per-channel threshold rule (default mse: search fractions of the "
+                        "max for this T)")
+    g.add_argument("--percentile", type=float, default=99.99,
+                   help="percentile for --threshold percentile (default 99.99)")
+    g.add_argument("--v-init", type=float, metavar="FRACTION",
+                   help="initial membrane potential as a fraction of the threshold")
+    g.add_argument("--input-shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="add theta/(2T) to the input current at every step")
+    g = p.add_argument_group("FTBC calibration (training data only)")
+    g.add_argument("--alpha", type=_positive(float), default=0.5,
+                   help="bias update rate (default 0.5)")
+    g.add_argument("--calib-batches", type=_positive(int), default=5, help="default 5")
+    g.add_argument("--calib-batch-size", type=_positive(int), default=128, help="default 128")
+    g.add_argument("--iterations", type=_positive(int), default=3, help="default 3")
+    g.add_argument("--holdout", type=_fraction, default=0.2,
+                   help="fraction of the calibration samples held out to decide which "
+                        "corrections to keep (default 0.2)")
+    g = p.add_argument_group("evaluation and verification")
+    g.add_argument("--eval-samples", type=_positive(int),
+                   help="evaluate on the first N test samples (default: all)")
+    g.add_argument("--verify-samples", type=int, default=100,
+                   help="samples run in Lava and compared spike for spike (default 100; "
+                        "0 skips)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def list_targets() -> str:
+    from hw_targets import TARGETS
+    return "\n".join(f"{name:12s} {t.description}" for name, t in TARGETS.items())
+
+
+def options_from_args(args: argparse.Namespace, argv: list[str]):
+    from hw_targets import get_target
+    from toolchain.pipeline import Options
+    if args.model is None:
+        raise InputError("no model file given (usage: ftbc-export MODEL [options]; see --help)")
+    get_target(args.target)  # unknown target -> InputError listing the valid ones
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--arch-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(arch_kwargs, dict):
+        raise InputError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 32}'")
+    return Options(
+        model=args.model, target=args.target, data=args.data, out=args.out,
+        input_shape=args.input_shape, arch=args.arch, arch_kwargs=arch_kwargs,
+        trust_pickle=args.trust_pickle, timesteps=args.timesteps, threshold=args.threshold,
+        percentile=args.percentile, v_init=args.v_init, input_shift=args.input_shift,
+        alpha=args.alpha, calib_batches=args.calib_batches,
+        calib_batch_size=args.calib_batch_size, iterations=args.iterations,
+        holdout=args.holdout, eval_samples=args.eval_samples,
+        verify_samples=args.verify_samples, seed=args.seed, progress=not args.no_progress,
+        command_line=shlex.join(["ftbc-export", *argv]))
+
+
+def _run(options) -> int:
+    from toolchain.errors import VerificationError
+    from toolchain.pipeline import STAGES, run_pipeline
+    from toolchain.report import build_report, summary_lines
+
+    def announce(index: int, name: str) -> None:
+        print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
+
+    run = run_pipeline(options, on_stage=announce if options.progress else None)
+    report = build_report(run)
+    print("\n".join(summary_lines(report)))
+    print(f"outputs in {options.out_dir}/")
+    lava = report.get("lava")
+    if lava and (lava["spike_mismatches"] or lava["readout_mismatches"]):
+        raise VerificationError(f"Lava differs from the emulator: first mismatch "
+                                f"{lava['first_mismatch']} (details in report.json)")
+    return 0
+
+
+def _terminate(signum, frame):  # SIGTERM -> the same clean unwinding as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.list_targets:
+        print(list_targets())
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(options_from_args(args, argv))
+    except FtbcError as exc:
+        print(f"ftbc-export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ftbc-export: interrupted; previous outputs left intact", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, exit code 1
+        print(f"ftbc-export: internal error: {type(exc).__name__}: {exc}\n"
+              f"This is a bug in ftbc; please report it with the command line.",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The pipeline: one literal list of stages, each a small function ``Run -> Run``.
+
+``Run`` is a frozen record of everything produced so far (graphs, accuracies, timings); a
+stage returns a new one with its fields filled. The stage order is ``STAGES`` below; a stage
+that does not apply to the chosen target returns the run unchanged. This module and the CLI
+are the only ones that reach into every package.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from toolchain.errors import InputError
+from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything the user chose (the CLI's arguments, validated)."""
+    model: Path
+    target: str = "loihi2-sim"
+    data: str = "digits"
+    out: Path | None = None
+    input_shape: tuple[int, ...] | None = None
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    timesteps: int = 16
+    threshold: str = "mse"
+    percentile: float = 99.99
+    v_init: float | None = None
+    input_shift: bool | None = None
+    alpha: float = 0.5
+    calib_batches: int = 5
+    calib_batch_size: int = 128
+    iterations: int = 3
+    holdout: float = 0.2
+    eval_samples: int | None = None
+    verify_samples: int = 100
+    seed: int = 0
+    progress: bool = True
+    command_line: str = ""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else Path("build") / self.model.stem
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the stages have produced so far. Fields stay None until their stage ran."""
+    options: Options
+    data: Any = None
+    loaded: Any = None
+    ann: AnnGraph | None = None
+    snn: Mapping[str, SnnGraph] = field(default_factory=dict)
+    normalized: SnnGraph | None = None
+    quant: QuantGraph | None = None
+    results: Mapping[str, Any] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    def with_results(self, **items: Any) -> "Run":
+        return replace(self, results={**self.results, **items})
+
+
+Stage = Callable[[Run], Run]
+
+
+def _eval_split(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    n = run.options.eval_samples
+    x, y = run.data.x_test, run.data.y_test
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+def _calib_data(run: Run) -> np.ndarray:
+    """Calibration samples: a seeded subset of the TRAINING split only (never evaluation)."""
+    opts = run.options
+    total = opts.calib_batches * opts.calib_batch_size
+    need = int(np.ceil(total / (1.0 - opts.holdout))) if opts.holdout < 1 else total
+    rng = np.random.default_rng(opts.seed)
+    idx = rng.permutation(len(run.data.x_train))[:need]
+    return run.data.x_train[np.sort(idx)]
+
+
+def _timed(name: str, fn: Stage) -> Stage:
+    def stage(run: Run) -> Run:
+        start = time.perf_counter()
+        new = fn(run)
+        return replace(new, timings={**new.timings, name: time.perf_counter() - start})
+    stage.__name__ = name
+    return stage
+
+
+def load(run: Run) -> Run:
+    from toolchain.data import load_data
+    from toolchain.load import load_model
+    opts = run.options
+    data = load_data(opts.data)
+    loaded = load_model(opts.model, arch=opts.arch, arch_kwargs=dict(opts.arch_kwargs),
+                        trust_pickle=opts.trust_pickle)
+    return replace(run, data=data, loaded=loaded)
+
+
+def trace(run: Run) -> Run:
+    from toolchain.ann import ann_accuracy
+    from toolchain.data import check_input_shape
+    from toolchain.trace import trace as trace_model
+    shape = run.options.input_shape or tuple(run.data.x_train.shape[1:])
+    check_input_shape(run.data, shape)
+    ann = trace_model(run.loaded, shape)
+    x, y = _eval_split(run)
+    return replace(run, ann=ann).with_results(ann_accuracy=ann_accuracy(ann, x, y))
+
+
+def convert(run: Run) -> Run:
+    from toolchain.convert import convert as convert_ann
+    opts = run.options
+    extra = {k: v for k, v in (("v_init", opts.v_init), ("input_shift", opts.input_shift))
+             if v is not None}
+    snn = convert_ann(run.ann, _calib_data(run), timesteps=opts.timesteps,
+                      threshold=opts.threshold, percentile=opts.percentile, **extra)
+    return replace(run, snn={"converted": snn})
+
+
+CALIBRATION_METHODS = ("none", "lp", "ftbc")
+
+
+def calibrate(run: Run) -> Run:
+    from toolchain.calibrate import calibrate as calibrate_snn
+    opts = run.options
+    graphs, reports = {}, {}
+    for method in CALIBRATION_METHODS:
+        graphs[method], reports[method] = calibrate_snn(
+            run.snn["converted"], run.ann, _calib_data(run), method=method, alpha=opts.alpha,
+            batches=opts.calib_batches, batch_size=opts.calib_batch_size,
+            iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed)
+    return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
+
+
+def simulate(run: Run) -> Run:
+    from sims.torch_snn import simulate as simulate_snn
+    x, y = _eval_split(run)
+    accuracy = {m: simulate_snn(run.snn[m], x, y, progress=run.options.progress).accuracy
+                for m in CALIBRATION_METHODS}
+    return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
+
+
+def normalize(run: Run) -> Run:
+    from toolchain.normalize import normalize as normalize_snn
+    return replace(run, normalized=normalize_snn(run.snn["ftbc"]))
+
+
+def quantize(run: Run) -> Run:
+    from exporters.quantize import check, quantization_report
+    from exporters.quantize import quantize as quantize_snn
+    from hw_targets import get_target
+    target = get_target(run.options.target)
+    if not target.quantized:
+        return run
+    q = quantize_snn(run.normalized, target)
+    q = replace(q, meta={**q.meta, "provenance": provenance(run)})
+    check(q, target)
+    return replace(run, quant=q).with_results(quantization=quantization_report(q))
+
+
+def emulate(run: Run) -> Run:
+    from sims.emulator import emulate as emulate_q
+    if run.quant is None:
+        return run
+    x, y = _eval_split(run)
+    result = emulate_q(run.quant, x, y, progress=run.options.progress)
+    return run.with_results(fixed_accuracy=result.accuracy.tolist(),
+                            saturations=dict(result.saturations))
+
+
+def export(run: Run) -> Run:
+    from exporters.netx import write_netx
+    if run.quant is None:
+        return run
+    path = run.options.out_dir / "network.net"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_netx(run.quant, path)
+    return run.with_results(network=str(path))
+
+
+def verify(run: Run) -> Run:
+    from hw_targets import get_target
+    from sims.verify import verify as verify_lava
+    opts = run.options
+    if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
+        return run
+    x, y = run.data.x_test[:opts.verify_samples], run.data.y_test[:opts.verify_samples]
+    lava = verify_lava(run.quant, Path(run.results["network"]), x, y)
+    return run.with_results(lava=lava)
+
+
+def report(run: Run) -> Run:
+    from toolchain.report import write_report
+    write_report(run)
+    return run
+
+
+STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
+    load, trace, convert, calibrate, simulate, normalize, quantize, emulate, export, verify,
+    report,
+))
+
+
+def provenance(run: Run) -> dict[str, Any]:
+    """Versions, options and seed: recorded in every artifact. Nothing run-specific (paths,
+    command line, timings) so that the same inputs give byte-identical exported files."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for pkg in ("ftbc", "torch", "numpy", "h5py", "lava-nc", "lava-dl"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    opts = run.options
+    return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
+            "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
+            "calibration_data": f"{opts.data} (training split)"}
+
+
+def run_pipeline(options: Options, on_stage: Callable[[int, str], None] | None = None) -> Run:
+    """Run every stage in order; ``on_stage(index, name)`` is called before each."""
+    run = Run(options=options)
+    for index, stage in enumerate(STAGES):
+        if on_stage is not None:
+            on_stage(index, stage.__name__)
+        run = stage(run)
+    return run

@@ -1,0 +1,113 @@
+"""report.json, accuracy.png and the on-screen summary table.
+
+Every file is written to a temporary name in the output directory and renamed into place, so
+a run that dies part-way leaves the previous good outputs intact and no partial files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def build_report(run) -> dict[str, Any]:
+    """The report.json content."""
+    from toolchain.pipeline import provenance
+    opts = run.options
+    return _jsonable({
+        "model": str(opts.model), "data": opts.data, "target": opts.target,
+        "timesteps": opts.timesteps,
+        "eval_samples": len(run.data.x_test) if opts.eval_samples is None
+        else min(opts.eval_samples, len(run.data.x_test)),
+        **run.results,
+        "provenance": {**provenance(run), "command_line": opts.command_line},
+        "seconds": {k: round(v, 3) for k, v in run.timings.items()},
+    })
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    """Accuracy after each step t, one line per method, the ANN as a reference line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    steps = np.arange(1, report["timesteps"] + 1)
+    for method, acc in report.get("snn_accuracy", {}).items():
+        ax.plot(steps, acc, marker=".", label=f"SNN float, {method}")
+    if "fixed_accuracy" in report:
+        ax.plot(steps, report["fixed_accuracy"], "k--", label="fixed point (emulator)")
+    if report.get("ann_accuracy") is not None:
+        ax.axhline(report["ann_accuracy"], color="grey", linestyle=":", label="ANN")
+    ax.set(xlabel="time step t", ylabel="test accuracy (%)",
+           title=f"{Path(report['model']).name} on {report['data']}, T={report['timesteps']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_report(run) -> dict[str, Any]:
+    """Write OUT/report.json and OUT/accuracy.png atomically; return the report."""
+    out = run.options.out_dir
+    report = build_report(run)
+    atomic_write(out / "report.json",
+                 lambda p: p.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n"))
+    atomic_write(out / "accuracy.png", lambda p: plot_accuracy(report, p))
+    return report
+
+
+def _fmt(acc: Any) -> str:
+    return "-" if acc is None else f"{acc:6.2f}"
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A readable table: ANN; float none / LP / FTBC; fixed point; Lava."""
+    T = report["timesteps"]
+    rows = [("ANN", report.get("ann_accuracy"), None)]
+    for method, acc in report.get("snn_accuracy", {}).items():
+        rows.append((f"SNN float, {method}", acc[-1], acc[min(T, 4) - 1]))
+    if "fixed_accuracy" in report:
+        acc = report["fixed_accuracy"]
+        rows.append((f"fixed point ({report['target']})", acc[-1], acc[min(T, 4) - 1]))
+    lava = report.get("lava")
+    if lava:
+        rows.append((f"Lava, {lava['samples']} samples", lava.get("accuracy"), None))
+    lines = [f"{'':28s} {'acc@T':>7s} {'acc@' + str(min(T, 4)):>7s}"]
+    lines += [f"{name:28s} {_fmt(a):>7s} {_fmt(b):>7s}" for name, a, b in rows]
+    if lava:
+        lines.append(f"Lava vs emulator: {lava['spike_mismatches']} spike and "
+                     f"{lava['readout_mismatches']} readout mismatches "
+                     f"({lava['seconds']:.1f} s)")
+    return lines
