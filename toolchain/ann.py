@@ -26,7 +26,7 @@ def evaluates(node_type: type) -> Callable[[Evaluator], Evaluator]:
 
 
 def _t(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(arr), dtype=like.dtype, device=like.device)
+    return torch.tensor(arr, dtype=like.dtype, device=like.device)  # copy: IR arrays are read-only
 
 
 @evaluates(InputNode)
@@ -71,6 +71,12 @@ def _add(node: AddNode, xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(xs).sum(0)
 
 
+def _as_batch(x: torch.Tensor | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return torch.from_numpy(np.array(x, copy=True)).to(dtype)  # data arrays are read-only
+
+
 @torch.no_grad()
 def ann_forward(graph: AnnGraph, x: torch.Tensor | np.ndarray, *, record: bool = False,
                 dtype: torch.dtype = torch.float32):
@@ -78,7 +84,7 @@ def ann_forward(graph: AnnGraph, x: torch.Tensor | np.ndarray, *, record: bool =
     ``record`` is set (every node's value, e.g. the ReLU activations FTBC targets)."""
     values: dict[str, torch.Tensor] = {}
     for node in graph.nodes:
-        ins = ([torch.as_tensor(x, dtype=dtype)] if isinstance(node, InputNode)
+        ins = ([_as_batch(x, dtype)] if isinstance(node, InputNode)
                else [values[name] for name in node.inputs])
         values[node.name] = EVALUATORS[type(node)](node, ins)
     out = values[graph.output]

@@ -184,7 +184,7 @@ def export(run: Run) -> Run:
     path = run.options.out_dir / "network.net"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_netx(run.quant, path)
-    return run.with_results(network=str(path))
+    return run.with_results(network=path.name)
 
 
 def verify(run: Run) -> Run:
@@ -194,7 +194,7 @@ def verify(run: Run) -> Run:
     if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
         return run
     x, y = run.data.x_test[:opts.verify_samples], run.data.y_test[:opts.verify_samples]
-    lava = verify_lava(run.quant, Path(run.results["network"]), x, y)
+    lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y)
     return run.with_results(lava=lava)
 
 

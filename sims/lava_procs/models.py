@@ -1,0 +1,116 @@
+"""Process models of ``IFBiasSchedule``: ``fixed_pt`` (bit-exact, integer-only) and
+``floating_pt``.
+
+The fixed-point model computes exactly ``sims.reference.run_layer`` inside the sample window
+documented in ``sims.lava_procs.process``. Its arithmetic is integer adds, shifts, one
+compare and one subtract per neuron and step, so it maps to a Loihi 2 microcoded neuron
+program; the int64 intermediate only holds a sum of three values that each fit 25 bits before
+the 24-bit saturation.
+
+Both models subclass ``PyLoihiProcessModel`` directly (not the decorated LIF models, which
+Lava would otherwise also match to LIF), and this file uses absolute imports only (Lava
+executes it during model discovery).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lava.magma.core.decorator import implements, requires, tag
+from lava.magma.core.model.py.model import PyLoihiProcessModel
+from lava.magma.core.model.py.ports import PyInPort, PyOutPort
+from lava.magma.core.model.py.type import LavaPyType
+from lava.magma.core.resources import CPU
+from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
+
+from sims.lava_procs.process import PACK_BITS, IFBiasSchedule
+
+STATE_MIN, STATE_MAX = -(1 << 23), (1 << 23) - 1   # 24-bit saturating state
+INPUT_SHIFT = 6                                    # synaptic input enters v << 6
+_PACK_WEIGHTS = np.left_shift(np.int64(1), np.arange(PACK_BITS, dtype=np.int64))
+
+
+def pack_spikes(s: np.ndarray, words: int) -> np.ndarray:
+    """Bits of ``s`` (n,) -> ``words`` int64, bit j of word w is neuron 48*w + j."""
+    bits = np.zeros(words * PACK_BITS, dtype=np.int64)
+    bits[:s.size] = s
+    return bits.reshape(words, PACK_BITS) @ _PACK_WEIGHTS
+
+
+class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
+    """Sample windowing and recording shared by both models; ``integrate`` is the neuron."""
+
+    vth: int = LavaPyType(int, np.int32, precision=24)
+    bias_exp: int = LavaPyType(int, np.int32, precision=5)
+    delay: int = LavaPyType(int, np.int32, precision=16)
+    timesteps: int = LavaPyType(int, np.int32, precision=16)
+    period: int = LavaPyType(int, np.int32, precision=16)
+    readout: int = LavaPyType(int, np.int32, precision=1)
+    step: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
+    spike_rec: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=48)
+
+    def run_spk(self) -> None:
+        a_in = self.a_in.recv()          # always drain the port, even outside the window
+        k = int(self.step[0])
+        self.step[0] = k + 1
+        tau, sample = k % self.period + 1, k // self.period
+        if tau == 1:
+            self.v[:] = self.v_init
+        t = tau - self.delay
+        spikes = np.zeros(self.v.shape, dtype=bool)
+        if 1 <= t <= self.timesteps:
+            row = sample * self.timesteps + t - 1
+            spikes = self.integrate(a_in, t)
+            if self.readout:
+                self.v_rec[row] = self.v
+            else:
+                self.spike_rec[row] = pack_spikes(spikes, self.spike_rec.shape[1])
+        self.s_out.send(spikes)
+
+    def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@implements(proc=IFBiasSchedule, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyIFBiasScheduleFixed(AbstractIFBiasScheduleModel):
+    """Bit-exact integer model (``sims.reference`` arithmetic)."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int32, precision=24)
+    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, bool, precision=1)
+    v: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
+    v_init: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
+    bias: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
+    v_rec: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
+
+    def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
+        bias = self.bias[t - 1].astype(np.int64) << self.bias_exp
+        v = self.v.astype(np.int64) + (a_in.astype(np.int64) << INPUT_SHIFT) + bias
+        v = np.clip(v, STATE_MIN, STATE_MAX)
+        spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
+        self.v[:] = v - spikes * np.int64(self.vth)
+        return spikes
+
+
+@implements(proc=IFBiasSchedule, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("floating_pt")
+class PyIFBiasScheduleFloat(AbstractIFBiasScheduleModel):
+    """Float model: the same equation in float64 (exact while values stay below 2**53).
+
+    Note Lava's floating-point Dense ignores ``weight_exp``; with weight_exp != 0 the float
+    simulation is not expected to match the integer reference."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
+    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
+    v: np.ndarray = LavaPyType(np.ndarray, float)
+    v_init: np.ndarray = LavaPyType(np.ndarray, float)
+    bias: np.ndarray = LavaPyType(np.ndarray, float)
+    v_rec: np.ndarray = LavaPyType(np.ndarray, float)
+
+    def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
+        bias = self.bias[t - 1] * float(2 ** self.bias_exp)
+        v = np.clip(self.v + a_in * float(1 << INPUT_SHIFT) + bias, STATE_MIN, STATE_MAX)
+        spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
+        self.v[:] = v - spikes * float(self.vth)
+        return spikes

@@ -1,0 +1,71 @@
+"""``IFBiasSchedule``: integrate-and-fire neurons with a per-step bias schedule, for Lava.
+
+The neuron arithmetic is ``sims.reference`` (the integer specification), run inside Lava's
+timing: Lava's Dense/Conv deliver at step k what was sent at step k-1, so a layer ``delay``
+hops from the input sees its step-t input at local step ``tau = delay + t``.
+
+Samples are run back to back, ``period = T + D`` steps each (D = deepest layer's delay), so
+the last layer finishes its T steps inside the sample's window. Within a sample, at local
+step tau = 1..period:
+
+- tau == 1: ``v = v_init`` (a new sample starts from the calibrated initial membrane);
+- delay < tau <= delay + T (the layer's window, t = tau - delay)::
+
+      v = clamp(v + (a << 6) + (bias_mant[t-1] << bias_exp), -2**23, 2**23 - 1)
+      s = v >= vth;  v -= s * vth          (spiking layers; the readout keeps v, never spikes)
+
+- outside the window: a_in is received and ignored (this also discards what the previous
+  sample left in the synapses), v is held and nothing is sent.
+
+All per-neuron arrays are flat in C order of the layer's (C, H, W) shape, the order of the
+reference and the emulator; the runner reshapes ports for Lava's (W, H, C) Conv.
+
+Records (one ``.get()`` each at the end, because Lava sends a Var to the host one element
+at a time): ``spike_rec`` (N*T, words) holds each step's spikes packed 48 per int64 word
+(exact in the float64 that ``.get()`` returns); ``v_rec`` (N*T, n) the readout's v.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lava.magma.core.process.ports.ports import InPort, OutPort
+from lava.magma.core.process.process import AbstractProcess, LogConfig
+from lava.magma.core.process.variable import Var
+
+PACK_BITS = 48  # spikes per record word; < 53 so a word survives Lava's float64 .get()
+
+
+def packed_words(n: int) -> int:
+    """Words per step needed to pack ``n`` spikes."""
+    return -(-n // PACK_BITS)
+
+
+class IFBiasSchedule(AbstractProcess):
+    """A population of ``n`` IF neurons (flat C order) with a time-indexed bias.
+
+    Parameters: ``vth`` (int, state units), ``bias`` (T, n) effective-bias mantissas per
+    neuron, ``bias_exp`` (int >= 0), ``v_init`` (n,), ``delay`` (hops from the input),
+    ``timesteps`` T, ``period`` (steps per sample), ``num_samples`` (record size),
+    ``readout`` (no spikes; record v instead).
+    """
+
+    def __init__(self, *, n: int, vth: int, bias: np.ndarray, bias_exp: int,
+                 v_init: np.ndarray, delay: int, timesteps: int, period: int,
+                 num_samples: int, readout: bool = False, name: str | None = None,
+                 log_config: LogConfig | None = None) -> None:
+        super().__init__(n=n, name=name, log_config=log_config)
+        rows = num_samples * timesteps
+        self.a_in = InPort(shape=(n,))
+        self.s_out = OutPort(shape=(n,))
+        self.v = Var(shape=(n,), init=np.asarray(v_init, dtype=np.int64))
+        self.v_init = Var(shape=(n,), init=np.asarray(v_init, dtype=np.int64))
+        self.vth = Var(shape=(1,), init=int(vth))
+        self.bias = Var(shape=(timesteps, n), init=np.asarray(bias, dtype=np.int64))
+        self.bias_exp = Var(shape=(1,), init=int(bias_exp))
+        self.delay = Var(shape=(1,), init=int(delay))
+        self.timesteps = Var(shape=(1,), init=int(timesteps))
+        self.period = Var(shape=(1,), init=int(period))
+        self.readout = Var(shape=(1,), init=int(bool(readout)))
+        self.step = Var(shape=(1,), init=0)
+        self.spike_rec = Var(shape=(rows, 1 if readout else packed_words(n)), init=0)
+        self.v_rec = Var(shape=(rows, n) if readout else (1, 1), init=0)

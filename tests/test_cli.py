@@ -1,0 +1,91 @@
+"""The command line end to end: real model, real data, real Lava."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolchain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_MODEL = ROOT / "examples" / "digits_cnn.pt"
+FAST = ["--timesteps", "4", "--calib-batches", "2", "--calib-batch-size", "64",
+        "--iterations", "1", "--eval-samples", "120", "--no-progress"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolchain.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_help_documents_every_option_and_exit_code():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for option in ("--target", "--data", "--timesteps", "--threshold", "--alpha",
+                   "--calib-batches", "--calib-batch-size", "--iterations", "--holdout",
+                   "--eval-samples", "--verify-samples", "--out", "--arch",
+                   "--arch-kwargs", "--trust-pickle", "--input-shape", "--list-targets"):
+        assert option in proc.stdout
+    for code in ("0  success", "2  unsupported", "3  hardware", "4  verification"):
+        assert code in proc.stdout
+
+
+def test_list_targets(capsys):
+    assert main(["--list-targets"]) == 0
+    out = capsys.readouterr().out
+    assert "loihi2-sim" in out and "float" in out
+
+
+def test_unknown_target_lists_valid_ones(capsys):
+    assert main([str(DIGITS_MODEL), "--target", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loihi2-sim" in err
+
+
+def test_missing_model_file_is_one_line_exit_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftbc-export: error:") and err.count("\n") == 1
+
+
+def test_bad_arch_kwargs(capsys):
+    assert main([str(DIGITS_MODEL), "--arch-kwargs", "{oops"]) == 2
+
+
+@pytest.mark.lava
+def test_end_to_end_digits_loihi2_sim(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(str(DIGITS_MODEL), "--target", "loihi2-sim", "--data", "digits",
+                   "--out", str(out), "--verify-samples", "4", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["ann_accuracy"] > 90
+    assert set(report["snn_accuracy"]) == {"none", "lp", "ftbc"}
+    assert all(len(acc) == 4 for acc in report["snn_accuracy"].values())
+    assert len(report["fixed_accuracy"]) == 4
+    lava = report["lava"]
+    assert lava["samples"] == 4
+    assert lava["spike_mismatches"] == 0 and lava["readout_mismatches"] == 0
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "network.net").stat().st_size > 0
+    assert "SNN float, ftbc" in proc.stdout
+
+
+def test_same_inputs_give_byte_identical_network(tmp_path):
+    paths = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main([str(DIGITS_MODEL), "--out", str(out), "--verify-samples", "0",
+                     *FAST]) == 0
+        paths.append(out / "network.net")
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    reports = [json.loads((p.parent / "report.json").read_text()) for p in paths]
+    for r in reports:
+        r.pop("seconds")
+        r["provenance"].pop("command_line")
+        r["calibration"] = {m: {k: v for k, v in c.items() if k != "seconds"}
+                            for m, c in r["calibration"].items()}
+    assert reports[0] == reports[1]

@@ -1,0 +1,167 @@
+"""Real Lava runs (Loihi2SimCfg, fixed_pt) of exported files against the integer reference,
+spike for spike. Small networks and a few samples: each run costs ~1-2 s."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+from tests.lava_builders import (conv_net, dense_chain, edge_chain, random_inputs, residual_net,
+                           threshold_net)
+
+from exporters.netx import write_netx
+from tests.qgraph_builders import random_inputs as qgraph_inputs
+from tests.qgraph_builders import random_qgraph
+from sims.lava_runner import (input_stream, lava_problems, period_of, run_lava,
+                              unpack_spikes)
+from sims.lava_procs.models import pack_spikes
+from sims.reference import encode_input
+from sims.verify import reference_outputs, verify
+from toolchain.errors import InputError
+
+SAMPLES = 3
+
+
+def _export(q, tmp_path):
+    path = tmp_path / "net.net"
+    write_netx(q, path)
+    return str(path)
+
+
+def _assert_equal_to_reference(q, result, x_int):
+    spikes, readout = reference_outputs(q, x_int)
+    assert set(result.spikes) == set(spikes)
+    for name, want in spikes.items():
+        assert result.spikes[name].dtype == np.uint8
+        np.testing.assert_array_equal(result.spikes[name], want, err_msg=name)
+    assert result.readout.dtype == np.int64
+    np.testing.assert_array_equal(result.readout, readout)
+
+
+@pytest.mark.lava
+@pytest.mark.parametrize("builder", [dense_chain, conv_net, edge_chain, residual_net],
+                         ids=["dense", "conv", "edge", "residual"])
+def test_lava_equals_reference(builder, tmp_path):
+    """Graded input, negative biases, v_init, readout, conv stride/padding/dilation/groups,
+    weight_exp +-1, all-negative weights, 24-bit saturation, a same-depth residual sum."""
+    q = builder()
+    x_int = encode_input(q.input, random_inputs(q, SAMPLES))
+    result = run_lava(_export(q, tmp_path), x_int)
+    _assert_equal_to_reference(q, result, x_int)
+    assert 0 < result.seconds
+    some = [s.mean() for s in result.spikes.values()]
+    assert max(some) > 0.05          # the test network is not silent
+
+
+@pytest.mark.lava
+def test_threshold_compare_is_greater_or_equal(tmp_path):
+    q = threshold_net()
+    x_int = encode_input(q.input, np.array([[50.0, 25.0], [25.0, 50.0]]))
+    result = run_lava(_export(q, tmp_path), x_int)
+    np.testing.assert_array_equal(result.spikes["fc1"][:, 0, 0], [0, 1, 0, 1])
+    np.testing.assert_array_equal(result.spikes["fc1"][:, 1, 1], [0, 1, 0, 1])
+    _assert_equal_to_reference(q, result, x_int)
+
+
+@pytest.mark.lava
+def test_runs_after_the_multiprocessing_start_method_was_fixed(tmp_path):
+    """A tqdm bar (or anything) fixing the start method first must not break Lava's import."""
+    q = dense_chain(sizes=(4, 3, 2), steps=2)
+    path = _export(q, tmp_path)
+    code = ("import multiprocessing as mp, sys, numpy as np; mp.set_start_method('fork');"
+            "from sims.lava_runner import run_lava;"
+            "r = run_lava(sys.argv[1], np.ones((1, 4), dtype=np.int64)); print(r.readout.shape)")
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(2, 1, 2)")
+
+
+@pytest.mark.lava
+def test_delay_alignment_in_a_deep_chain(tmp_path):
+    """5 layers deep, T=3: the period (T + D = 8) is longer than T, so every layer's window
+    and the discarding of the previous sample's in-flight spikes matter."""
+    q = dense_chain(seed=3, sizes=(8, 12, 12, 10, 10, 4), steps=3)
+    assert period_of(q) == 3 + 5
+    x_int = encode_input(q.input, random_inputs(q, SAMPLES, seed=5))
+    _assert_equal_to_reference(q, run_lava(_export(q, tmp_path), x_int), x_int)
+
+
+@pytest.mark.lava
+def test_floating_pt_model_matches_for_weight_exp_zero(tmp_path):
+    q = conv_net(seed=2)
+    x_int = encode_input(q.input, random_inputs(q, 2))
+    result = run_lava(_export(q, tmp_path), x_int, select_tag="floating_pt")
+    _assert_equal_to_reference(q, result, x_int)
+
+
+@pytest.mark.lava
+def test_verify_clean_and_catches_a_corrupted_bias_mantissa(tmp_path):
+    q = dense_chain(seed=1)
+    path = _export(q, tmp_path)
+    x = random_inputs(q, SAMPLES, seed=2)
+    y = np.array([0, 1, 2])
+    clean = verify(q, path, x, y=y)
+    assert clean["spike_mismatches"] == 0 and clean["readout_mismatches"] == 0
+    assert clean["first_mismatch"] is None and clean["samples"] == SAMPLES
+    assert 0.0 <= clean["accuracy"] <= 100.0
+    with h5py.File(path, "r+") as f:        # layer 1 (fc2), step t=2, channel 3
+        f["ftbc/layers/1/bias_mant"][1, 3] += 2000
+    report = verify(q, path, x)
+    assert report["spike_mismatches"] > 0
+    first = report["first_mismatch"]
+    assert first["layer"] == "fc2" and first["step"] >= 2 and first["sample"] == 0
+    assert first["lava"] != first["emulator"]
+
+
+@pytest.mark.lava
+@pytest.mark.parametrize("topology", ["chain", "branch"])
+def test_quantized_random_graph_verifies_against_emulator(topology, tmp_path):
+    """The real quantizer's output, checked by verify() against the fast emulator."""
+    q = random_qgraph(4, topology=topology, timesteps=5)
+    report = verify(q, _export(q, tmp_path), qgraph_inputs(2, q, SAMPLES))
+    assert report["expected_from"] in ("emulator", "reference")
+    assert report["spike_mismatches"] == 0 and report["readout_mismatches"] == 0
+
+
+@pytest.mark.parametrize("q", [residual_net(same_depth=False),
+                               random_qgraph(0, topology="skip")], ids=["hand", "quantized"])
+def test_skip_connection_across_depths_is_refused(q, tmp_path):
+    x_int = encode_input(q.input, random_inputs(q, 1))
+    with pytest.raises(InputError, match="different depths"):
+        run_lava(_export(q, tmp_path), x_int)
+
+
+def test_what_lava_cannot_run_is_named():
+    q = conv_net()
+    conv2 = q.layers[1]
+    shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),), delay=3)
+    problems = lava_problems(replace(q, layers=(q.layers[0], shifted) + q.layers[2:]))
+    assert any("conv2: conv weight_exp 1" in p for p in problems)
+    assert any("conv2: delay 3" in p for p in problems)
+    assert lava_problems(q) == []
+
+
+def test_bad_input_is_refused(tmp_path):
+    q = dense_chain()
+    path = _export(q, tmp_path)
+    with pytest.raises(InputError, match="shape"):
+        run_lava(path, np.zeros((2, 5), dtype=np.int64))
+    with pytest.raises(InputError, match="8-bit"):
+        run_lava(path, np.full((2, 12), 300, dtype=np.int64))
+
+
+def test_input_stream_and_spike_packing():
+    x = np.arange(2 * 3).reshape(2, 3)
+    stream = input_stream(x, timesteps=2, period=4)
+    assert stream.shape == (3, 8)
+    np.testing.assert_array_equal(stream[:, :4], [[0, 0, 0, 0], [1, 1, 0, 0], [2, 2, 0, 0]])
+    np.testing.assert_array_equal(stream[:, 4:6], [[3, 3], [4, 4], [5, 5]])
+    bits = np.random.default_rng(0).integers(0, 2, size=(4, 101)).astype(bool)
+    words = np.stack([pack_spikes(b, 3) for b in bits])
+    assert words.max() < 2 ** 48
+    np.testing.assert_array_equal(unpack_spikes(words.astype(np.float64).astype(np.int64),
+                                                101), bits)

@@ -1,0 +1,499 @@
+"""ANN (``AnnGraph``) -> float spiking network (``SnnGraph``): structure and thresholds.
+
+Structure
+    Every ``ReluNode`` becomes a ``NeuronLayer`` of integrate-and-fire neurons with reset by
+    subtraction (same name and origin); the model output (the final ``LinearNode``) becomes
+    the non-spiking readout layer. A layer's input current is the ANN pre-activation, written
+    as a sum of ``Synapse`` maps from upstream populations (or ``ir.INPUT``)::
+
+        z_l = sum_paths  L_path(out_src) + b_l        (b_l per channel -> NeuronLayer.bias)
+
+    Walking back from an activation, each path from a source passes through linear nodes
+    only: pools, flattens and exactly one weighted op (Conv/Linear), or none (an identity or
+    pool-only residual shortcut). ``Add`` nodes give one synapse per incoming path. A path is
+    folded into one synapse exactly:
+
+    * conv-shaped target: the chain of (depthwise) pools and the conv are composed into one
+      conv kernel. For ``A`` then ``B`` (per spatial axis, s stride, d dilation, p padding)::
+
+          W[r] = sum_{s_A d_B v + d_A u = r} B[v] A[u],  stride s_A s_B,  padding p_A + s_A p_B
+
+      and the result is checked numerically (float64) against the chain itself; a chain that
+      does not fold (e.g. padded pooling after a conv) is reported, never approximated.
+    * flat target: the dense matrix is the Jacobian of the (linear) chain, computed exactly.
+
+    The affine offset of the chain (biases pushed through pools/adds) must be constant per
+    channel; it becomes ``NeuronLayer.bias``.
+
+Thresholds (per channel, from ``x_calib`` = training data only)
+    ``max``: channel max. ``percentile``: that percentile of the channel's values.
+    ``mse``: theta = f * max for the candidate fraction f in {1.00, 0.99, ..., 0.05} that
+    minimises  sum (a - q_T(a; theta))^2  with the T-step rate quantiser of this network::
+
+        q_T(a; theta) = clip(floor(a T / theta + o), 0, T) * theta / T,   o = v_init + shift
+
+    (``shift`` = 1/2 when ``input_shift``): the spike count after T steps of an IF neuron with
+    constant input a, v0 = v_init * theta and reset by subtraction. So thresholds depend on T.
+    Clipped ReLUs use their clip for all channels. Fallbacks (recorded in
+    ``meta["fallback_channels"]``): a channel whose activation is 0 on all calibration data
+    gets the layer's largest threshold (1.0 when the whole layer is silent); a channel whose
+    percentile/mse threshold is 0 while its max is not gets its max. Never a threshold of 0.
+
+Encoding
+    Constant input: the analog (normalised) sample enters the first synapses at every step.
+    ``v_init`` (fraction of threshold, default 0.5): v[0] = v_init * theta, which turns the
+    T-step spike count from floor(a T / theta) into round(a T / theta) at *every* step t, so the
+    running rate is unbiased from t = 1 on. ``input_shift`` (default False): the authors' trick
+    of adding theta / (2T) to every step's bias (here: ``NeuronLayer.bias``); after T steps it
+    has the same rounding effect as v_init = 0.5 but is biased low at every t < T (the shift has
+    not accumulated yet), and combined with v_init = 0.5 it over-rounds. Measured on digits
+    (bench notes in the report): v_init 0.5 without shift is best or equal at every T.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toolchain.ann import EVALUATORS, ann_forward
+from toolchain.errors import InputError, UnsupportedModelError
+from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConvNode,
+                          FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer,
+                          ReluNode, SnnGraph, Synapse, frozen_array)
+
+THRESHOLD_METHODS = ("max", "percentile", "mse")
+MSE_FRACTIONS = tuple(1.0 - 0.01 * i for i in range(96))  # the authors' candidate grid
+LINEAR_OPS = (ConvNode, LinearNode, AvgPoolNode, FlattenNode)
+WEIGHTED_OPS = (ConvNode, LinearNode)
+DEFAULT_V_INIT = 0.5
+DEFAULT_INPUT_SHIFT = False
+FOLD_RTOL = 1e-9
+
+
+class _Problem(Exception):
+    """One unsupported construct (collected, then raised together)."""
+
+
+@dataclass(frozen=True)
+class _Path:
+    """Linear ops from ``source`` (a ReLU name or INPUT) to a target, in application order."""
+    source: str
+    ops: tuple[AnnNode, ...]
+
+
+# --------------------------------------------------------------------------- public API
+
+def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: str = "mse",
+            percentile: float = 99.99, v_init: float = DEFAULT_V_INIT,
+            input_shift: bool = DEFAULT_INPUT_SHIFT, calib_samples: int = 1024,
+            batch_size: int = 256) -> SnnGraph:
+    """Convert ``ann`` to an SnnGraph with T = ``timesteps`` (see the module docstring).
+
+    ``x_calib`` (N, *input shape), training data only; its first ``calib_samples`` samples set
+    the thresholds. Raises UnsupportedModelError listing every construct that cannot be
+    expressed, InputError for bad options."""
+    _check_options(timesteps, threshold, percentile, v_init)
+    shapes = node_shapes(ann)
+    structure = _structure(ann, shapes)
+    acts = _activations(ann, x_calib[:calib_samples], [s.name for s in structure[:-1]],
+                        batch_size)
+    offset = v_init + (0.5 if input_shift else 0.0)
+    layers, fallbacks = [], {}
+    for spec in structure:
+        theta, fb = _layer_threshold(spec, acts.get(spec.name), threshold, percentile,
+                                     timesteps, offset)
+        if fb:
+            fallbacks[spec.name] = fb
+        layers.append(_neuron_layer(spec, theta, v_init, input_shift, timesteps))
+    node = ann.input
+    meta = {"threshold_method": threshold, "percentile": float(percentile),
+            "timesteps": int(timesteps), "v_init": float(v_init),
+            "input_shift": bool(input_shift), "fallback_channels": fallbacks,
+            "calib_samples": int(min(len(x_calib), calib_samples))}
+    return SnnGraph(input=InputSpec(tuple(node.shape), node.mean, node.std),
+                    layers=tuple(layers), timesteps=int(timesteps), meta=meta)
+
+
+def node_shapes(ann: AnnGraph) -> dict[str, tuple[int, ...]]:
+    """Output shape (without batch) of every node, from one float64 forward of zeros."""
+    x = torch.zeros((1,) + tuple(ann.input.shape), dtype=torch.float64)
+    _, values = ann_forward(ann, x, record=True, dtype=torch.float64)
+    return {name: tuple(v.shape[1:]) for name, v in values.items()}
+
+
+def activation_nodes(ann: AnnGraph) -> list[ReluNode]:
+    """The ReLU nodes that become spiking layers, in topological order."""
+    return [n for n in ann.nodes if isinstance(n, ReluNode)]
+
+
+# --------------------------------------------------------------------------- options
+
+def _check_options(timesteps: int, threshold: str, percentile: float, v_init: float) -> None:
+    problems = []
+    if int(timesteps) < 1:
+        problems.append(f"timesteps must be >= 1, got {timesteps}")
+    if threshold not in THRESHOLD_METHODS:
+        problems.append(f"threshold must be one of {THRESHOLD_METHODS}, got {threshold!r}")
+    if not 0.0 < percentile <= 100.0:
+        problems.append(f"percentile must be in (0, 100], got {percentile}")
+    if not 0.0 <= v_init < 1.0:
+        problems.append(f"v_init must be in [0, 1) (a fraction of the threshold), got {v_init}")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------- structure
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    """Structure of one layer before thresholds are known."""
+    name: str
+    origin: str
+    shape: tuple[int, ...]
+    synapses: tuple[Synapse, ...]
+    bias: np.ndarray
+    clip: float | None
+    readout: bool
+
+
+def _structure(ann: AnnGraph, shapes: dict) -> list[_LayerSpec]:
+    """One spec per activation plus the readout; every problem collected, raised once."""
+    problems: list[str] = []
+    specs = []
+    targets = [(n, False) for n in activation_nodes(ann)] + [(_readout_node(ann), True)]
+    for node, readout in targets:
+        try:
+            specs.append(_layer_spec(ann, shapes, node, readout))
+        except _Problem as exc:
+            problems.extend(str(exc).split("\n"))
+    if problems:
+        raise UnsupportedModelError(problems)
+    return specs
+
+
+def _readout_node(ann: AnnGraph) -> AnnNode:
+    node = ann.node(ann.output)
+    if isinstance(node, (ReluNode, InputNode)):
+        raise UnsupportedModelError([
+            f"{node.name} ({node.origin}): the model output is an activation; end the model "
+            "with a Linear layer (logits) that becomes the non-spiking readout"])
+    return node
+
+
+def _layer_spec(ann: AnnGraph, shapes: dict, node: AnnNode, readout: bool) -> _LayerSpec:
+    """Synapses and per-channel bias of the layer fed by ``node``'s input (or ``node``)."""
+    z_name = node.name if readout else node.inputs[0]
+    shape = shapes[z_name]
+    if readout and len(shape) != 1:
+        raise _Problem(f"{node.name} ({node.origin}): the model output has shape {shape}; "
+                       "the readout must be flat logits (end with Flatten + Linear)")
+    paths = _paths(ann, z_name)
+    syns, problems = [], []
+    for path in paths:
+        try:
+            syns.append(_synapse(path, shapes, shape, node))
+        except _Problem as exc:
+            problems.append(str(exc))
+    if problems:
+        raise _Problem("\n".join(problems))
+    bias = _channel_bias(ann, z_name, shapes, node)
+    clip = None if readout else node.clip
+    return _LayerSpec(node.name, node.origin, shape, tuple(syns), bias, clip, readout)
+
+
+def _source_name(node: AnnNode) -> str:
+    return INPUT if isinstance(node, InputNode) else node.name
+
+
+def _paths(ann: AnnGraph, name: str) -> list[_Path]:
+    """All paths of linear ops from sources (ReLUs, the input) into node ``name``."""
+    node = ann.node(name)
+    if isinstance(node, (ReluNode, InputNode)):
+        return [_Path(_source_name(node), ())]
+    if isinstance(node, AddNode):
+        return [p for i in node.inputs for p in _paths(ann, i)]
+    if isinstance(node, LINEAR_OPS):
+        return [_Path(p.source, p.ops + (node,)) for p in _paths(ann, node.inputs[0])]
+    raise _Problem(f"{node.name} ({node.origin}): {type(node).__name__} cannot be part of an "
+                   "integrate-and-fire layer's input; replace it by a supported op")
+
+
+def _synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> Synapse:
+    weighted = [op for op in path.ops if isinstance(op, WEIGHTED_OPS)]
+    if len(weighted) > 1:
+        names = ", ".join(f"{op.name} ({op.origin})" for op in weighted)
+        raise _Problem(f"{target.name} ({target.origin}): weighted ops {names} follow each "
+                       "other without an activation; insert an activation between them or "
+                       "fuse them into one layer before conversion")
+    src_shape = shapes[path.ops[0].inputs[0]] if path.ops else shape
+    if len(shape) == 1:
+        return Synapse(path.source, "dense", frozen_array(_dense_matrix(path, src_shape)))
+    if len(src_shape) != 3:
+        raise _Problem(f"{target.name} ({target.origin}): a flat source feeds a conv-shaped "
+                       "layer; this cannot be expressed as a synapse")
+    return _conv_synapse(path, src_shape, shape, target)
+
+
+# --------------------------------------------------------------------------- linear maps
+
+def _linear_part(node: AnnNode, x: torch.Tensor) -> torch.Tensor:
+    """The node's linear map without its bias (pools and flatten are linear already)."""
+    if isinstance(node, ConvNode):
+        w = torch.as_tensor(node.weight, dtype=x.dtype)
+        return F.conv2d(x, w, None, node.stride, node.padding, node.dilation, node.groups)
+    if isinstance(node, LinearNode):
+        return F.linear(x, torch.as_tensor(node.weight, dtype=x.dtype))
+    return EVALUATORS[type(node)](node, [x])
+
+
+def _chain(ops: tuple[AnnNode, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for op in ops:
+            x = _linear_part(op, x)
+        return x
+    return apply
+
+
+def _dense_matrix(path: _Path, src_shape: tuple) -> np.ndarray:
+    """Exact (O, prod(src_shape)) matrix of the linear chain f, float64: columns f(e_j) by
+    pushing basis inputs through f, or rows (f^T e_o) by autograd when O is the smaller."""
+    f = _chain(path.ops)
+    flat = int(np.prod(src_shape))
+    out = int(f(torch.zeros((1,) + tuple(src_shape), dtype=torch.float64)).numel())
+    chunk = max(1, (1 << 22) // max(flat, out))
+    if flat <= out:
+        cols = [f(torch.eye(flat, dtype=torch.float64)[j:j + chunk].reshape(
+            (-1,) + tuple(src_shape))).reshape(-1, out) for j in range(0, flat, chunk)]
+        return torch.cat(cols).T.numpy()
+    return np.concatenate([_rows(f, src_shape, o, min(o + chunk, out), out)
+                           for o in range(0, out, chunk)])
+
+
+def _rows(f: Callable, src_shape: tuple, o0: int, o1: int, out: int) -> np.ndarray:
+    """Rows o0..o1-1 of the chain's matrix: gradients of <f(x), e_o> (adjoint of f)."""
+    with torch.enable_grad():
+        x = torch.zeros((o1 - o0,) + tuple(src_shape), dtype=torch.float64,
+                        requires_grad=True)
+        pick = torch.eye(out, dtype=torch.float64)[o0:o1]
+        (f(x).reshape(o1 - o0, out) * pick).sum().backward()
+    return x.grad.reshape(o1 - o0, -1).numpy()
+
+
+@dataclass(frozen=True)
+class _ConvMap:
+    """A conv-shaped linear map. ``weight`` (O, I, kh, kw) when ``depthwise`` is False, else
+    (C, 1, kh, kw) acting channel by channel."""
+    weight: np.ndarray
+    depthwise: bool
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+
+def _identity_map(channels: int) -> _ConvMap:
+    return _ConvMap(np.ones((channels, 1, 1, 1)), True)
+
+
+def _op_map(op: AnnNode, channels: int) -> _ConvMap:
+    if isinstance(op, AvgPoolNode):
+        kh, kw = op.kernel
+        w = np.full((channels, 1, kh, kw), 1.0 / (kh * kw))
+        return _ConvMap(w, True, tuple(op.stride), tuple(op.padding))
+    if not isinstance(op, ConvNode):
+        raise _Problem(f"{op.name} ({op.origin}): {type(op).__name__} inside a conv path")
+    w = np.asarray(op.weight, dtype=np.float64)
+    geometry = (tuple(op.stride), tuple(op.padding), tuple(op.dilation))
+    if op.groups == 1:
+        return _ConvMap(w, False, *geometry)
+    if op.groups == channels == w.shape[0]:
+        return _ConvMap(w, True, *geometry)
+    return _ConvMap(_ungroup(w, op.groups), False, *geometry)
+
+
+def _ungroup(w: np.ndarray, groups: int) -> np.ndarray:
+    """Grouped conv weight (O, I/g, kh, kw) -> equivalent dense (O, I, kh, kw)."""
+    o, ipg = w.shape[:2]
+    full = np.zeros((o, ipg * groups) + w.shape[2:])
+    opg = o // groups
+    for g in range(groups):
+        full[g * opg:(g + 1) * opg, g * ipg:(g + 1) * ipg] = w[g * opg:(g + 1) * opg]
+    return full
+
+
+def _mix(b_tap: np.ndarray, b_depthwise: bool, a: _ConvMap) -> tuple[np.ndarray, bool]:
+    """One tap of B (matrix (O, M) or vector (M,)) applied to all of A's kernel."""
+    if b_depthwise:
+        return b_tap[:, None, None, None] * a.weight, a.depthwise
+    if a.depthwise:
+        return b_tap[:, :, None, None] * a.weight[:, 0][None], False
+    return np.einsum("om,mcuv->ocuv", b_tap, a.weight), False
+
+
+def _compose(a: _ConvMap, b: _ConvMap) -> _ConvMap:
+    """The map ``B(A(x))`` as one conv (formula in the module docstring)."""
+    (ka_h, ka_w), (kb_h, kb_w) = a.weight.shape[2:], b.weight.shape[2:]
+    size = [a.dilation[i] * (k_a - 1) + a.stride[i] * b.dilation[i] * (k_b - 1) + 1
+            for i, (k_a, k_b) in enumerate(((ka_h, kb_h), (ka_w, kb_w)))]
+    depthwise = a.depthwise and b.depthwise
+    in_c = 1 if depthwise else a.weight.shape[0] if a.depthwise else a.weight.shape[1]
+    weight = np.zeros((b.weight.shape[0], in_c, size[0], size[1]))
+    for vh in range(kb_h):
+        for vw in range(kb_w):
+            tap = b.weight[:, 0, vh, vw] if b.depthwise else b.weight[:, :, vh, vw]
+            part, _ = _mix(tap, b.depthwise, a)
+            oh, ow = a.stride[0] * b.dilation[0] * vh, a.stride[1] * b.dilation[1] * vw
+            weight[:, :, oh:oh + a.dilation[0] * (ka_h - 1) + 1:a.dilation[0],
+                   ow:ow + a.dilation[1] * (ka_w - 1) + 1:a.dilation[1]] += part
+    stride = (a.stride[0] * b.stride[0], a.stride[1] * b.stride[1])
+    padding = (a.padding[0] + a.stride[0] * b.padding[0],
+               a.padding[1] + a.stride[1] * b.padding[1])
+    return _ConvMap(weight, depthwise, stride, padding)
+
+
+def _conv_synapse(path: _Path, src_shape: tuple, shape: tuple, target: AnnNode) -> Synapse:
+    """Fold the path into one conv synapse and verify it against the chain (float64)."""
+    m = _identity_map(src_shape[0])
+    for op in path.ops:
+        m = _compose(m, _op_map(op, m.weight.shape[0]))
+    has_weighted = any(isinstance(op, ConvNode) for op in path.ops)
+    weight, groups = (m.weight, src_shape[0]) if m.depthwise and has_weighted else (
+        _expand_depthwise(m) if m.depthwise else m.weight, 1)
+    syn = Synapse(path.source, "conv", frozen_array(weight), m.stride, m.padding, (1, 1),
+                  groups)
+    _verify_fold(path, syn, src_shape, shape, target)
+    return syn
+
+
+def _expand_depthwise(m: _ConvMap) -> np.ndarray:
+    """Depthwise (C, 1, kh, kw) -> dense (C, C, kh, kw) (identity / pool-only shortcuts)."""
+    c = m.weight.shape[0]
+    full = np.zeros((c, c) + m.weight.shape[2:])
+    full[np.arange(c), np.arange(c)] = m.weight[:, 0]
+    return full
+
+
+def _verify_fold(path: _Path, syn: Synapse, src_shape: tuple, shape: tuple,
+                 target: AnnNode) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2,) + tuple(src_shape), generator=gen, dtype=torch.float64)
+    want = _chain(path.ops)(x)
+    w = torch.as_tensor(syn.weight)
+    got = (F.conv2d(x, w, None, syn.stride, syn.padding, syn.dilation, syn.groups)
+           if _fits(x, syn, shape) else None)
+    if got is None or got.shape != want.shape or not torch.allclose(
+            got, want, rtol=FOLD_RTOL, atol=FOLD_RTOL * float(want.abs().max() + 1)):
+        names = ", ".join(f"{op.name} ({op.origin})" for op in path.ops)
+        raise _Problem(f"{target.name} ({target.origin}): the linear chain {names} does not "
+                       "fold into one convolution (e.g. pooling with padding after a conv); "
+                       "use unpadded, non-overlapping pooling or put an activation between")
+
+
+def _fits(x: torch.Tensor, syn: Synapse, shape: tuple) -> bool:
+    kh, kw = syn.weight.shape[2:]
+    return all(x.shape[2 + i] + 2 * syn.padding[i] >= k for i, k in enumerate((kh, kw)))
+
+
+def _channel_bias(ann: AnnGraph, z_name: str, shapes: dict, target: AnnNode) -> np.ndarray:
+    """The affine offset of ``z`` (all sources zero) as one value per channel."""
+    offset = _offset(ann, z_name, shapes, {})[0].numpy()
+    if offset.ndim == 1:
+        return frozen_array(offset)
+    per_channel = offset.reshape(offset.shape[0], -1)
+    first = per_channel[:, :1]
+    if not np.allclose(per_channel, first, rtol=FOLD_RTOL, atol=FOLD_RTOL):
+        raise _Problem(f"{target.name} ({target.origin}): the bias reaching this layer is not "
+                       "constant per channel (padded pooling after a biased layer); remove "
+                       "the pooling's padding")
+    return frozen_array(first[:, 0])
+
+
+def _offset(ann: AnnGraph, name: str, shapes: dict, memo: dict) -> torch.Tensor:
+    """Value of node ``name`` when every source (ReLU, input) outputs zero (batch of 1)."""
+    if name in memo:
+        return memo[name]
+    node = ann.node(name)
+    if isinstance(node, (ReluNode, InputNode)):
+        value = torch.zeros((1,) + shapes[name], dtype=torch.float64)
+    else:
+        ins = [_offset(ann, i, shapes, memo) for i in node.inputs]
+        value = EVALUATORS[type(node)](node, ins)
+    memo[name] = value
+    return value
+
+
+# --------------------------------------------------------------------------- thresholds
+
+@torch.no_grad()
+def _activations(ann: AnnGraph, x: np.ndarray, names: list[str],
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """ANN activations (N, *shape) float32 of the named nodes on ``x``."""
+    if len(x) == 0:
+        raise InputError("convert needs calibration samples (x_calib is empty)")
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for start in range(0, len(x), batch_size):
+        _, values = ann_forward(ann, x[start:start + batch_size], record=True)
+        for n in names:
+            parts[n].append(values[n])
+    return {n: torch.cat(p) for n, p in parts.items()}
+
+
+def channel_values(act: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) -> (C, N * spatial): every value of each channel."""
+    return act.transpose(0, 1).reshape(act.shape[1], -1)
+
+
+def threshold_mse(values: torch.Tensor, timesteps: int, offset: float) -> torch.Tensor:
+    """Per-channel theta = f * max minimising sum (a - q_T(a; theta))^2 over f in the grid."""
+    vmax = values.max(1).values.clamp(min=1e-30)
+    best_err = torch.full_like(vmax, float("inf"))
+    best = vmax.clone()
+    for frac in MSE_FRACTIONS:
+        theta = (vmax * frac)[:, None]
+        q = torch.clamp(torch.floor(values * timesteps / theta + offset), 0, timesteps)
+        err = ((values - q * theta / timesteps) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, theta[:, 0], best)
+    return best
+
+
+def _raw_threshold(values: torch.Tensor, method: str, percentile: float, timesteps: int,
+                   offset: float) -> np.ndarray:
+    if method == "max":
+        return values.max(1).values.double().numpy()
+    if method == "percentile":
+        return np.percentile(values.double().numpy(), percentile, axis=1)
+    return threshold_mse(values.double(), timesteps, offset).numpy()
+
+
+def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
+                     percentile: float, timesteps: int, offset: float
+                     ) -> tuple[np.ndarray, list[int]]:
+    """Thresholds of one layer and the channels that needed a fallback."""
+    channels = spec.shape[0]
+    if spec.readout:
+        return np.ones(channels), []
+    if spec.clip is not None:
+        return np.full(channels, float(spec.clip)), []
+    values = channel_values(act)
+    vmax = values.max(1).values.double().numpy()
+    theta = _raw_threshold(values, method, percentile, timesteps, offset)
+    theta = np.where((theta <= 0) & (vmax > 0), vmax, theta)
+    silent = vmax <= 0
+    fill = float(theta[~silent].max()) if (~silent).any() else 1.0
+    return np.where(silent, fill, theta), [int(c) for c in np.flatnonzero(silent)]
+
+
+def _neuron_layer(spec: _LayerSpec, theta: np.ndarray, v_init: float, input_shift: bool,
+                  timesteps: int) -> NeuronLayer:
+    """bias = ANN bias (+ theta / (2T) with input_shift); readout: v_init 0, threshold 1."""
+    channels = spec.shape[0]
+    shift = theta / (2.0 * timesteps) if (input_shift and not spec.readout) else 0.0
+    v0 = 0.0 if spec.readout else v_init
+    return NeuronLayer(name=spec.name, shape=tuple(spec.shape), synapses=spec.synapses,
+                       bias=frozen_array(spec.bias + shift), threshold=frozen_array(theta),
+                       v_init=frozen_array(np.full(channels, v0)), bias_schedule=None,
+                       readout=spec.readout, clip=spec.clip, origin=spec.origin)
