@@ -55,6 +55,15 @@ def test_bad_arch_kwargs(capsys):
     assert main([str(DIGITS_MODEL), "--arch-kwargs", "{oops"]) == 2
 
 
+def test_corrupt_model_is_one_line_error_after_progress(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(DIGITS_MODEL.read_bytes()[:1000])
+    assert main([str(bad)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [l for l in lines if not l.startswith("[")] == [lines[-1]]
+    assert lines[-1].startswith("ftbc-export: error:")
+
+
 @pytest.mark.lava
 def test_end_to_end_digits_loihi2_sim(tmp_path):
     out = tmp_path / "run"

@@ -121,6 +121,8 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
     if args.model is None:
         raise InputError("no model file given (usage: ftbc-export MODEL [options]; see --help)")
     get_target(args.target)  # unknown target -> InputError listing the valid ones
+    if not args.model.is_file():
+        raise InputError(f"model file {args.model} not found")
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
     except json.JSONDecodeError as exc:

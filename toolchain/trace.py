@@ -824,17 +824,30 @@ def _script_exec(node: torch._C.Node, args: list) -> Any:
     return fn(*pos, **kw)
 
 
-def _bind(node: torch._C.Node, env: dict, result: Any) -> None:
-    outs = list(node.outputs())
-    values = [result] if len(outs) == 1 else list(result)
-    for out, value in zip(outs, values):
+def _bind_all(node: torch._C.Node, env: dict, values: list) -> None:
+    for out, value in zip(node.outputs(), values):
         env[out.unique()] = value
+
+
+def _bind(node: torch._C.Node, env: dict, result: Any) -> None:
+    """Bind an op's result: the value itself for one output, its items for several."""
+    _bind_all(node, env, [result] if node.outputsSize() == 1 else list(result))
+
+
+def _poison_outputs(b: Builder, node: torch._C.Node, env: dict, why: str, fix: str) -> None:
+    """Record a problem at ``node`` and mark its outputs as unknown."""
+    if why:
+        b.problem(_script_scope(node).path or "forward()", why, fix)
+    _bind_all(node, env, [Act(None, None)] * node.outputsSize())
 
 
 def _script_op(b: Builder, node: torch._C.Node, env: dict) -> None:
     args = [env[v.unique()] for v in node.inputs()]
+    if any(isinstance(a, Act) and a.example is None for a in _leaves(args)):
+        return _poison_outputs(b, node, env, "", "")
     if node.schema() == "(no schema)" and node.kind() not in _PY_OPS:
-        raise InputError(f"TorchScript op {node.kind()} is not understood by the tracer")
+        return _poison_outputs(b, node, env, f"{node.kind()} is not understood by the tracer",
+                               "use standard modules, or save the model with torch.export")
     out = _run(lambda: _script_exec(node, args), node.kind())
     kind = node.kind()
     value = b.call(Op(canonical(kind), tuple(args), out, _script_scope(node)))
@@ -854,25 +867,22 @@ def _script_block(b: Builder, block: Any, env: dict, inputs: list) -> list:
 def _prim_if(b: Builder, node: torch._C.Node, env: dict) -> None:
     cond = env[node.inputsAt(0).unique()]
     if isinstance(cond, Act):
-        b.problem(_script_scope(node).path or "forward()", "prim::If branches on activation "
-                  "values", "remove data-dependent control flow")
-        return _bind(node, env, [Act(None, None)] * node.outputsSize())
+        return _poison_outputs(b, node, env, "prim::If branches on activation values",
+                               "remove data-dependent control flow")
     blocks = list(node.blocks())
-    outs = _script_block(b, blocks[0 if cond else 1], env, [])
-    _bind(node, env, outs if node.outputsSize() != 1 else outs[0])
+    _bind_all(node, env, _script_block(b, blocks[0 if cond else 1], env, []))
 
 
 def _prim_loop(b: Builder, node: torch._C.Node, env: dict) -> None:
     trips, cond, *carried = [env[v.unique()] for v in node.inputs()]
     if has_act([trips, cond]):
-        b.problem(_script_scope(node).path or "forward()", "prim::Loop depends on activation "
-                  "values", "remove data-dependent loops")
-        return _bind(node, env, [Act(None, None)] * node.outputsSize())
+        return _poison_outputs(b, node, env, "prim::Loop depends on activation values",
+                               "remove data-dependent loops")
     block, i = next(iter(node.blocks())), 0
     while cond and i < trips:
         cond, *carried = _script_block(b, block, env, [i, *carried])
         i += 1
-    _bind(node, env, carried if node.outputsSize() != 1 else carried[0])
+    _bind_all(node, env, carried)
 
 
 def _prim_raise(b: Builder, node: torch._C.Node, env: dict) -> None:

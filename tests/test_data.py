@@ -1,0 +1,111 @@
+"""toolchain.data: the three spec forms and every validation error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolchain.data import DataSplit, check_input_shape, load_data
+from toolchain.errors import InputError
+
+MNIST_DIR = Path("/work/shared/data/mnist")
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _pair(tmp_path: Path, x=None, y=None, x_test=None, y_test=None) -> str:
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 3, 4, 4), dtype=np.float32) if x is None else x
+    y = np.arange(6) % 3 if y is None else y
+    train = _npz(tmp_path / "train.npz", x=x, y=y)
+    test = _npz(tmp_path / "test.npz", x=x if x_test is None else x_test,
+                y=y if y_test is None else y_test)
+    return f"npz:{train},{test}"
+
+
+def test_digits_split() -> None:
+    data = load_data("digits")
+    assert isinstance(data, DataSplit) and data.name == "digits"
+    assert data.x_train.shape == (1437, 1, 8, 8) and data.x_test.shape == (360, 1, 8, 8)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
+    assert data.x_train.min() == 0.0 and data.x_train.max() == 1.0
+    assert np.array_equal(np.bincount(data.y_test), np.bincount(data.y_test, minlength=10))
+    assert min(np.bincount(data.y_test)) >= 35  # stratified: every class ~36 times
+    assert not data.x_train.flags.writeable and not data.y_test.flags.writeable
+    again = load_data("digits")
+    assert np.array_equal(again.x_test, data.x_test) and np.array_equal(again.y_test, data.y_test)
+
+
+def test_mnist_real_data() -> None:
+    data = load_data(f"mnist:{MNIST_DIR}")
+    assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
+    assert data.x_train.dtype == np.float32 and data.y_test.dtype == np.int64
+    assert 0.0 == data.x_test.min() and data.x_test.max() == 1.0
+    assert set(np.unique(data.y_test)) == set(range(10))
+
+
+def test_npz_used_as_stored(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).normal(size=(6, 3, 4, 4)).astype(np.float64)
+    data = load_data(_pair(tmp_path, x=x, y=np.array([0, 1, 2, 0, 1, 2], np.uint8)))
+    assert np.array_equal(data.x_train, x.astype(np.float32))
+    assert data.y_train.dtype == np.int64 and list(data.y_train) == [0, 1, 2, 0, 1, 2]
+    check_input_shape(data, (3, 4, 4))
+    with pytest.raises(InputError, match=r"\(3, 4, 4\).*expects input shape \(1, 8, 8\)"):
+        check_input_shape(data, (1, 8, 8))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cifar10", "unknown data spec 'cifar10': use 'digits', 'mnist:DIR'"),
+    ("digits:foo", "takes no argument"),
+    ("mnist:", "needs a directory"),
+    ("mnist:/nonexistent/dir", "not found"),
+    ("npz:only_one.npz", "must name two files"),
+    ("npz:/nonexistent/a.npz,/nonexistent/b.npz", "a.npz not found"),
+])
+def test_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        load_data(spec)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=np.zeros((6, 3, 4, 4), np.int32)), "x must be a float array, got dtype int32"),
+    (dict(y=np.arange(5)), "x has 6 samples but y has 5 labels"),
+    (dict(y=np.array([0, 1, -2, 0, 1, 2])), "labels y must be >= 0, found -2"),
+    (dict(y=np.array([0, 1, 1.5, 0, 1, 2])), "labels y must be integers, got non-integer"),
+    (dict(y=np.array(list("abcdef"))), "labels y must be integers, got dtype <U1"),
+    (dict(x=np.full((6, 3, 4, 4), np.nan, np.float32)), "x contains NaN or Inf"),
+    (dict(x=np.full((6, 3, 4, 4), np.inf, np.float32)), "x contains NaN or Inf"),
+    (dict(x_test=np.zeros((6, 3, 5, 5), np.float32)), r"train samples have shape \(3, 4, 4\) "
+                                                     r"but test samples \(3, 5, 5\)"),
+])
+def test_npz_validation(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message) as err:
+        load_data(_pair(tmp_path, **change))
+    assert "\n" not in str(err.value)
+
+
+def test_npz_missing_key_and_corrupt_file(tmp_path: Path) -> None:
+    train = _npz(tmp_path / "train.npz", images=np.zeros((2, 3), np.float32), y=np.zeros(2))
+    with pytest.raises(InputError, match=r"missing array\(s\) \['x'\]; found \['images', 'y'\]"):
+        load_data(f"npz:{train},{train}")
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an npz")
+    with pytest.raises(InputError, match="not a readable .npz file"):
+        load_data(f"npz:{bad},{bad}")
+
+
+def test_mnist_validation(tmp_path: Path) -> None:
+    x, y = np.zeros((4, 28, 28), np.uint8), np.arange(4, dtype=np.uint8)
+    _npz(tmp_path / "mnist_train.npz", x=x, y=y)
+    with pytest.raises(InputError, match="mnist_test.npz not found"):
+        load_data(f"mnist:{tmp_path}")
+    _npz(tmp_path / "mnist_test.npz", x=x.astype(np.float32), y=y)
+    with pytest.raises(InputError, match=r"x must be uint8 \(N, 28, 28\), got float32"):
+        load_data(f"mnist:{tmp_path}")
+    _npz(tmp_path / "mnist_test.npz", x=x, y=y)
+    data = load_data(f"mnist:{tmp_path}")
+    assert data.x_test.shape == (4, 1, 28, 28) and data.x_test.dtype == np.float32
