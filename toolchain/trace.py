@@ -1,4 +1,4 @@
-"""Trace a loaded model into an ``AnnGraph``: two front ends, one table of op handlers.
+"""Trace a loaded model into an ``AnnGraph``: three front ends, one table of op handlers.
 
 Front ends walk a graph and call ``Builder.call(Op)`` for every operation, with the op's
 arguments already resolved (activations as ``Act``, everything else as Python/torch
@@ -8,7 +8,9 @@ constants) and in aten schema order:
   one fx node per aten op (``_trace_export``);
 * TorchScript: the inlined graph (``torch._C._jit_pass_inline``), interpreted node by node:
   ``prim::GetAttr`` chains resolve to parameters and buffers, ``prim::If`` / ``prim::Loop``
-  run the branch their (constant) condition picks (``_trace_script``).
+  run the branch their (constant) condition picks (``_trace_script``);
+* ONNX ``ModelProto``s: ``toolchain.onnx_front``, whose ``onnx::<OpType>`` handlers restate
+  each node as the equivalent aten op and call that op's handler here.
 
 Each front end also runs every op on a small example batch, so every value has an example
 tensor: shapes are known everywhere and ops on constants only (``x.size(0)``, ``w.t()``)
@@ -139,23 +141,26 @@ def canonical(kind: str) -> str:
 
 _ADVICE: dict[tuple[str, ...], tuple[str, str]] = {
     ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_max_pool2d",
-     "amax", "max"): (
+     "amax", "max", "maxpool", "globalmaxpool", "reducemax", "lppool", "maxroipool"): (
         "takes a maximum, which integrate-and-fire neurons cannot compute (spike counts add, "
         "they are not compared)", "replace MaxPool2d by AvgPool2d and fine-tune"),
     ("sigmoid", "tanh", "gelu", "silu", "elu", "selu", "celu", "softplus", "mish", "hardswish",
-     "hardsigmoid", "log_sigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink"): (
+     "hardsigmoid", "log_sigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
+     "erf", "thresholdedrelu"): (
         "is not ReLU-like: an integrate-and-fire neuron's rate is a clipped ramp "
         "min(max(x, 0), a)", "replace it with ReLU (or ReLU6) and retrain"),
-    ("leaky_relu", "prelu", "rrelu", "_prelu_kernel"): (
+    ("leaky_relu", "prelu", "rrelu", "_prelu_kernel", "leakyrelu"): (
         "passes negative values, but integrate-and-fire neurons cannot fire at negative rates",
         "replace it with ReLU and retrain"),
-    ("softmax", "log_softmax", "_softmax", "_log_softmax"): (
+    ("softmax", "log_softmax", "_softmax", "_log_softmax", "logsoftmax"): (
         "normalises exponentials over all outputs, which no neuron layer computes",
         "remove it from the model (the prediction is the argmax of the logits)"),
-    ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm"): (
+    ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm",
+     "layernormalization", "groupnormalization", "instancenormalization",
+     "lpnormalization", "meanvariancenormalization"): (
         "divides by statistics of the activations computed at run time, which cannot be "
         "folded into fixed weights", "use BatchNorm right after a Conv2d/Linear and retrain"),
-    ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"): (
+    ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convtranspose"): (
         "is a transposed convolution (upsampling)", "use Conv2d (and AvgPool2d to downsample)"),
     ("cat", "stack", "concat", "concatenate"): (
         "concatenates activations; the IR has no concatenation",
@@ -171,7 +176,9 @@ _DEFAULT_ADVICE = ("has no integrate-and-fire equivalent in ftbc",
 
 
 def advice(label: str) -> tuple[str, str]:
-    """(why, fix) for an unsupported op label."""
+    """(why, fix) for an unsupported op label: an aten name ("max_pool2d") or an ONNX op type
+    ("MaxPool", looked up in lower case)."""
+    label = label.lower()
     return next((v for k, v in _ADVICE.items() if label in k), _DEFAULT_ADVICE)
 
 
@@ -296,6 +303,7 @@ class Builder:
         names = _names([self.nodes[k] for k in keep])
         name_of = dict(zip(keep, names))
         built = [self._ir(k, name_of) for k in keep]
+        check_finite(built)
         return AnnGraph(tuple(built), name_of[out_key])
 
     def _ir(self, key: int, name_of: dict[int, str]) -> AnnNode:
@@ -316,6 +324,24 @@ class Builder:
             return {"shape": shape}
         return {"shape": shape, "mean": frozen_array(-shift / scale),
                 "std": frozen_array(1.0 / scale)}
+
+
+def check_finite(nodes: Iterable[AnnNode]) -> None:
+    """One-line ``InputError`` naming every layer whose parameters (after BatchNorm and
+    constant folding, so a negative running_var shows up too) hold NaN or Inf: such a model
+    has no spiking equivalent, and every later stage would only propagate the NaNs."""
+    bad = []
+    for node in nodes:
+        fields = [(k, v) for k, v in vars(node).items() if k in ("weight", "bias", "mean", "std")
+                  and v is not None]
+        counts = [f"{k} {int(np.size(v) - np.count_nonzero(np.isfinite(v)))}/{np.size(v)}"
+                  for k, v in fields if not np.all(np.isfinite(np.asarray(v, np.float64)))]
+        if counts:
+            bad.append(f"{node.name} ({node.origin}): {', '.join(counts)} values")
+    if bad:
+        raise InputError(f"the model has NaN or Inf parameters (after folding BatchNorm) in "
+                         f"{len(bad)} layer(s): {'; '.join(bad)}; fix the checkpoint (e.g. a "
+                         f"diverged training run or a negative BatchNorm running_var)")
 
 
 class _Opaque:
@@ -491,7 +517,8 @@ def _batch_norm(b: Builder, op: Op) -> Any:
     mean, var = const_arg(op, 3), const_arg(op, 4)
     gamma, beta = const_arg(op, 1), const_arg(op, 2)
     gamma = np.ones_like(mean) if gamma is None else gamma
-    scale = gamma / np.sqrt(var + eps)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN/Inf: check_finite names it
+        scale = gamma / np.sqrt(var + eps)
     shift = (np.zeros_like(mean) if beta is None else beta) - mean * scale
     out = apply_affine(b, op, x, scale, shift, allow_input=False)
     if isinstance(op.out, (tuple, list)):
@@ -714,7 +741,7 @@ def _export_call(b: Builder, node: torch.fx.Node, env: dict) -> Any:
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
     if node.target is operator.getitem and not isinstance(args[0], Act):
         return args[0][args[1]]
-    out = _run(lambda: node.target(*examples(args), **examples(kwargs)), node.name)
+    out = run_example(lambda: node.target(*examples(args), **examples(kwargs)), node.name)
     if isinstance(node.target, torch._ops.OpOverload):
         raw = node.target._schema.name
         value = b.call(Op(canonical(raw), _schema_args(node.target, args, kwargs), out,
@@ -726,7 +753,7 @@ def _export_call(b: Builder, node: torch.fx.Node, env: dict) -> Any:
     return b.call(Op(name, tuple(args), out, _export_scope(node)))
 
 
-def _run(fn: Callable[[], Any], what: str) -> Any:
+def run_example(fn: Callable[[], Any], what: str) -> Any:
     """Run an op on the example batch; a failure means the input shape does not fit."""
     try:
         with torch.no_grad():
@@ -774,7 +801,7 @@ def _export_example(program: torch.export.ExportedProgram, shape: tuple) -> torc
 
 
 def _export_module(module: torch.nn.Module, example: torch.Tensor) -> Any:
-    _run(lambda: module(example), "forward()")
+    run_example(lambda: module(example), "forward()")
     try:
         return torch.export.export(module, (example,))
     except Exception as err:
@@ -848,7 +875,7 @@ def _script_op(b: Builder, node: torch._C.Node, env: dict) -> None:
     if node.schema() == "(no schema)" and node.kind() not in _PY_OPS:
         return _poison_outputs(b, node, env, f"{node.kind()} is not understood by the tracer",
                                "use standard modules, or save the model with torch.export")
-    out = _run(lambda: _script_exec(node, args), node.kind())
+    out = run_example(lambda: _script_exec(node, args), node.kind())
     kind = node.kind()
     value = b.call(Op(canonical(kind), tuple(args), out, _script_scope(node)))
     if kind != canonical(kind) and isinstance(args[0], Act):
@@ -940,15 +967,35 @@ def _trace_script(module: torch.jit.ScriptModule, example: torch.Tensor,
 
 # =========================================================================== entry point
 
+FrontEnd = Callable[[Any, tuple[int, ...], str], AnnGraph]
+
+
+def _front_torchscript(module: Any, shape: tuple[int, ...], origin: str) -> AnnGraph:
+    return _trace_script(module, torch.rand(EXAMPLE_BATCH, *shape), origin)
+
+
+def _front_export(program: Any, shape: tuple[int, ...], origin: str) -> AnnGraph:
+    return _trace_export(program, _export_example(program, shape), origin)
+
+
+def _front_module(module: Any, shape: tuple[int, ...], origin: str) -> AnnGraph:
+    example = torch.rand(EXAMPLE_BATCH, *shape)
+    return _trace_export(_export_module(module.eval(), example), example, origin)
+
+
+def _front_onnx(model: Any, shape: tuple[int, ...], origin: str) -> AnnGraph:
+    from toolchain.onnx_front import trace_onnx  # it imports this module: loaded on first use
+    return trace_onnx(model, shape, origin)
+
+
+FRONT_ENDS: dict[str, FrontEnd] = {"torchscript": _front_torchscript, "export": _front_export,
+                                   "module": _front_module, "onnx": _front_onnx}
+
+
 def trace(model: LoadedModel, input_shape: tuple[int, ...]) -> AnnGraph:
     """The model as an ``AnnGraph``; ``input_shape`` excludes the batch axis. Raises
     ``UnsupportedModelError`` listing every op that cannot be converted, ``InputError`` when
     the model does not run on that shape."""
     shape = tuple(int(s) for s in input_shape)
     origin = f"{model.path.name if model.path else 'model'} ({model.kind})"
-    if model.kind == "torchscript":
-        return _trace_script(model.obj, torch.rand(EXAMPLE_BATCH, *shape), origin)
-    if model.kind == "export":
-        return _trace_export(model.obj, _export_example(model.obj, shape), origin)
-    example = torch.rand(EXAMPLE_BATCH, *shape)
-    return _trace_export(_export_module(model.obj.eval(), example), example, origin)
+    return FRONT_ENDS[model.kind](model.obj, shape, origin)
