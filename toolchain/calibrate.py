@@ -45,13 +45,15 @@ import torch
 
 from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, initial_membrane,
                             input_current, last_consumers, layer_currents, layer_output,
-                            layer_step, neuron_params, run_network, synapse_current)
+                            layer_step, neuron_params, run_layer, run_network,
+                            synapse_current)
 from toolchain.ann import ann_forward
 from toolchain.errors import InputError
-from toolchain.ir import INPUT, AnnGraph, NeuronLayer, SnnGraph, evolve
+from toolchain.ir import INPUT, AnnGraph, SnnGraph, evolve
 
 METHODS = ("none", "lp", "ftbc")
 DTYPE = torch.float32
+CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations below 512 MiB
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +108,14 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=dims).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
 
 
+def channel_rate(spikes: torch.Tensor) -> torch.Tensor:
+    """Fraction of True per channel of a bool (B, C, ...) tensor, as (C, 1, ...)."""
+    dims = [0] + list(range(2, spikes.dim()))
+    count = spikes.sum(dim=dims, dtype=DTYPE)
+    return (count / (spikes.numel() // spikes.shape[1])).reshape(
+        (spikes.shape[1],) + (1,) * (spikes.dim() - 2))
+
+
 # --------------------------------------------------------------------------- driver
 
 def _check(method, alpha, batches, batch_size, iterations, holdout, x) -> None:
@@ -130,16 +140,19 @@ def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations
     cal = [_make_batch(snn, ann, p) for p in parts]
     hold = _make_batch(snn, ann, hold_x) if len(hold_x) else None
     last = last_consumers(snn)
-    schedules, layers_report = {}, {}
+    schedules, layers_report, error = {}, {}, None
     for index, layer in enumerate(snn.layers):
         if layer.readout:
             continue
+        cache = _cached_currents(snn, layer, cal)
         sched, layers_report[layer.name] = _calibrate_layer(
-            snn, index, cal, hold, method, alpha, iterations)
+            snn, index, cal, cache, hold, method, alpha, iterations, error)
+        error = layers_report[layer.name].get("holdout_error") if SELECTION == "readout" \
+            else None
         schedules[layer.name] = sched
         p = replace(neuron_params(layer, snn.timesteps, DTYPE), schedule=sched)
-        for b in cal + ([hold] if hold else []):
-            b.spikes[layer.name] = layer_output(snn, layer, b.x, b.spikes, DTYPE, p)
+        for b, currents in zip(cal + ([hold] if hold else []), cache + [None]):
+            b.spikes[layer.name] = _spikes(snn, layer, p, b, currents)
             _free(b, last, index)
     new = _with_schedules(snn, schedules, method)
     guard = _guard(snn, new, hold)
@@ -168,24 +181,37 @@ def _free(b: _Batch, last: dict, index: int) -> None:
         del b.spikes[name]
 
 
-def _calibrate_layer(snn, index, cal, hold, method, alpha, iterations
+def _calibrate_layer(snn, index, cal, cache, hold, method, alpha, iterations, before=None
                      ) -> tuple[torch.Tensor, dict]:
-    """Fit one layer's schedule on the batches; keep it only if the holdout error drops."""
+    """Fit one layer's schedule on the batches; keep it only if the holdout error drops.
+    ``before``: the held-out error of the network as it stands (known from the previous
+    layer's decision when the readout criterion is used)."""
     layer = snn.layers[index]
     p0 = neuron_params(layer, snn.timesteps, DTYPE)
     sched = p0.schedule.clone()
     fit = _ftbc_pass if method == "ftbc" else _lp_pass
     for _ in range(iterations):
-        for b in cal:
-            fit(snn, layer, replace(p0, schedule=sched), b, alpha)
+        for b, currents in zip(cal, cache):
+            fit(snn, layer, replace(p0, schedule=sched), b, alpha, currents)
     if hold is None:
         return sched, {"kept": True}
     score = SELECTION_ERRORS[SELECTION]
-    before = score(snn, index, p0, hold)
+    before = score(snn, index, p0, hold) if before is None else before
     after = score(snn, index, replace(p0, schedule=sched), hold)
     kept = after < before
     return (sched if kept else p0.schedule), {
-        "kept": bool(kept), "holdout_error_before": before, "holdout_error_after": after}
+        "kept": bool(kept), "holdout_error_before": before, "holdout_error_after": after,
+        "holdout_error": min(before, after)}
+
+
+def _cached_currents(snn, layer, cal: list[_Batch]) -> list[torch.Tensor | None]:
+    """Each batch's input currents (T, B, *shape), computed once for all iterations when
+    they fit in CURRENT_CACHE_BYTES (else None: recomputed per pass, chunk by chunk)."""
+    size = snn.timesteps * sum(b.x.shape[0] for b in cal) * int(np.prod(layer.shape)) * 4
+    if size > CURRENT_CACHE_BYTES:
+        return [None] * len(cal)
+    return [_currents(snn, layer, b, 0, snn.timesteps, input_current(layer, b.x))
+            for b in cal]
 
 
 # --------------------------------------------------------------------------- the updates
@@ -197,27 +223,40 @@ def _currents(snn, layer, b: _Batch, t0: int, t1: int, steady) -> torch.Tensor:
     return cur if steady is None else cur + steady
 
 
-def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float) -> None:
+def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
+               currents: torch.Tensor | None = None) -> None:
     """One FTBC sweep t = 1..T over batch b; updates ``p.schedule`` in place (a tensor owned
-    by this calibration)."""
+    by this calibration). ``currents``: the batch's cached (T, B, *shape) input currents."""
     v = initial_membrane(p, b.x.shape[0], tuple(layer.shape))
     target = channel_mean(b.targets[layer.name])
-    steady = input_current(layer, b.x)
-    k = chunk_steps(snn, layer, b.x.shape[0])
+    steady = input_current(layer, b.x) if currents is None else None
+    k = snn.timesteps if currents is not None else chunk_steps(snn, layer, b.x.shape[0])
     for t0 in range(0, snn.timesteps, k):
-        cur = _currents(snn, layer, b, t0, min(t0 + k, snn.timesteps), steady)
+        cur = currents if currents is not None else _currents(
+            snn, layer, b, t0, min(t0 + k, snn.timesteps), steady)
         for i in range(cur.shape[0]):
             t = t0 + i
-            spikes = v + cur[i] + p.bias + p.schedule[t] >= p.theta
-            p.schedule[t] += alpha * (target - p.theta * channel_mean(spikes.to(DTYPE)))
-            pre = v + cur[i] + p.bias + p.schedule[t]
+            base = v + cur[i] + p.bias  # same association order as the simulator
+            spikes = base + p.schedule[t] >= p.theta
+            p.schedule[t] += alpha * (target - p.theta * channel_rate(spikes))
+            pre = base + p.schedule[t]  # re-fire the step with the updated bias
             v = torch.where(pre >= p.theta, pre - p.theta, pre)
 
 
-def _lp_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float) -> None:
-    """SNN-Calibration bias correction: one constant shift for all steps, full step."""
-    spikes = layer_output(snn, layer, b.x, b.spikes, DTYPE, p)
-    rate = channel_mean(spikes.to(DTYPE).mean(0))
+def _spikes(snn, layer, p: NeuronParams, b: _Batch,
+            currents: torch.Tensor | None) -> torch.Tensor:
+    """The layer's (T, B, *shape) spikes on batch b, from cached currents when given."""
+    if currents is None:
+        return layer_output(snn, layer, b.x, b.spikes, DTYPE, p)
+    v0 = initial_membrane(p, b.x.shape[0], tuple(layer.shape))
+    return run_layer(p, currents, v0)[0]
+
+
+def _lp_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
+             currents: torch.Tensor | None = None) -> None:
+    """SNN-Calibration bias correction: one constant shift for all steps, full step
+    (``alpha`` is not used, as in SNN-Calibration)."""
+    rate = channel_mean(_spikes(snn, layer, p, b, currents).to(DTYPE).mean(0))
     p.schedule.add_(channel_mean(b.targets[layer.name]) - p.theta * rate)
 
 

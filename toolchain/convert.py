@@ -47,7 +47,10 @@ Encoding
     of adding theta / (2T) to every step's bias (here: ``NeuronLayer.bias``); after T steps it
     has the same rounding effect as v_init = 0.5 but is biased low at every t < T (the shift has
     not accumulated yet), and combined with v_init = 0.5 it over-rounds. Measured on digits
-    (bench notes in the report): v_init 0.5 without shift is best or equal at every T.
+    (3-spiking-layer CNN, ANN 94.7 %, 360 test images, accuracy at t = T for T = 1/2/8/32):
+    v_init 0.5: 72.2/89.2/92.5/94.4; shift only: 72.2/77.2/92.8/94.4; both: 8.3/11.7/82.8/93.1;
+    neither: 8.3/66.9/88.6/93.9; at t = T/2 v_init 0.5 leads by 1-60 points. Hence the
+    defaults v_init = 0.5, input_shift = False.
 """
 from __future__ import annotations
 
@@ -242,10 +245,10 @@ def _synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> Synaps
 def _linear_part(node: AnnNode, x: torch.Tensor) -> torch.Tensor:
     """The node's linear map without its bias (pools and flatten are linear already)."""
     if isinstance(node, ConvNode):
-        w = torch.as_tensor(node.weight, dtype=x.dtype)
+        w = torch.tensor(np.asarray(node.weight), dtype=x.dtype)
         return F.conv2d(x, w, None, node.stride, node.padding, node.dilation, node.groups)
     if isinstance(node, LinearNode):
-        return F.linear(x, torch.as_tensor(node.weight, dtype=x.dtype))
+        return F.linear(x, torch.tensor(np.asarray(node.weight), dtype=x.dtype))
     return EVALUATORS[type(node)](node, [x])
 
 

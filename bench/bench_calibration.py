@@ -1,0 +1,174 @@
+"""Calibration benchmarks: cost of our cached FTBC vs the authors' loop structure, and
+accuracy of none / lp / ftbc against T.
+
+    .venv/bin/python bench/bench_calibration.py timing   [--timesteps 32] [--repeats 3]
+    .venv/bin/python bench/bench_calibration.py accuracy [--seeds 3] [--model PATH]
+
+timing: a 6-spiking-layer CNN trained on digits (seeded); ``calibrate(method="ftbc")`` (layer
+by layer on cached upstream spike trains, holdout rule included) against
+``ftbc_full_forward`` (the authors' loop: per batch, layer and step one ANN forward and one
+whole-network SNN step = L x T full forwards; same math, no holdout). Same batches (5 x 128),
+alpha 0.5, 3 iterations. Each run is a fresh child process (alternating); memory is the
+child's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which sees torch's allocator;
+tracemalloc would miss tensor memory) minus that of a ``baseline`` child that does the same
+set-up without calibrating. Median of ``repeats`` runs each.
+
+accuracy: test-set accuracy at t = T of none / lp / ftbc for T in {1, 2, 4, 8, 16, 32}, with
+``--seeds`` deep CNNs trained on a seeded 80/20 digits split (or ``--model`` TorchScript,
+e.g. examples/digits_cnn.pt, on toolchain.data's digits split). Calibration data: 800
+training samples (5 x 128 + 20 % holdout); nothing is selected on the test split.
+Results go to stdout (markdown) and bench/out/*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+
+from toolchain.ann import ann_accuracy  # noqa: E402
+from toolchain.calibrate import calibrate, ftbc_full_forward, split_calibration  # noqa: E402
+from toolchain.convert import convert  # noqa: E402
+from sims.torch_snn import simulate  # noqa: E402
+
+CALIB = dict(alpha=0.5, batches=5, batch_size=128, iterations=3, holdout=0.2, seed=0)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _digits_model(seed: int):
+    from tests.ann_builders import deep_cnn, train_digits_cnn
+    return train_digits_cnn(deep_cnn, seed=seed, epochs=40)
+
+
+def _calib_set(x_train: np.ndarray, seed: int) -> np.ndarray:
+    return x_train[np.sort(np.random.default_rng(seed).permutation(len(x_train))[:800])]
+
+
+# --------------------------------------------------------------------------- timing
+
+def _child(kind: str, setup_path: Path) -> dict:
+    """One measured calibration in this (fresh) process."""
+    torch.set_num_threads(1)
+    ann, snn, x_calib = pickle.loads(setup_path.read_bytes())
+    parts, _ = split_calibration(x_calib, CALIB["holdout"], CALIB["batches"],
+                                 CALIB["batch_size"], CALIB["seed"])
+    start = time.perf_counter()
+    if kind == "ours":
+        calibrate(snn, ann, x_calib, method="ftbc", **CALIB)
+    elif kind == "ours_no_holdout_rule":
+        calibrate(snn, ann, x_calib, method="ftbc", **{**CALIB, "holdout": 0.0})
+    elif kind == "full_forward":
+        ftbc_full_forward(snn, ann, parts, alpha=CALIB["alpha"],
+                          iterations=CALIB["iterations"])
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": _rss_mb()}
+
+
+def timing(timesteps: int, repeats: int) -> dict:
+    torch.set_num_threads(1)
+    ann, data = _digits_model(0)
+    x_calib = _calib_set(data.x_train, 0)
+    snn = convert(ann, x_calib, timesteps=timesteps)
+    OUT.mkdir(parents=True, exist_ok=True)
+    setup = OUT / f"timing_setup_T{timesteps}.pkl"
+    setup.write_bytes(pickle.dumps((ann, snn, x_calib)))
+    runs: dict[str, list[dict]] = {"baseline": [], "ours": [], "ours_no_holdout_rule": [],
+                                   "full_forward": []}
+    for _ in range(repeats):
+        for kind in runs:
+            cmd = [sys.executable, __file__, "_child", kind, str(setup)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    spiking = sum(not l.readout for l in snn.layers)
+    result = {"timesteps": timesteps, "spiking_layers": spiking, "repeats": repeats,
+              **CALIB, "runs": runs}
+    base_rss = statistics.median(r["peak_rss_mb"] for r in runs["baseline"])
+    for kind in ("ours", "ours_no_holdout_rule", "full_forward"):
+        rs = runs[kind]
+        result[f"{kind}_median_s"] = statistics.median(r["seconds"] for r in rs)
+        result[f"{kind}_peak_rss_over_baseline_mb"] = statistics.median(
+            r["peak_rss_mb"] for r in rs) - base_rss
+    full = result["full_forward_median_s"]
+    result["speedup"] = full / result["ours_median_s"]
+    result["speedup_no_holdout_rule"] = full / result["ours_no_holdout_rule_median_s"]
+    return result
+
+
+# --------------------------------------------------------------------------- accuracy
+
+def _load_model(path: Path):
+    from toolchain.data import load_data
+    from toolchain.load import load_model
+    from toolchain.trace import trace
+    data = load_data("digits")
+    return trace(load_model(path), tuple(data.x_train.shape[1:])), data
+
+
+def accuracy(seeds: int, model: Path | None, steps: list[int]) -> dict:
+    torch.set_num_threads(1)
+    models = ([_load_model(model)] if model else [_digits_model(s) for s in range(seeds)])
+    table: dict = {"ann": [], "rows": {}}
+    for seed, (ann, data) in enumerate(models):
+        table["ann"].append(ann_accuracy(ann, data.x_test, data.y_test))
+        x_calib = _calib_set(data.x_train, seed)
+        for T in steps:
+            snn = convert(ann, x_calib, timesteps=T)
+            for method in ("none", "lp", "ftbc"):
+                new, rep = calibrate(snn, ann, x_calib, method=method, **{**CALIB, "seed": seed})
+                acc = simulate(new, data.x_test, data.y_test).accuracy[-1]
+                table["rows"].setdefault(f"{T}/{method}", []).append(float(acc))
+                print(f"seed {seed} T {T} {method}: {acc:.2f} ({rep['seconds']:.1f} s)",
+                      file=sys.stderr, flush=True)
+    return table
+
+
+def _markdown(table: dict, steps: list[int]) -> str:
+    lines = [f"ANN: {np.mean(table['ann']):.2f} (mean of {len(table['ann'])})", "",
+             "| T | none | lp | ftbc |", "|---|---|---|---|"]
+    for T in steps:
+        cells = [f"{np.mean(table['rows'][f'{T}/{m}']):.2f}" for m in ("none", "lp", "ftbc")]
+        lines.append(f"| {T} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "_child":
+        print(json.dumps(_child(argv[1], Path(argv[2]))))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=("timing", "accuracy"))
+    p.add_argument("--timesteps", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    args = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.mode == "timing":
+        result = timing(args.timesteps, args.repeats)
+        (OUT / f"calibration_timing_T{args.timesteps}.json").write_text(
+            json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    else:
+        table = accuracy(args.seeds, args.model, args.steps)
+        name = "calibration_accuracy" + (f"_{args.model.stem}" if args.model else "")
+        (OUT / f"{name}.json").write_text(json.dumps(table, indent=1))
+        print(_markdown(table, args.steps))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

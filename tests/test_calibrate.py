@@ -1,0 +1,95 @@
+"""Calibration: none = zeros, determinism, cached FTBC = full-forward reference loop,
+never worse than plain conversion on held-out training data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import toolchain.calibrate as cal
+from sims.torch_snn import run_network
+from tests.ann_builders import train_digits_cnn
+from toolchain.ann import ann_forward
+from toolchain.calibrate import agreement, calibrate, ftbc_full_forward, split_calibration
+from toolchain.convert import convert
+from toolchain.errors import InputError
+from toolchain.ir import graphs_equal
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ann, data = train_digits_cnn()
+    order = np.random.default_rng(0).permutation(len(data.x_train))
+    x_calib, x_check = data.x_train[order[:400]], data.x_train[order[400:]]
+    return ann, x_calib, x_check
+
+
+def test_none_gives_zero_schedules(setup):
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=4)
+    new, report = calibrate(snn, ann, x_calib, method="none")
+    for old, layer in zip(snn.layers, new.layers):
+        assert layer.bias_schedule.shape == (4, layer.channels)
+        assert not layer.bias_schedule.any()
+        assert graphs_equal(old.synapses, layer.synapses)
+    assert report["method"] == "none" and report["layers"] == {}
+
+
+def test_ftbc_deterministic_report_and_readout_untouched(setup):
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=4)
+    kwargs = dict(method="ftbc", batches=2, batch_size=64, iterations=2, seed=3)
+    a, rep_a = calibrate(snn, ann, x_calib, **kwargs)
+    b, rep_b = calibrate(snn, ann, x_calib, **kwargs)
+    assert graphs_equal(a, b)
+    for key in ("alpha", "batches", "batch_size", "iterations", "seconds", "holdout"):
+        assert key in rep_a
+    rep_a.pop("seconds"), rep_b.pop("seconds")
+    assert rep_a == rep_b
+    assert set(rep_a["layers"]) == {l.name for l in snn.layers if not l.readout}
+    for entry in rep_a["layers"].values():
+        assert entry["kept"] == (entry["holdout_error_after"] < entry["holdout_error_before"])
+    assert not a.readout.bias_schedule.any()
+    scheds = [l.bias_schedule for l in a.layers]
+    assert not any(np.shares_memory(s, r) for s in scheds for r in scheds if s is not r)
+    assert a.meta["calibration"]["method"] == "ftbc"
+
+
+def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch):
+    monkeypatch.setattr(cal, "DTYPE", torch.float64)
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=3)
+    ours, _ = calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
+                        iterations=1, holdout=0.0)
+    parts, _ = split_calibration(x_calib[:64], 0.0, 1, 64, 0)
+    ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1)
+    for mine, theirs in zip(ours.layers, ref.layers):
+        np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
+    assert any(l.bias_schedule.any() for l in ours.layers)
+
+
+@pytest.mark.parametrize("timesteps", [1, 2])
+def test_calibration_never_worse_than_none_on_held_out_training_data(setup, timesteps):
+    ann, x_calib, x_check = setup
+    snn = convert(ann, x_calib, timesteps=timesteps)
+    logits = ann_forward(ann, x_check)
+    scores = {}
+    for method in ("none", "lp", "ftbc"):
+        new, report = calibrate(snn, ann, x_calib, method=method, batches=3, batch_size=100)
+        scores[method] = agreement(run_network(new, x_check).readout, logits).mean()
+        if method != "none":
+            hold = report["holdout"]
+            assert hold["agreement_after"] >= hold["agreement_before"] or hold["reverted"]
+    assert scores["ftbc"] >= scores["none"] - 0.01
+    assert scores["lp"] >= scores["none"] - 0.01
+
+
+def test_bad_options_raise(setup):
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=2)
+    with pytest.raises(InputError):
+        calibrate(snn, ann, x_calib, method="magic")
+    with pytest.raises(InputError):
+        calibrate(snn, ann, x_calib, holdout=1.0)
