@@ -146,12 +146,12 @@ def _write_layer(g: h5py.Group, layer: QLayer) -> None:
     _put(g, "name", layer.name)
     _put(g, "origin", layer.origin)
     _put(g, "shape", np.asarray(layer.shape, dtype=np.int64))
-    _put(g, "vth", int(layer.vth))
+    _put(g, "vth", np.asarray(layer.vth, dtype=np.int64))
     _put(g, "bias_mant", layer.bias_mant)
     _put(g, "bias_exp", int(layer.bias_exp))
     _put(g, "v_init", layer.v_init)
     _put(g, "delay", int(layer.delay))
-    _put(g, "scale", float(layer.scale))
+    _put(g, "scale", np.asarray(layer.scale, dtype=np.float64))
     _put(g, "readout", bool(layer.readout))
     syns = _group(g, "synapses")
     for k, syn in enumerate(layer.synapses):
@@ -253,7 +253,9 @@ def _write_netx_neuron(g: h5py.Group, layer: QLayer) -> None:
     _put(g, "type", "CUBA")
     _put(g, "iDecay", 4096)
     _put(g, "vDecay", 0)
-    vth = NETX_READOUT_VTH if layer.readout else max(1, int(layer.vth) >> NETX_VTH_SHIFT)
+    # netx holds one threshold per layer: the per-channel thresholds' median (approximate)
+    vth = (NETX_READOUT_VTH if layer.readout
+           else max(1, int(np.median(layer.vth)) >> NETX_VTH_SHIFT))
     _put(g, "vThMant", vth)
     _put(g, "refDelay", 1)
     _put(g, "wgtExp", 0)
@@ -321,9 +323,15 @@ def read_netx(path: str | os.PathLike) -> QuantGraph:
             _check_netx_view(f, q, _int(f["ftbc"], "netx_layers"))
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    except (KeyError, OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+    except _CORRUPT as exc:
         raise InputError(f"{path}: corrupt file ({_one_line(exc)})") from None
     return q
+
+
+# What h5py/numpy/json raise on a damaged file: h5py reports bad metadata checksums as
+# RuntimeError, a damaged structure as KeyError/OSError/ValueError/TypeError.
+_CORRUPT = (KeyError, OSError, ValueError, TypeError, RuntimeError, IndexError,
+            json.JSONDecodeError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -364,9 +372,9 @@ def _read_layer(g: h5py.Group, where: str) -> QLayer:
     synapses = tuple(_read_synapse(_need_group(syns, str(k)), f"{where}/synapses/{k}")
                      for k in range(len(syns)))
     return QLayer(name=_str(g, "name"), shape=_shape(g, "shape"), synapses=synapses,
-                  vth=_int(g, "vth"), bias_mant=_int_array(g, "bias_mant", 2),
+                  vth=_int_array(g, "vth", 1), bias_mant=_int_array(g, "bias_mant", 2),
                   bias_exp=_int(g, "bias_exp"), v_init=_int_array(g, "v_init", 1),
-                  delay=_int(g, "delay"), scale=_float(g, "scale"),
+                  delay=_int(g, "delay"), scale=_float_array(g, "scale"),
                   readout=bool(_int(g, "readout")), origin=_str(g, "origin"))
 
 
@@ -399,7 +407,10 @@ def _check_netx_view(f: h5py.File, q: QuantGraph, count: int) -> None:
     for i, (kind, shape) in enumerate(want):
         entry = _need_group(top, str(i))
         got = _need(entry, "type")[()]
-        got = (got[0] if np.ndim(got) else got).decode("ascii")
+        got = got[0] if np.ndim(got) == 1 and len(got) == 1 else got
+        if not isinstance(got, bytes):
+            raise InputError(f"netx view layer/{i}/type must be a string")
+        got = got.decode("ascii")
         if got != kind or not np.array_equal(_need(entry, "shape")[()], shape):
             raise InputError(f"netx view layer/{i} ({got}) disagrees with ftbc/ ({kind})")
 
@@ -515,8 +526,11 @@ def _check_layer(layer: QLayer, steps: int) -> list[str]:
         problems.append(f"bias_mant has shape {layer.bias_mant.shape}, expected ({steps}, {chans})")
     if layer.v_init.shape != (chans,):
         problems.append(f"v_init has shape {layer.v_init.shape}, expected ({chans},)")
-    if not (0 <= layer.vth < lim if layer.readout else 0 < layer.vth < lim):
-        problems.append(f"vth {layer.vth} outside {int(layer.readout) ^ 1}..{lim - 1} "
+    if layer.vth.shape != (chans,):
+        problems.append(f"vth has shape {layer.vth.shape}, expected ({chans},)")
+    elif not (np.all((0 <= layer.vth) & (layer.vth < lim)) if layer.readout
+              else np.all((0 < layer.vth) & (layer.vth < lim))):
+        problems.append(f"vth {layer.vth.min()}..{layer.vth.max()} outside {int(layer.readout) ^ 1}..{lim - 1} "
                         f"(24-bit state)")
     if not 0 <= layer.bias_exp <= STATE_BITS:
         problems.append(f"bias_exp {layer.bias_exp} outside 0..{STATE_BITS}")
@@ -526,7 +540,7 @@ def _check_layer(layer: QLayer, steps: int) -> list[str]:
         problems.append("v_init outside the 24-bit state range")
     if layer.delay < 1:
         problems.append(f"delay {layer.delay} must be >= 1 (one hop per synapse)")
-    if not np.isfinite(layer.scale):
+    if np.shape(layer.scale) != (chans,) or not np.all(np.isfinite(layer.scale)):
         problems.append("scale is not finite")
     if not layer.synapses:
         problems.append("has no input synapse")

@@ -153,7 +153,8 @@ def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
     n = int(np.prod(layer.shape))
     per_channel = n // layer.shape[0]
     return IFBiasSchedule(
-        n=n, vth=layer.vth, bias=np.repeat(layer.bias_mant.astype(np.int64), per_channel, 1),
+        n=n, vth=np.repeat(np.broadcast_to(layer.vth, layer.shape[:1]), per_channel),
+        bias=np.repeat(layer.bias_mant.astype(np.int64), per_channel, 1),
         bias_exp=layer.bias_exp, v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
         delay=layer.delay, timesteps=q.timesteps, period=period, num_samples=num,
         readout=layer.readout, name=layer.name)

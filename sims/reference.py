@@ -20,8 +20,8 @@ Neuron (``QLayer``), per step t = 1..T, channel c, with a[t] the sum over its sy
 
     v  = v + (a[t] << 6) + (bias_mant[t-1, c] << bias_exp)     (int64 intermediate)
     v  = clamp(v, -2**23, 2**23 - 1)          (24-bit state, saturating)
-    s  = 1 if v >= vth else 0                 (">=": the paper's compare, not Lava LIF's ">")
-    v  = v - s * vth                          (reset by subtraction)
+    s  = 1 if v >= vth[c] else 0              (">=": the paper's compare, not Lava LIF's ">")
+    v  = v - s * vth[c]                       (reset by subtraction; vth is per channel)
     v starts at v_init[c] before t = 1.
 
 The ``<< 6`` is Loihi's convention (synaptic input enters the state with 6 fractional bits),
@@ -93,6 +93,8 @@ def run_layer(layer: QLayer, currents: np.ndarray) -> np.ndarray:
     steps, n = currents.shape
     per_channel = n // layer.shape[0]
     v = np.repeat(layer.v_init.astype(np.int64), per_channel)
+    vth = np.repeat(np.broadcast_to(np.asarray(layer.vth, dtype=np.int64), layer.shape[:1]),
+                    per_channel)
     out = np.zeros((steps, n), dtype=np.int64)
     for t in range(steps):
         bias = np.repeat(layer.bias_mant[t].astype(np.int64) << layer.bias_exp, per_channel)
@@ -100,8 +102,8 @@ def run_layer(layer: QLayer, currents: np.ndarray) -> np.ndarray:
         if layer.readout:
             out[t] = v
             continue
-        spikes = (v >= layer.vth).astype(np.int64)
-        v = v - spikes * layer.vth
+        spikes = (v >= vth).astype(np.int64)
+        v = v - spikes * vth
         out[t] = spikes
     return out
 

@@ -21,15 +21,19 @@ def even_weights(rng: np.random.Generator, shape: tuple[int, ...], amp: int,
 def layer(rng: np.random.Generator, name: str, shape: tuple[int, ...],
           synapses: tuple[QSynapse, ...], steps: int, delay: int, vth: int,
           readout: bool = False, bias_amp: int = 40, bias_exp: int = 6) -> QLayer:
-    """A QLayer with a random (T, C) bias schedule and random v_init (both signs)."""
+    """A QLayer with per-channel thresholds in [vth, 1.5 vth) (the readout's stay 0), a
+    random (T, C) bias schedule and random v_init (both signs)."""
     chans = shape[0]
-    return QLayer(name=name, shape=shape, synapses=synapses, vth=vth,
+    vths = np.full(chans, vth) if readout else vth + rng.integers(0, vth // 2 + 1, size=chans)
+    return QLayer(name=name, shape=shape, synapses=synapses,
+                  vth=frozen_array(vths, np.int64),
                   bias_mant=frozen_array(rng.integers(-bias_amp, bias_amp + 1,
                                                       size=(steps, chans)), np.int32),
                   bias_exp=bias_exp,
                   v_init=frozen_array(rng.integers(-vth // 2, vth // 2 + 1, size=chans),
                                       np.int32),
-                  delay=delay, scale=float(vth), readout=readout, origin=f"test.{name}")
+                  delay=delay, scale=frozen_array(np.maximum(vths, 1), np.float64),
+                  readout=readout, origin=f"test.{name}")
 
 
 def dense(source: str, weight: np.ndarray, weight_exp: int = 0) -> QSynapse:
@@ -146,11 +150,12 @@ def threshold_net(steps: int = 4) -> QuantGraph:
     zero = frozen_array(np.zeros((steps, 2)), np.int32)
     l1 = QLayer(name="fc1", shape=(2,),
                 synapses=(dense(INPUT, frozen_array([[2, 0], [0, 2]], np.int32)),),
-                vth=12800, bias_mant=zero, bias_exp=0,
-                v_init=frozen_array([0, 0], np.int32), delay=1, scale=1.0)
+                vth=frozen_array([12800, 12800], np.int64), bias_mant=zero, bias_exp=0,
+                v_init=frozen_array([0, 0], np.int32), delay=1,
+                scale=frozen_array([1.0, 1.0]))
     out = QLayer(name="out", shape=(2,),
                  synapses=(dense("fc1", frozen_array([[2, 0], [0, 2]], np.int32)),),
-                 vth=64, bias_mant=zero, bias_exp=0, v_init=frozen_array([0, 0], np.int32),
-                 delay=2, scale=1.0, readout=True)
+                 vth=frozen_array([0, 0], np.int64), bias_mant=zero, bias_exp=0, v_init=frozen_array([0, 0], np.int32),
+                 delay=2, scale=frozen_array([1.0, 1.0]), readout=True)
     return QuantGraph(input=QInput(shape=(2,), scale_exp=0), layers=(l1, out),
                       timesteps=steps, target="loihi2-sim", meta={})

@@ -383,7 +383,7 @@ def _verify_fold(path: _Path, syn: Synapse, src_shape: tuple, shape: tuple,
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((2,) + tuple(src_shape), generator=gen, dtype=torch.float64)
     want = _chain(path.ops)(x)
-    w = torch.as_tensor(syn.weight)
+    w = torch.from_numpy(np.array(syn.weight))  # copy: IR arrays are read-only
     got = (F.conv2d(x, w, None, syn.stride, syn.padding, syn.dilation, syn.groups)
            if _fits(x, syn, shape) else None)
     if got is None or got.shape != want.shape or not torch.allclose(

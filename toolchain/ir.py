@@ -240,19 +240,22 @@ class QSynapse:
 
 @dataclass(frozen=True, eq=False)
 class QLayer:
-    """Integer neuron layer. ``vth`` threshold in state units (scalar); ``bias_mant`` (T, C)
+    """Integer neuron layer. ``vth`` (C,) int per-channel threshold in state units (one weight
+    scale per output channel keeps every row's weights at full 8-bit resolution even when the
+    float thresholds of a layer differ by orders of magnitude); ``bias_mant`` (T, C)
     int, effective bias ``bias_mant << bias_exp``; ``v_init`` (C,) int; ``delay`` is the
     layer's depth (number of synaptic hops from the input) = its step offset in Lava;
-    ``scale`` is state units per unit of the normalised float threshold (for reports)."""
+    ``scale`` (C,) float is state units per unit of the normalised float threshold (for
+    reports and dequantization)."""
     name: str
     shape: tuple[int, ...]
     synapses: tuple[QSynapse, ...]
-    vth: int
+    vth: np.ndarray
     bias_mant: np.ndarray
     bias_exp: int
     v_init: np.ndarray
     delay: int
-    scale: float
+    scale: np.ndarray
     readout: bool = False
     origin: str = ""
 

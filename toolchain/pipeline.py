@@ -187,6 +187,38 @@ def export(run: Run) -> Run:
     return run.with_results(network=path.name)
 
 
+def netlist(run: Run) -> Run:
+    """Loihi 2 targets: netlist.json with core assignment, activity and energy estimate.
+    Its limit violations are reported, not fatal: several limits are documented assumptions."""
+    from exporters.netlist import build_netlist, netlist_summary_lines, write_netlist
+    from hw_targets import get_target
+    from hw_targets.loihi2_resources import resources_for
+    from sims.activity import measure_activity
+    target = get_target(run.options.target)
+    if run.quant is None or resources_for(target.name) is None:
+        return run
+    x, _ = _eval_split(run)
+    activity = measure_activity(run.quant, x, source=f"{run.options.data} evaluation split")
+    nl = build_netlist(run.quant, target, activity)
+    write_netlist(nl, run.options.out_dir / "netlist.json")
+    return run.with_results(netlist={
+        "file": "netlist.json", "summary": netlist_summary_lines(nl), "totals": nl["totals"],
+        "fits": nl["fits"], "violations": nl["violations"],
+        "activity": nl["activity"] and {**nl["activity"]["totals"],
+                                        "energy": nl["activity"]["energy"]}})
+
+
+def export_nir(run: Run) -> Run:
+    """``--target nir``: the calibrated, normalised float SNN as a NIR graph."""
+    from exporters.nir_export import write_nir
+    if run.options.target != "nir":
+        return run
+    path = run.options.out_dir / "network.nir"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_nir(run.normalized, path)
+    return run.with_results(network=path.name)
+
+
 def verify(run: Run) -> Run:
     from hw_targets import get_target
     from sims.verify import verify as verify_lava
@@ -205,8 +237,8 @@ def report(run: Run) -> Run:
 
 
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
-    load, trace, convert, calibrate, simulate, normalize, quantize, emulate, export, verify,
-    report,
+    load, trace, convert, calibrate, simulate, normalize, quantize, emulate, export, netlist,
+    export_nir, verify, report,
 ))
 
 

@@ -39,7 +39,6 @@ def pack_spikes(s: np.ndarray, words: int) -> np.ndarray:
 class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
     """Sample windowing and recording shared by both models; ``integrate`` is the neuron."""
 
-    vth: int = LavaPyType(int, np.int32, precision=24)
     bias_exp: int = LavaPyType(int, np.int32, precision=5)
     delay: int = LavaPyType(int, np.int32, precision=16)
     timesteps: int = LavaPyType(int, np.int32, precision=16)
@@ -79,6 +78,7 @@ class PyIFBiasScheduleFixed(AbstractIFBiasScheduleModel):
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int32, precision=24)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, bool, precision=1)
     v: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
+    vth: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
     v_init: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
     bias: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
     v_rec: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
@@ -88,7 +88,7 @@ class PyIFBiasScheduleFixed(AbstractIFBiasScheduleModel):
         v = self.v.astype(np.int64) + (a_in.astype(np.int64) << INPUT_SHIFT) + bias
         v = np.clip(v, STATE_MIN, STATE_MAX)
         spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
-        self.v[:] = v - spikes * np.int64(self.vth)
+        self.v[:] = v - spikes * self.vth.astype(np.int64)
         return spikes
 
 
@@ -104,6 +104,7 @@ class PyIFBiasScheduleFloat(AbstractIFBiasScheduleModel):
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
     v: np.ndarray = LavaPyType(np.ndarray, float)
+    vth: np.ndarray = LavaPyType(np.ndarray, float)
     v_init: np.ndarray = LavaPyType(np.ndarray, float)
     bias: np.ndarray = LavaPyType(np.ndarray, float)
     v_rec: np.ndarray = LavaPyType(np.ndarray, float)
@@ -112,5 +113,5 @@ class PyIFBiasScheduleFloat(AbstractIFBiasScheduleModel):
         bias = self.bias[t - 1] * float(2 ** self.bias_exp)
         v = np.clip(self.v + a_in * float(1 << INPUT_SHIFT) + bias, STATE_MIN, STATE_MAX)
         spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
-        self.v[:] = v - spikes * float(self.vth)
+        self.v[:] = v - spikes * self.vth
         return spikes

@@ -43,13 +43,13 @@ def packed_words(n: int) -> int:
 class IFBiasSchedule(AbstractProcess):
     """A population of ``n`` IF neurons (flat C order) with a time-indexed bias.
 
-    Parameters: ``vth`` (int, state units), ``bias`` (T, n) effective-bias mantissas per
+    Parameters: ``vth`` (n,) per-neuron threshold in state units, ``bias`` (T, n) effective-bias mantissas per
     neuron, ``bias_exp`` (int >= 0), ``v_init`` (n,), ``delay`` (hops from the input),
     ``timesteps`` T, ``period`` (steps per sample), ``num_samples`` (record size),
     ``readout`` (no spikes; record v instead).
     """
 
-    def __init__(self, *, n: int, vth: int, bias: np.ndarray, bias_exp: int,
+    def __init__(self, *, n: int, vth: np.ndarray, bias: np.ndarray, bias_exp: int,
                  v_init: np.ndarray, delay: int, timesteps: int, period: int,
                  num_samples: int, readout: bool = False, name: str | None = None,
                  log_config: LogConfig | None = None) -> None:
@@ -59,7 +59,7 @@ class IFBiasSchedule(AbstractProcess):
         self.s_out = OutPort(shape=(n,))
         self.v = Var(shape=(n,), init=np.asarray(v_init, dtype=np.int64))
         self.v_init = Var(shape=(n,), init=np.asarray(v_init, dtype=np.int64))
-        self.vth = Var(shape=(1,), init=int(vth))
+        self.vth = Var(shape=(n,), init=np.asarray(vth, dtype=np.int64))
         self.bias = Var(shape=(timesteps, n), init=np.asarray(bias, dtype=np.int64))
         self.bias_exp = Var(shape=(1,), init=int(bias_exp))
         self.delay = Var(shape=(1,), init=int(delay))

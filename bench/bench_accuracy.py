@@ -1,0 +1,74 @@
+"""Accuracy after T steps for none / lp / ftbc (float) and fixed point, per T, with timings.
+
+Runs the real pipeline (no Lava: --verify-samples 0) once per T and collects report.json
+figures into a markdown table.
+
+    .venv/bin/python bench/bench_accuracy.py --model examples/digits_cnn.pt --data digits \
+        --timesteps 1 2 4 8 16 32 64 --out bench/out/digits
+    .venv/bin/python bench/bench_accuracy.py --model bench/models/mnist_cnn.pt \
+        --data mnist:../shared/data/mnist --timesteps 1 2 4 8 16 32 64 --out bench/out/mnist
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolchain.pipeline import Options, run_pipeline  # noqa: E402
+from toolchain.report import build_report  # noqa: E402
+
+
+def one_run(args: argparse.Namespace, steps: int) -> dict:
+    options = Options(model=Path(args.model), target=args.target, data=args.data,
+                      out=Path(args.out) / f"T{steps}", timesteps=steps, verify_samples=0,
+                      eval_samples=args.eval_samples, seed=args.seed, progress=False)
+    start = time.perf_counter()
+    report = build_report(run_pipeline(options))
+    report["wall_seconds"] = time.perf_counter() - start
+    return report
+
+
+def row(steps: int, r: dict) -> str:
+    acc = r["snn_accuracy"]
+    fixed = r.get("fixed_accuracy", [float("nan")])[-1]
+    cal = r["calibration"]
+    return (f"| {steps} | {r['ann_accuracy']:.2f} | {acc['none'][-1]:.2f} | {acc['lp'][-1]:.2f} "
+            f"| {acc['ftbc'][-1]:.2f} | {fixed:.2f} | {r['seconds']['convert']:.1f} "
+            f"| {cal['ftbc']['seconds']:.1f} | {r['wall_seconds']:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", default="loihi2")
+    p.add_argument("--timesteps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--eval-samples", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/out/accuracy")
+    args = p.parse_args()
+    print("| T | ANN | none | lp | ftbc | fixed (ftbc) | convert s | ftbc calib s | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    for steps in args.timesteps:
+        results[steps] = one_run(args, steps)
+        print(row(steps, results[steps]), flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS of the whole run: {peak:.0f} MiB")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps(
+        {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],
+                  "fixed": v.get("fixed_accuracy"), "kept": {m: c.get("kept") for m, c in
+                                                             v["calibration"].items()}}
+         for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
