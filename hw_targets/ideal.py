@@ -17,3 +17,11 @@ def ideal_float() -> Target:
     """Float SNN, no quantization, no Lava run."""
     return Target(name="float", quantized=False,
                   description="idealised float SNN (no quantization, no Lava)")
+
+
+@registered
+def nir_graph() -> Target:
+    """The calibrated float SNN as a NIR graph (exporters/nir_export.py); no quantization."""
+    return Target(name="nir", quantized=False,
+                  description="NIR graph of the calibrated float SNN (network.nir) for other "
+                              "neuromorphic platforms")

@@ -77,7 +77,7 @@ def channel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 def encode_input(spec: InputSpec, x: np.ndarray | torch.Tensor,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x' = (x - mean) / std per channel (when the model has an input transform)."""
-    x = torch.as_tensor(np.asarray(x), dtype=dtype)
+    x = torch.from_numpy(np.array(x, copy=True)).to(dtype)  # data arrays are read-only
     if spec.mean is None:
         return x
     view = (1,) + channel_shape(tuple(spec.shape))

@@ -448,9 +448,22 @@ def channel_values(act: torch.Tensor) -> torch.Tensor:
     return act.transpose(0, 1).reshape(act.shape[1], -1)
 
 
+MSE_MAX_VALUES = 1 << 15  # per channel: a seeded random subset ranks the candidates as well
+
+
 def threshold_mse(values: torch.Tensor, timesteps: int, offset: float) -> torch.Tensor:
-    """Per-channel theta = f * max minimising sum (a - q_T(a; theta))^2 over f in the grid."""
+    """Per-channel theta = f * max minimising sum (a - q_T(a; theta))^2 over f in the grid.
+
+    The max is taken over all values; the error over a seeded random subset of at most
+    ``MSE_MAX_VALUES`` positions (the same for every channel; deterministic), which keeps the
+    96-candidate search cheap on large feature maps (MNIST's first layer has ~800k values per
+    channel). Random, not strided: a stride that divides H*W samples the same pixels of
+    every image."""
     vmax = values.max(1).values.clamp(min=1e-30)
+    if values.shape[1] > MSE_MAX_VALUES:
+        gen = torch.Generator().manual_seed(0)
+        keep = torch.randperm(values.shape[1], generator=gen)[:MSE_MAX_VALUES]
+        values = values[:, keep.sort().values]
     best_err = torch.full_like(vmax, float("inf"))
     best = vmax.clone()
     for frac in MSE_FRACTIONS:
