@@ -169,3 +169,29 @@ def test_meta_options_and_encoding_choices():
         convert(ann, X, timesteps=0)
     with pytest.raises(InputError):
         convert(ann, X, timesteps=4, threshold="bogus")
+
+
+def _threshold_mse_brute_force(values, timesteps, offset):
+    """One full pass per candidate fraction (the authors' loop), the slow reference."""
+    from toolchain.convert import MSE_FRACTIONS
+    vmax = values.max(1).values.clamp(min=1e-30)
+    best_err, best = torch.full_like(vmax, float("inf")), vmax.clone()
+    for frac in MSE_FRACTIONS:
+        theta = (vmax * frac)[:, None]
+        q = torch.clamp(torch.floor(values * timesteps / theta + offset), 0, timesteps)
+        err = ((values - q * theta / timesteps) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, theta[:, 0], best)
+    return best
+
+
+@pytest.mark.parametrize("timesteps,offset", [(1, 0.0), (4, 0.5), (16, 0.0), (32, 0.5)])
+def test_sorted_mse_search_equals_brute_force(timesteps, offset):
+    from toolchain.convert import threshold_mse
+    gen = torch.Generator().manual_seed(timesteps)
+    values = torch.relu(torch.randn(6, 3000, generator=gen, dtype=torch.float64))
+    values = values * torch.rand(6, 1, generator=gen, dtype=torch.float64)
+    values[2] = 0.0  # a silent channel
+    got = threshold_mse(values, timesteps, offset)
+    assert torch.equal(got, _threshold_mse_brute_force(values, timesteps, offset))

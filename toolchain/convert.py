@@ -448,32 +448,35 @@ def channel_values(act: torch.Tensor) -> torch.Tensor:
     return act.transpose(0, 1).reshape(act.shape[1], -1)
 
 
-MSE_MAX_VALUES = 1 << 15  # per channel: a seeded random subset ranks the candidates as well
-
-
 def threshold_mse(values: torch.Tensor, timesteps: int, offset: float) -> torch.Tensor:
-    """Per-channel theta = f * max minimising sum (a - q_T(a; theta))^2 over f in the grid.
+    """Per-channel theta = f * max minimising sum (a - q_T(a; theta))^2 over f in the grid,
+    q_T(a; theta) = clamp(floor(a T / theta + offset), 0, T) * theta / T.
 
-    The max is taken over all values; the error over a seeded random subset of at most
-    ``MSE_MAX_VALUES`` positions (the same for every channel; deterministic), which keeps the
-    96-candidate search cheap on large feature maps (MNIST's first layer has ~800k values per
-    channel). Random, not strided: a stride that divides H*W samples the same pixels of
-    every image."""
-    vmax = values.max(1).values.clamp(min=1e-30)
-    if values.shape[1] > MSE_MAX_VALUES:
-        gen = torch.Generator().manual_seed(0)
-        keep = torch.randperm(values.shape[1], generator=gen)[:MSE_MAX_VALUES]
-        values = values[:, keep.sort().values]
-    best_err = torch.full_like(vmax, float("inf"))
-    best = vmax.clone()
-    for frac in MSE_FRACTIONS:
-        theta = (vmax * frac)[:, None]
-        q = torch.clamp(torch.floor(values * timesteps / theta + offset), 0, timesteps)
-        err = ((values - q * theta / timesteps) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, theta[:, 0], best)
-    return best
+    Exact over all values, without one pass per candidate: with each channel's values sorted
+    and prefix sums of a and a^2, the values on quantization level k are one contiguous run
+    (found by ``searchsorted`` at the level boundaries (k - offset) theta / T), whose error
+    is sum a^2 - 2 l sum a + n l^2 with l = k theta / T. Cost: one sort plus
+    O(candidates x T x log n) per channel. Ties go to the first (largest) fraction."""
+    chans, steps = values.shape[0], timesteps
+    a = values.sort(dim=1).values.contiguous()
+    vmax = a[:, -1].clamp(min=1e-30)
+    zero = torch.zeros(chans, 1, dtype=a.dtype)
+    s1, s2 = (torch.cat([zero, v.cumsum(1)], 1) for v in (a, a * a))
+    theta = vmax[:, None] * torch.tensor(MSE_FRACTIONS, dtype=a.dtype)[None, :]   # (C, F)
+    levels = torch.arange(0, steps + 1, dtype=a.dtype)
+    bounds = (levels[1:] - offset)[None, None, :] * theta[:, :, None] / steps      # (C, F, T)
+    idx = torch.searchsorted(a, bounds.reshape(chans, -1).contiguous()).reshape(bounds.shape)
+    n = torch.full(idx.shape[:2] + (1,), a.shape[1], dtype=idx.dtype)
+    ends = torch.cat([idx, n], 2)                                                   # (C, F, T+1)
+    starts = torch.cat([torch.zeros_like(n), idx], 2)
+
+    def run_sum(prefix: torch.Tensor) -> torch.Tensor:
+        take = lambda i: prefix.gather(1, i.reshape(chans, -1)).reshape(i.shape)  # noqa: E731
+        return take(ends) - take(starts)
+
+    level = levels[None, None, :] * theta[:, :, None] / steps
+    err = (run_sum(s2) - 2 * level * run_sum(s1) + (ends - starts) * level ** 2).sum(2)
+    return theta.gather(1, err.argmin(1, keepdim=True))[:, 0]
 
 
 def _raw_threshold(values: torch.Tensor, method: str, percentile: float, timesteps: int,
