@@ -39,6 +39,7 @@ class Options:
     calib_batch_size: int = 128
     iterations: int = 3
     holdout: float = 0.2
+    calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
     seed: int = 0
@@ -167,6 +168,26 @@ def quantize(run: Run) -> Run:
     return replace(run, quant=q).with_results(quantization=quantization_report(q))
 
 
+def calibrate_fixed(run: Run) -> Run:
+    """FTBC again on the quantized network (integer bias mantissas, bit-exact emulator), so
+    quantization error is corrected too; the same held-out keep rule as the float pass."""
+    from exporters.quantize import check, quantization_report
+    from hw_targets import get_target
+    from toolchain.calibrate_fixed import calibrate_fixed as calibrate_q, float_thresholds
+    opts = run.options
+    if run.quant is None or not opts.calibrate_fixed:
+        return run
+    target = get_target(opts.target)
+    q, rep = calibrate_q(run.quant, run.ann, _calib_data(run),
+                         thresholds=float_thresholds(run.snn["converted"]), target=target,
+                         alpha=opts.alpha, batches=opts.calib_batches,
+                         batch_size=opts.calib_batch_size, iterations=opts.iterations,
+                         holdout=opts.holdout, seed=opts.seed)
+    check(q, target)
+    return replace(run, quant=q).with_results(fixed_calibration=rep,
+                                              quantization=quantization_report(q))
+
+
 def emulate(run: Run) -> Run:
     from sims.emulator import emulate as emulate_q
     if run.quant is None:
@@ -237,7 +258,8 @@ def report(run: Run) -> Run:
 
 
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
-    load, trace, convert, calibrate, simulate, normalize, quantize, emulate, export, netlist,
+    load, trace, convert, calibrate, simulate, normalize, quantize, calibrate_fixed, emulate,
+    export, netlist,
     export_nir, verify, report,
 ))
 
@@ -255,6 +277,7 @@ def provenance(run: Run) -> dict[str, Any]:
     opts = run.options
     return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
             "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
+            "calibrate_fixed": opts.calibrate_fixed,
             "calibration_data": f"{opts.data} (training split)"}
 
 

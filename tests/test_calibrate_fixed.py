@@ -1,0 +1,147 @@
+"""Integer-domain FTBC: only kept layers change, the result validates, deterministic,
+held-out error never increases, emulator == reference on the result, bias range respected."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import toolchain.calibrate_fixed as cf
+from exporters.quantize import quantize, validate
+from hw_targets import get_target
+from sims.emulator import emulate, plan_graph
+from sims.reference import encode_input, reference_run
+from tests.ann_builders import train_digits_cnn
+from toolchain.calibrate import calibrate, split_calibration
+from toolchain.calibrate_fixed import calibrate_fixed, float_thresholds
+from toolchain.convert import convert
+from toolchain.errors import InputError
+from toolchain.ir import evolve, graphs_equal
+from toolchain.normalize import normalize
+
+torch.set_num_threads(1)
+TARGET = get_target("loihi2")
+KW = dict(alpha=0.5, batches=2, batch_size=64, iterations=2, holdout=0.25, seed=1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(ann, x_calib, x_check, {T: (converted snn, quantized uncalibrated graph)})."""
+    ann, data = train_digits_cnn()
+    order = np.random.default_rng(0).permutation(len(data.x_train))
+    x_calib, x_check = data.x_train[order[:300]], data.x_train[order[300:600]]
+    graphs = {}
+    for steps in (2, 3):
+        snn = convert(ann, x_calib, timesteps=steps)
+        none, _ = calibrate(snn, ann, x_calib, method="none")
+        graphs[steps] = snn, quantize(normalize(none), TARGET)
+    return ann, x_calib, x_check, graphs
+
+
+def _fixed(setup, steps=2, **kw):
+    ann, x_calib, _, graphs = setup
+    snn, q = graphs[steps]
+    return q, calibrate_fixed(q, ann, x_calib, thresholds=float_thresholds(snn),
+                              target=TARGET, **{**KW, **kw})
+
+
+def test_only_kept_layers_change_and_result_validates(setup):
+    q, (new, report) = _fixed(setup)
+    assert validate(q, TARGET) == [] and validate(new, TARGET) == []
+    assert report["violations"] == []
+    assert set(report["layers"]) == {l.name for l in q.layers if not l.readout}
+    for old, layer in zip(q.layers, new.layers):
+        entry = report["layers"].get(layer.name)
+        changed = not np.array_equal(old.bias_mant, layer.bias_mant)
+        if entry is None or not entry["kept"] or report["holdout"]["reverted"]:
+            assert not changed, layer.name
+        assert entry is None or entry["kept"] == (
+            entry["holdout_error_after"] < entry["holdout_error_before"])
+        # everything but the bias mantissas is untouched
+        assert graphs_equal(evolve(layer, bias_mant=old.bias_mant), old)
+        assert layer.bias_mant.dtype == np.int64
+    assert any(e["kept"] and e["changed"] for e in report["layers"].values())
+    assert new.meta["fixed_calibration"]["method"] == "ftbc-fixed"
+
+
+def test_deterministic(setup):
+    _, (a, rep_a) = _fixed(setup)
+    _, (b, rep_b) = _fixed(setup)
+    assert graphs_equal(a, b)
+    rep_a.pop("seconds"), rep_b.pop("seconds")
+    assert rep_a == rep_b
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_holdout_error_does_not_increase(setup, steps):
+    """The network-output error on the held-out split (the selection criterion) of the result
+    is at most that of the input graph."""
+    ann, x_calib, _, graphs = setup
+    q, (new, report) = _fixed(setup, steps)
+    _, hold = split_calibration(x_calib, KW["holdout"], KW["batches"], KW["batch_size"],
+                                KW["seed"])
+    batch = cf._make_batch(q, ann, hold, float_thresholds(graphs[steps][0]))
+
+    def error(g):
+        plans = plan_graph(g)
+        return cf._holdout_error(g, plans, 0, plans[0], batch)
+
+    assert error(new) <= error(q)
+    kept = [e for e in report["layers"].values() if e["kept"]]
+    if kept and not report["holdout"]["reverted"]:
+        assert error(new) == pytest.approx(kept[-1]["holdout_error_after"], rel=1e-12)
+
+
+def test_emulator_equals_reference_on_result(setup):
+    _, x_calib, x_check, _ = setup
+    _, (new, _) = _fixed(setup)
+    x = x_check[:4]
+    emu = emulate(new, x, record=True)
+    for i in range(len(x)):
+        ref = reference_run(new, encode_input(new.input, x[i:i + 1])[0])
+        for layer in new.layers:
+            got = emu.readout_trace[i] if layer.readout else emu.spikes[layer.name][:, i]
+            np.testing.assert_array_equal(got, ref[layer.name])
+
+
+def test_mantissas_clip_to_13_bits_and_are_reported(setup):
+    """A huge alpha drives updates past the 13-bit range: clipped, counted, still valid."""
+    q, (new, report) = _fixed(setup, alpha=1e4, holdout=0.0)
+    assert sum(e["clamped"] for e in report["layers"].values()) > 0
+    assert validate(new, TARGET) == []
+    for layer in new.layers:
+        assert layer.bias_mant.min() >= TARGET.bias_mant_min
+        assert layer.bias_mant.max() <= TARGET.bias_mant_max
+    assert graphs_equal(new.readout, q.readout)
+
+
+def test_fixed_ftbc_step_matches_float_update():
+    """One step, one channel, hand-computed: rate 0 against target 0.75, vth 1000,
+    bias_exp 2, alpha 0.5 -> mantissa += rint(0.5 * 0.75 * 1000 / 4) = 94."""
+    from toolchain.ir import QLayer, QSynapse, frozen_array
+    layer = QLayer(name="l", shape=(1,), synapses=(QSynapse("input", "dense",
+                                                            frozen_array([[0]], np.int32)),),
+                   vth=frozen_array([1000], np.int64), bias_mant=frozen_array([[0]], np.int64),
+                   bias_exp=2, v_init=frozen_array([0], np.int64), delay=1,
+                   scale=frozen_array([1000.0]))
+    lp = cf.plan_layer(layer, {"input": (1,)})
+    mant = torch.zeros((1, 1), dtype=torch.float64)
+    drive = torch.zeros((4, 1), dtype=lp.dtype)
+    cf._ftbc_pass(lp, layer, drive, torch.tensor([0.75], dtype=torch.float64), mant, 0.5,
+                  (-4096.0, 4095.0))
+    assert mant.item() == 94
+
+
+def test_bad_arguments_are_input_errors(setup):
+    ann, x_calib, _, graphs = setup
+    snn, q = graphs[2]
+    with pytest.raises(InputError, match="thresholds"):
+        calibrate_fixed(q, ann, x_calib, thresholds={}, target=TARGET)
+    with pytest.raises(InputError, match="target"):
+        calibrate_fixed(q, ann, x_calib, thresholds=float_thresholds(snn),
+                        target=get_target("float"))
+    with pytest.raises(InputError, match="alpha"):
+        calibrate_fixed(q, ann, x_calib, thresholds=float_thresholds(snn), target=TARGET,
+                        alpha=0)
+    with pytest.raises(InputError, match="normalisation"):
+        float_thresholds(normalize(snn))
