@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from toolchain.errors import FtbcError, InputError
@@ -16,6 +22,7 @@ EXIT_CODES = """exit codes:
   2  unsupported model or bad input (file, data, options)
   3  hardware limit exceeded (every violation is listed)
   4  verification mismatch: Lava differs from the bit-exact emulator
+  130/143  interrupted by SIGINT/SIGTERM (previous outputs in --out left intact)
 """
 
 DESCRIPTION = """Convert a trained PyTorch ANN (ReLU-like activations) into a spiking network of
@@ -23,7 +30,9 @@ integrate-and-fire neurons, calibrate it with FTBC (forward temporal bias correc
 normalise thresholds to 1, quantize it for Loihi 2, export it as a lava-dl netx HDF5 file
 with time-indexed bias schedules, and prove it in Lava's bit-accurate CPU simulation.
 
-Outputs in --out: report.json, accuracy.png, network.net (quantized targets)."""
+Outputs in --out: report.json, accuracy.png, network.net (quantized targets). They are
+written to a staging folder inside --out and moved into place only when the whole run
+succeeded: a failed or interrupted run leaves the previous outputs as they were."""
 
 EPILOG = """model formats: TorchScript (torch.jit.save), torch.export programs (.pt2),
 state_dict files with --arch; pickled whole modules only with --trust-pickle.
@@ -44,11 +53,14 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive(kind: type):
+def _positive(kind: type, zero: bool = False):
+    """A finite number > 0 (>= 0 with ``zero``); NaN and Inf are refused."""
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        finite = kind is int or math.isfinite(value)  # ints are finite (and may be huge)
+        if not finite or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>= 0' if zero else '> 0'} and finite, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -99,13 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout", type=_fraction, default=0.2,
                    help="fraction of the calibration samples held out to decide which "
                         "corrections to keep (default 0.2)")
+    g.add_argument("--calibrate-fixed", action=argparse.BooleanOptionalAction, default=True,
+                   help="after quantization, run FTBC again on the integer network with the "
+                        "bit-exact emulator (integer bias mantissas; same alpha, batches, "
+                        "iterations and holdout rule) so quantization error is corrected too "
+                        "(default on)")
     g = p.add_argument_group("evaluation and verification")
     g.add_argument("--eval-samples", type=_positive(int),
                    help="evaluate on the first N test samples (default: all)")
-    g.add_argument("--verify-samples", type=int, default=100,
+    g.add_argument("--verify-samples", type=_positive(int, zero=True), default=100,
                    help="samples run in Lava and compared spike for spike (default 100; "
                         "0 skips)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--seed", type=_positive(int, zero=True), default=0,
+                   help="random seed, >= 0 (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -125,7 +143,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         raise InputError(f"model file {args.model} not found")
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"--arch-kwargs is not valid JSON: {exc}") from None
     if not isinstance(arch_kwargs, dict):
         raise InputError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 32}'")
@@ -136,9 +154,72 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         percentile=args.percentile, v_init=args.v_init, input_shift=args.input_shift,
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
-        holdout=args.holdout, eval_samples=args.eval_samples,
+        holdout=args.holdout, calibrate_fixed=args.calibrate_fixed,
+        eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed, progress=not args.no_progress,
         command_line=shlex.join(["ftbc-export", *argv]))
+
+
+STAGING_PREFIX = ".ftbc-staging-"
+# Errors of the output file system: a one-line "cannot write" error (exit 2), not a bug.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                   errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP,
+                   errno.EFBIG}
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging folders left by runs that were killed hard (SIGKILL, power loss)."""
+    for folder in out.glob(STAGING_PREFIX + "*"):
+        try:
+            os.kill(int(folder.name[len(STAGING_PREFIX):].split("-")[0]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # pid alive, owned by someone else
+            pass
+
+
+def prepare_output(out: Path) -> tuple[Path, list[Path]]:
+    """Create ``out`` if needed and a private staging folder inside it (same file system,
+    so that finished outputs are moved into place by ``os.replace``). Returns (staging,
+    the folders created here, deepest first). One-line ``InputError`` naming the path
+    otherwise."""
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"output path {out} exists and is not a directory; "
+                         "choose another --out") from None
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {out}: "
+                         f"{exc.strerror or exc}; choose another --out") from None
+    _remove_stale_staging(out)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+    except OSError as exc:
+        raise InputError(f"output directory {out} is not writable: "
+                         f"{exc.strerror or exc}; choose another --out") from None
+    return staging, created
+
+
+def commit_outputs(staging: Path, out: Path) -> list[str]:
+    """Move every finished output from ``staging`` into ``out`` (each by one rename, with
+    SIGINT/SIGTERM held back so a kill cannot land between two files)."""
+    names = sorted(p.name for p in staging.iterdir())
+    clash = [n for n in names if (out / n).exists()
+             and (out / n).is_dir() != (staging / n).is_dir()]
+    if clash:  # checked before anything moves: all outputs or none
+        raise InputError(f"cannot write outputs: {out / clash[0]} exists and is "
+                         f"{'a' if (out / clash[0]).is_dir() else 'not a'} directory")
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for name in names:
+            target = out / name
+            if (staging / name).is_dir() and target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # an output folder of a previous run
+            os.replace(staging / name, target)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return names
 
 
 def _run(options) -> int:
@@ -149,10 +230,20 @@ def _run(options) -> int:
     def announce(index: int, name: str) -> None:
         print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
 
-    run = run_pipeline(options, on_stage=announce if options.progress else None)
-    report = build_report(run)
+    out = options.out_dir
+    staging, created = prepare_output(out)
+    try:
+        run = run_pipeline(replace(options, out=staging),
+                           on_stage=announce if options.progress else None)
+        commit_outputs(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # a failed first run leaves no empty folders behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    report = build_report(replace(run, options=options))
     print("\n".join(summary_lines(report)))
-    print(f"outputs in {options.out_dir}/")
+    print(f"outputs in {out}/")
     lava = report.get("lava")
     if lava and (lava["spike_mismatches"] or lava["readout_mismatches"]):
         raise VerificationError(f"Lava differs from the emulator: first mismatch "
@@ -160,8 +251,20 @@ def _run(options) -> int:
     return 0
 
 
-def _terminate(signum, frame):  # SIGTERM -> the same clean unwinding as Ctrl-C
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (staging folder removed, previous outputs kept)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _storage_error(exc: OSError, out: Path | None) -> str | None:
+    """A one-line message for an output file-system failure (full, read-only, ...)."""
+    if exc.errno not in _STORAGE_ERRNOS:
+        return None
+    where = exc.filename or out
+    return f"cannot write outputs ({where}): {exc.strerror or exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,19 +274,35 @@ def main(argv: list[str] | None = None) -> int:
         print(list_targets())
         return 0
     signal.signal(signal.SIGTERM, _terminate)
+    options = None
     try:
-        return _run(options_from_args(args, argv))
+        options = options_from_args(args, argv)
+        return _run(options)
     except FtbcError as exc:
         print(f"ftbc-export: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("ftbc-export: interrupted; previous outputs left intact", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    except MemoryError:
+        print("ftbc-export: error: out of memory; lower --calib-batch-size, --eval-samples "
+              "or --timesteps", file=sys.stderr)
+        return InputError.exit_code
+    except OSError as exc:
+        message = _storage_error(exc, options.out_dir if options else None)
+        if message is None:
+            return _internal_error(exc)
+        print(f"ftbc-export: error: {message}", file=sys.stderr)
+        return InputError.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence, exit code 1
-        print(f"ftbc-export: internal error: {type(exc).__name__}: {exc}\n"
-              f"This is a bug in ftbc; please report it with the command line.",
-              file=sys.stderr)
-        return 1
+        return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> int:
+    print(f"ftbc-export: internal error: {type(exc).__name__}: {exc}\n"
+          f"This is a bug in ftbc; please report it with the command line.",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

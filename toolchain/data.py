@@ -14,6 +14,7 @@ Every problem is a one-line ``InputError`` naming the file and what is wrong wit
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,6 +62,8 @@ def _checked(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.n
         raise InputError(f"{where}: x must be a float array, got dtype {x.dtype}")
     if x.ndim < 2 or len(x) == 0:
         raise InputError(f"{where}: x must be (N, ...) with N > 0, got shape {x.shape}")
+    if y.ndim != 1:
+        raise InputError(f"{where}: labels y must be 1-D, got shape {y.shape}")
     if len(x) != len(y):
         raise InputError(f"{where}: x has {len(x)} samples but y has {len(y)} labels")
     if not np.all(np.isfinite(x)):
@@ -78,7 +81,8 @@ def _read_npz(path: Path, keys: tuple[str, ...] = ("x", "y")) -> dict[str, np.nd
             if missing:
                 raise InputError(f"{path}: missing array(s) {missing}; found {sorted(npz.files)}")
             return {k: npz[k] for k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
+            zlib.error) as err:  # NotImplementedError: unknown zip version/compression
         raise InputError(f"{path}: not a readable .npz file ({err})") from None
 
 
@@ -156,3 +160,12 @@ def check_input_shape(split: DataSplit, shape: tuple[int, ...]) -> None:
     if got != tuple(shape):
         raise InputError(f"data {split.name} has samples of shape {got} but the model expects "
                          f"input shape {tuple(shape)}")
+
+
+def check_labels(split: DataSplit, classes: int) -> None:
+    """Raise ``InputError`` when a label is not a class index of a model with ``classes``
+    outputs (labels are already checked to be integers >= 0)."""
+    for part, y in (("train", split.y_train), ("test", split.y_test)):
+        if y.size and int(y.max()) >= classes:
+            raise InputError(f"data {split.name} {part} labels go up to {int(y.max())} but the "
+                             f"model has {classes} outputs (labels must be 0..{classes - 1})")

@@ -8,6 +8,9 @@ Formats (detected from the zip layout, never by unpickling)::
                  ``torch.load(weights_only=True)`` allows   -> weights_only load + ``arch`` class
     pickled module (torch.save(model))  */data.pkl naming other classes -> refused unless
                  ``trust_pickle`` (unpickling imports and runs code named by the file)
+    ONNX         (torch.onnx.export, ...) a ``.onnx`` file, or any non-zip file starting with
+                 the ModelProto ``ir_version`` tag -> ``onnx.load`` + ``onnx.checker`` (protobuf
+                 only: nothing is run)
 
 ``pickle_globals`` lists the globals a pickle would import by walking its opcodes with
 ``pickletools.genops`` (nothing is executed). torch.export archives can hold pickles too
@@ -21,6 +24,7 @@ import _compat_pickle
 import importlib
 import io
 import json
+import logging
 import pickletools
 import zipfile
 import zlib
@@ -32,17 +36,18 @@ import torch
 
 from toolchain.errors import InputError
 
-KINDS = ("torchscript", "export", "module")
+KINDS = ("torchscript", "export", "module", "onnx")
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
                "BINSTRING", "STRING"}
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+_ONNX_TAG = b"\x08"  # protobuf field 1 (ModelProto.ir_version, varint): every ONNX file's start
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """A loaded model in eval mode: ``obj`` is a ``torch.jit.ScriptModule`` (kind
-    "torchscript"), a ``torch.export.ExportedProgram`` ("export") or an ``nn.Module``
-    ("module")."""
+    "torchscript"), a ``torch.export.ExportedProgram`` ("export"), an ``nn.Module``
+    ("module") or an ``onnx.ModelProto`` ("onnx")."""
     kind: str
     obj: Any
     path: Path
@@ -113,7 +118,7 @@ def _open_archive(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
         bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+    except _ZIP_ERRORS as err:
         if head.startswith(b"PK"):
             raise InputError(f"{path}: corrupt or truncated model archive ({err})") from None
         if head.startswith(b"\x80"):
@@ -143,18 +148,52 @@ def _export_pickles(archive: zipfile.ZipFile, members: dict[str, str]) -> list[s
     return [m for m in names if m in members]
 
 
+# What a damaged archive makes zipfile/json raise (NotImplementedError: unknown zip version
+# or compression; UnicodeDecodeError: json of non-UTF bytes; KeyError/TypeError/
+# AttributeError: a config of the wrong shape).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
+               NotImplementedError)
+_LAYOUT_ERRORS = _ZIP_ERRORS + (KeyError, TypeError, AttributeError)
+
+
 def inspect_archive(path: Path) -> ArchiveInfo:
     """Classify a model file by its zip layout and scan its pickles (nothing is run)."""
     with _open_archive(path) as archive:
-        members = _members(archive)
-        if "constants.pkl" in members or any(m.startswith("code/") for m in members):
-            return ArchiveInfo("torchscript", ())
-        if "archive_format" in members or any(m.startswith("models/") for m in members):
-            unsafe = [g for m in _export_pickles(archive, members)
-                      for g in _unsafe_torch_save(archive.read(members[m]), f"{path}:{m}")]
-            return ArchiveInfo("export", tuple(sorted(set(unsafe))))
-        if "data.pkl" in members:
-            return ArchiveInfo("pickle", _unsafe(archive.read(members["data.pkl"]), str(path)))
+        try:
+            return _classify(path, archive)
+        except InputError:
+            raise
+        except _LAYOUT_ERRORS as err:  # json.JSONDecodeError, UnicodeDecodeError: ValueError
+            raise InputError(f"{path}: corrupt model archive ({type(err).__name__}: "
+                             f"{_first_line(err)})") from None
+
+
+def _check_one_folder(path: Path, archive: zipfile.ZipFile) -> None:
+    """A torch.export archive keeps every member in one top folder. Refuse anything else:
+    when its reader fails, ``torch.export.load`` falls back to the pre-2.8 layout (top-level
+    ``version``, ``serialized_state_dict.pt``, ...), whose loader retries ``torch.load`` with
+    ``weights_only=False``, i.e. runs code from the file; those members are outside the
+    folder this module scans."""
+    names = archive.namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) != 1 or any("/" not in n for n in names):
+        raise InputError(f"{path}: torch.export archive with members outside its top folder "
+                         "(an old or hand-made layout whose loader can run code from the "
+                         "file): refused; re-save it with torch.export.save")
+
+
+def _classify(path: Path, archive: zipfile.ZipFile) -> ArchiveInfo:
+    """``inspect_archive`` on an opened, CRC-checked archive."""
+    members = _members(archive)
+    if "constants.pkl" in members or any(m.startswith("code/") for m in members):
+        return ArchiveInfo("torchscript", ())
+    if "archive_format" in members or any(m.startswith("models/") for m in members):
+        _check_one_folder(path, archive)
+        unsafe = [g for m in _export_pickles(archive, members)
+                  for g in _unsafe_torch_save(archive.read(members[m]), f"{path}:{m}")]
+        return ArchiveInfo("export", tuple(sorted(set(unsafe))))
+    if "data.pkl" in members:
+        return ArchiveInfo("pickle", _unsafe(archive.read(members["data.pkl"]), str(path)))
     raise InputError(f"{path}: zip archive without a PyTorch layout (no data.pkl, code/ or "
                      "archive_format): not a model file")
 
@@ -168,6 +207,23 @@ def _refuse_pickle(path: Path, unsafe: tuple[str, ...]) -> InputError:
         "code from the file, so it was not opened; pass --trust-pickle only if you trust its "
         "source, or save the model as TorchScript (torch.jit.save) or as a state_dict with "
         "--arch")
+
+
+class _quiet_loggers:
+    """Silence loggers for a block (torch.export logs whole tracebacks for a corrupt file;
+    the one-line InputError says it all)."""
+
+    def __init__(self, *names: str):
+        self.loggers = [logging.getLogger(n) for n in names]
+
+    def __enter__(self) -> None:
+        self.saved = [lg.disabled for lg in self.loggers]
+        for lg in self.loggers:
+            lg.disabled = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for lg, was in zip(self.loggers, self.saved):
+            lg.disabled = was
 
 
 def _first_line(err: BaseException) -> str:
@@ -256,7 +312,8 @@ def _load_torchscript(path: Path, info: ArchiveInfo, **_: Any) -> LoadedModel:
 def _load_export(path: Path, info: ArchiveInfo, trust_pickle: bool, **_: Any) -> LoadedModel:
     if info.unsafe_globals and not trust_pickle:
         raise _refuse_pickle(path, info.unsafe_globals)
-    program = _guarded(path, "torch.export archive", lambda: torch.export.load(str(path)))
+    with _quiet_loggers("torch.export", "torch._export"):  # they log tracebacks on bad files
+        program = _guarded(path, "torch.export archive", lambda: torch.export.load(str(path)))
     return LoadedModel("export", program, path)
 
 
@@ -272,17 +329,39 @@ def _load_pickle(path: Path, info: ArchiveInfo, trust_pickle: bool, arch: str | 
     return LoadedModel("module", obj.eval(), path)
 
 
+def is_onnx(path: Path) -> bool:
+    """A ``.onnx`` file, or one that starts like a serialized ONNX ModelProto."""
+    with open(path, "rb") as f:
+        return path.suffix.lower() == ".onnx" or f.read(1) == _ONNX_TAG
+
+
+def load_onnx(path: Path) -> LoadedModel:
+    """Parse and check an ONNX model (with its external data, if any)."""
+    import onnx  # only ONNX inputs need it
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # protobuf's DecodeError, missing external data, ...
+        raise InputError(f"{path}: corrupt or truncated ONNX file ({_first_line(err)})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:  # ValidationError, or the checker's own failures
+        raise InputError(f"{path}: corrupt or invalid ONNX model ({_first_line(err)})") from None
+    return LoadedModel("onnx", model, path)
+
+
 LOADERS: dict[str, Callable[..., LoadedModel]] = {
     "torchscript": _load_torchscript, "export": _load_export, "pickle": _load_pickle}
 
 
 def load_model(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
                trust_pickle: bool = False) -> LoadedModel:
-    """Load ``path`` (TorchScript, torch.export, state_dict + ``arch``, or, with
+    """Load ``path`` (TorchScript, torch.export, state_dict + ``arch``, ONNX, or, with
     ``trust_pickle``, a pickled nn.Module). Raises a one-line ``InputError`` on any problem."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file {path} not found")
+    if is_onnx(path):
+        return load_onnx(path)
     info = inspect_archive(path)
     return LOADERS[info.kind](path, info, trust_pickle=trust_pickle, arch=arch,
                               arch_kwargs=arch_kwargs)

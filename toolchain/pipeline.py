@@ -108,11 +108,12 @@ def load(run: Run) -> Run:
 
 def trace(run: Run) -> Run:
     from toolchain.ann import ann_accuracy
-    from toolchain.data import check_input_shape
+    from toolchain.data import check_input_shape, check_labels
     from toolchain.trace import trace as trace_model
     shape = run.options.input_shape or tuple(run.data.x_train.shape[1:])
     check_input_shape(run.data, shape)
     ann = trace_model(run.loaded, shape)
+    check_labels(run.data, int(ann.node(ann.output).weight.shape[0]))
     x, y = _eval_split(run)
     return replace(run, ann=ann).with_results(ann_accuracy=ann_accuracy(ann, x, y))
 

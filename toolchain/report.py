@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,12 +15,14 @@ import numpy as np
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    ``write`` creates the file itself, so it gets the usual umask permissions (mkstemp's
+    would be 0600, unreadable to the rest of a team sharing the outputs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -50,10 +52,19 @@ def build_report(run) -> dict[str, Any]:
         "timesteps": opts.timesteps,
         "eval_samples": len(run.data.x_test) if opts.eval_samples is None
         else min(opts.eval_samples, len(run.data.x_test)),
+        **_conversion(run),
         **run.results,
         "provenance": {**provenance(run), "command_line": opts.command_line},
         "seconds": {k: round(v, 3) for k, v in run.timings.items()},
     })
+
+
+def _conversion(run) -> dict[str, Any]:
+    """The converter's choices, notably ``fallback_channels``: channels silent on all
+    calibration data, which got a fallback threshold instead of 0 (documented handling)."""
+    converted = (run.snn or {}).get("converted")
+    meta = dict(getattr(converted, "meta", None) or {})
+    return {"conversion": meta} if meta else {}
 
 
 def plot_accuracy(report: dict[str, Any], path: Path) -> None:
@@ -110,4 +121,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"Lava vs emulator: {lava['spike_mismatches']} spike and "
                      f"{lava['readout_mismatches']} readout mismatches "
                      f"({lava['seconds']:.1f} s)")
+    if "netlist" in report:
+        lines += ["", *report["netlist"]["summary"]]
     return lines
