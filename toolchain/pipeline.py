@@ -56,6 +56,7 @@ class Run:
     """What the stages have produced so far. Fields stay None until their stage ran."""
     options: Options
     data: Any = None
+    calib: np.ndarray | None = None
     loaded: Any = None
     ann: AnnGraph | None = None
     snn: Mapping[str, SnnGraph] = field(default_factory=dict)
@@ -77,14 +78,14 @@ def _eval_split(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return (x, y) if n is None else (x[:n], y[:n])
 
 
-def _calib_data(run: Run) -> np.ndarray:
-    """Calibration samples: a seeded subset of the TRAINING split only (never evaluation)."""
-    opts = run.options
+def _calib_data(opts: Options, data: Any) -> np.ndarray:
+    """Calibration samples: a seeded subset of the TRAINING split only (never evaluation);
+    the held-out part of FTBC's keep rule comes out of these too."""
     total = opts.calib_batches * opts.calib_batch_size
     need = int(np.ceil(total / (1.0 - opts.holdout))) if opts.holdout < 1 else total
     rng = np.random.default_rng(opts.seed)
-    idx = rng.permutation(len(run.data.x_train))[:need]
-    return run.data.x_train[np.sort(idx)]
+    idx = rng.permutation(len(data.x_train))[:need]
+    return data.x_train[np.sort(idx)]
 
 
 def _timed(name: str, fn: Stage) -> Stage:
@@ -103,7 +104,7 @@ def load(run: Run) -> Run:
     data = load_data(opts.data)
     loaded = load_model(opts.model, arch=opts.arch, arch_kwargs=dict(opts.arch_kwargs),
                         trust_pickle=opts.trust_pickle)
-    return replace(run, data=data, loaded=loaded)
+    return replace(run, data=data, calib=_calib_data(opts, data), loaded=loaded)
 
 
 def trace(run: Run) -> Run:
@@ -123,7 +124,7 @@ def convert(run: Run) -> Run:
     opts = run.options
     extra = {k: v for k, v in (("v_init", opts.v_init), ("input_shift", opts.input_shift))
              if v is not None}
-    snn = convert_ann(run.ann, _calib_data(run), timesteps=opts.timesteps,
+    snn = convert_ann(run.ann, run.calib, timesteps=opts.timesteps,
                       threshold=opts.threshold, percentile=opts.percentile, **extra)
     return replace(run, snn={"converted": snn})
 
@@ -137,7 +138,7 @@ def calibrate(run: Run) -> Run:
     graphs, reports = {}, {}
     for method in CALIBRATION_METHODS:
         graphs[method], reports[method] = calibrate_snn(
-            run.snn["converted"], run.ann, _calib_data(run), method=method, alpha=opts.alpha,
+            run.snn["converted"], run.ann, run.calib, method=method, alpha=opts.alpha,
             batches=opts.calib_batches, batch_size=opts.calib_batch_size,
             iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed)
     return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
@@ -179,7 +180,7 @@ def calibrate_fixed(run: Run) -> Run:
     if run.quant is None or not opts.calibrate_fixed:
         return run
     target = get_target(opts.target)
-    q, rep = calibrate_q(run.quant, run.ann, _calib_data(run),
+    q, rep = calibrate_q(run.quant, run.ann, run.calib,
                          thresholds=float_thresholds(run.snn["converted"]), target=target,
                          alpha=opts.alpha, batches=opts.calib_batches,
                          batch_size=opts.calib_batch_size, iterations=opts.iterations,
