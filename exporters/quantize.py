@@ -177,10 +177,12 @@ def layer_scale(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
 
 def quantize_weight(weight: np.ndarray, scale: np.ndarray, sigma: float,
                     target: Target) -> np.ndarray:
-    """Effective int32 weights ``2 * rint(W[c] * scale[c] / (128 sigma))`` (no clipping)."""
+    """Effective weights ``2 * rint(W[c] * scale[c] / (128 sigma))`` (no clipping): int32,
+    or int64 when a value would not fit int32, so validate() reports the true value."""
     w = np.asarray(weight, dtype=np.float64)
-    mant = np.rint(w * per_row(scale, w.ndim) / (unit_factor(target) * sigma))
-    return (mant * target.weight_step).astype(np.int32)
+    mant = np.rint(w * per_row(scale, w.ndim) / (unit_factor(target) * sigma)) * target.weight_step
+    fits = mant.size == 0 or np.abs(mant).max() <= np.iinfo(np.int32).max
+    return mant.astype(np.int32 if fits else np.int64)
 
 
 def bias_exponent(b_state: np.ndarray, target: Target) -> int:
@@ -205,8 +207,7 @@ def quantize_synapse(syn: Synapse, scale: np.ndarray, sigma: float, target: Targ
                      ) -> QSynapse:
     """Integer synapse with the same geometry, ``weight_exp = 0``."""
     return QSynapse(source=syn.source, kind=syn.kind,
-                    weight=frozen_array(quantize_weight(syn.weight, scale, sigma, target),
-                                        np.int32),
+                    weight=frozen_array(quantize_weight(syn.weight, scale, sigma, target)),
                     weight_exp=0, stride=tuple(syn.stride), padding=tuple(syn.padding),
                     dilation=tuple(syn.dilation), groups=int(syn.groups))
 
