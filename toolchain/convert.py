@@ -34,10 +34,11 @@ Thresholds (per channel, from ``x_calib`` = training data only)
 
     (``shift`` = 1/2 when ``input_shift``): the spike count after T steps of an IF neuron with
     constant input a, v0 = v_init * theta and reset by subtraction. So thresholds depend on T.
-    Clipped ReLUs use their clip for all channels. Fallbacks (recorded in
-    ``meta["fallback_channels"]``): a channel whose activation is 0 on all calibration data
-    gets the layer's largest threshold (1.0 when the whole layer is silent); a channel whose
-    percentile/mse threshold is 0 while its max is not gets its max. Never a threshold of 0.
+    Clipped ReLUs use their clip for all channels. Fallbacks: a channel whose activation is 0
+    on all calibration data gets the layer's largest threshold (1.0 when the whole layer is
+    silent), recorded in ``meta["fallback_channels"]``; a channel whose percentile/mse
+    threshold is 0 while its max is not gets its max (not recorded: its threshold still comes
+    from its own data). Never a threshold of 0.
 
 Encoding
     Constant input: the analog (normalised) sample enters the first synapses at every step.
