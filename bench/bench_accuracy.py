@@ -65,8 +65,10 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],
-                  "fixed": v.get("fixed_accuracy"), "kept": {m: c.get("kept") for m, c in
-                                                             v["calibration"].items()}}
+                  "fixed": v.get("fixed_accuracy"),
+                  "kept": {m: {name: layer.get("kept") for name, layer in
+                               c.get("layers", {}).items()}
+                           for m, c in v["calibration"].items()}}
          for k, v in results.items()}, indent=1))
 
 
