@@ -23,9 +23,7 @@ from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
 from sims.lava_procs.process import PACK_BITS, IFBiasSchedule
-
-STATE_MIN, STATE_MAX = -(1 << 23), (1 << 23) - 1   # 24-bit saturating state
-INPUT_SHIFT = 6                                    # synaptic input enters v << 6
+from sims.reference import INPUT_SHIFT, STATE_MAX, STATE_MIN  # one definition of the arithmetic
 _PACK_WEIGHTS = np.left_shift(np.int64(1), np.arange(PACK_BITS, dtype=np.int64))
 
 
