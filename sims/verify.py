@@ -2,8 +2,8 @@
 
 ``verify`` runs the exported file in Lava (``sims.lava_runner``) and compares, for every
 sample, every spiking layer's train and the readout's accumulated output after every step
-with the emulator (``sims.emulator.emulate``), or with the integer reference
-(``sims.reference.reference_run``) when the emulator is not available. It reports and never
+with the bit-exact emulator (``sims.emulator.emulate``); ``reference_outputs`` gives the
+same from the per-sample integer reference (used by the tests). It reports and never
 raises on a mismatch: the CLI turns mismatches into exit code 4. (A network Lava cannot run
 at all, e.g. a residual skip across depths, still raises ``InputError`` from the runner.)
 """
@@ -22,7 +22,7 @@ def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = N
            emulator_result: Any = None) -> dict[str, Any]:
     """Run ``x`` (N, *input_shape) float samples in Lava from ``net_path`` and compare with
     ``emulator_result`` (an object with ``spikes`` and ``readout`` like ``EmuResult``) or a
-    fresh emulator/reference run of ``q``.
+    fresh emulator run of ``q``.
 
     Returns ``{"samples", "accuracy" (Lava's final-step accuracy in percent, as the
     emulator reports it; None without y),
@@ -31,7 +31,7 @@ def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = N
     x_int = encode_input(q.input, x)
     lava = run_lava(net_path, x_int)
     if emulator_result is None:
-        spikes, readout, source = expected_outputs(q, x, x_int)
+        spikes, readout, source = expected_outputs(q, x)
     else:
         spikes, readout, source = emulator_result.spikes, emulator_result.readout, "given"
     spike_count, readout_count, first = _compare(q, lava, spikes, readout)
@@ -44,14 +44,10 @@ def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = N
             "seconds": lava.seconds, "expected_from": source, "first_mismatch": first}
 
 
-def expected_outputs(q: QuantGraph, x: np.ndarray, x_int: np.ndarray
+def expected_outputs(q: QuantGraph, x: np.ndarray
                      ) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
-    """(spikes layer -> (T, N, n), readout (T, N, K), source name) from the emulator if the
-    project has one, else from the per-sample integer reference."""
-    try:
-        from sims.emulator import emulate
-    except ImportError:
-        return (*reference_outputs(q, x_int), "reference")
+    """(spikes layer -> (T, N, n), readout (T, N, K), source name) from the emulator."""
+    from sims.emulator import emulate
     result = emulate(q, x, record=True)
     return result.spikes, result.readout, "emulator"
 
