@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sims.progress import progress_bar
 from sims.reference import INPUT_SHIFT, STATE_MAX, STATE_MIN, encode_input
 from toolchain.errors import InputError
 from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
@@ -442,7 +442,7 @@ def emulate(q: QuantGraph, x: np.ndarray, y: np.ndarray | None = None, *,
     spikes = ({lp.name: np.zeros((steps, n, lp.n), np.uint8) for lp in plans if not lp.readout}
               if record else None)
     readout = np.zeros((steps, n, plans[-1].n), dtype=np.int64)
-    with exact_float_math(), progress_bar(n, progress) as bar, torch.no_grad():
+    with exact_float_math(), progress_bar(n, "emulate", progress) as bar, torch.no_grad():
         for start in range(0, n, batch_size):
             x_int = encode_input(q.input, x[start:start + batch_size], PAYLOAD_BITS)
             readout[:, start:start + len(x_int)] = run_batch(plans, x_int, steps, totals,
@@ -464,8 +464,3 @@ def make_result(readout: np.ndarray, y: np.ndarray | None, totals: _Totals,
                      synapse_clamps=dict(totals.clamps), spikes=spikes)
 
 
-def progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr (a no-op context when disabled)."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="sample",
-                desc="emulate", leave=False)

@@ -33,6 +33,7 @@ from typing import Iterable
 import numpy as np
 
 from exporters.netx import PAYLOAD_BITS, read_netx
+from sims.progress import progress_bar
 from toolchain.errors import InputError
 from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
 
@@ -203,9 +204,10 @@ def _run(source, num: int, period: int, progress: bool, select_tag: str) -> None
     if not progress:
         source.run(condition=RunSteps(num_steps=num * period), run_cfg=cfg)
         return
-    from tqdm import tqdm
-    for _ in tqdm(range(num), desc="lava", unit="sample"):
-        source.run(condition=RunSteps(num_steps=period), run_cfg=cfg)
+    with progress_bar(num, "lava", True, leave=True) as bar:
+        for _ in range(num):
+            source.run(condition=RunSteps(num_steps=period), run_cfg=cfg)
+            bar.update(1)
 
 
 def _collect(q: QuantGraph, neurons: dict, num: int) -> tuple[dict[str, np.ndarray],

@@ -19,7 +19,6 @@ so calibration can reuse them on cached upstream spike trains.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sims.progress import progress_bar
 from toolchain.ir import INPUT, InputSpec, NeuronLayer, SnnGraph, Synapse
 
 CHUNK_ELEMENTS = 1 << 23  # values per batched synapse call (bounds temporary memory)
@@ -232,12 +232,6 @@ def run_network(snn: SnnGraph, x: np.ndarray | torch.Tensor, *,
 
 # --------------------------------------------------------------------------- whole data set
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, file=sys.stderr, disable=not enabled, unit="sample",
-                desc="snn", leave=False)
-
-
 def simulate(snn: SnnGraph, x: np.ndarray, y: np.ndarray | None = None, *,
              batch_size: int = 256, record_spikes: bool = False,
              dtype: torch.dtype = torch.float32, progress: bool = False) -> SimResult:
@@ -246,7 +240,7 @@ def simulate(snn: SnnGraph, x: np.ndarray, y: np.ndarray | None = None, *,
     Returns predictions after each step, accuracy per step (with ``y``), mean spikes per
     sample per layer, and (``record_spikes``) every layer's spike trains as uint8."""
     preds, totals, trains = [], {}, {}
-    with _progress(len(x), progress) as bar:
+    with progress_bar(len(x), "snn", progress) as bar:
         for start in range(0, len(x), batch_size):
             run = run_network(snn, x[start:start + batch_size], dtype=dtype,
                               keep_spikes=record_spikes)

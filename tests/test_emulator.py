@@ -142,3 +142,21 @@ def test_bad_input_shape():
     q = random_qgraph(0)
     with pytest.raises(InputError):
         emulate(q, np.zeros((2, 99)))
+
+
+def test_half_built_progress_bar_is_finalised_quietly():
+    """A signal landing inside tqdm's constructor leaves a bar without its attributes; its
+    finaliser must not print 'Exception ignored' noise after the interrupted message."""
+    import gc
+    import sys
+    from sims.progress import _Bar
+    seen = []
+    old, sys.unraisablehook = sys.unraisablehook, seen.append
+    try:
+        bar = _Bar.__new__(_Bar)
+        bar.disable = False  # tqdm.__init__ sets this a few lines before ``pos``
+        del bar
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert seen == []

@@ -16,7 +16,7 @@ from hw_targets.loihi2_resources import LOIHI2, CoreLimits
 from sims.activity import measure_activity
 from sims.emulator import emulate
 from tests import lava_builders as lb
-from tests.qgraph_builders import mnist_like_snn, random_inputs, random_qgraph
+from tests.qgraph_builders import mnist_like_snn, random_qgraph
 from toolchain.errors import InputError
 from toolchain.ir import INPUT, QSynapse
 

@@ -14,7 +14,7 @@ from tests.models import IMG, LAYER_CASES, WHOLE_MODELS, UnsupportedNet, head, r
 from toolchain.ann import ann_forward
 from toolchain.data import load_data
 from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (AddNode, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputNode, LinearNode,
+from toolchain.ir import (AddNode, AnnGraph, AvgPoolNode, InputNode, LinearNode,
                           ReluNode)
 from toolchain.load import LoadedModel, load_model
 from toolchain.trace import trace

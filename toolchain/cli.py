@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import math
 import os
@@ -282,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftbc-export: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print("ftbc-export: interrupted; previous outputs left intact", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        interrupted = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except MemoryError:
         print("ftbc-export: error: out of memory; lower --calib-batch-size, --eval-samples "
               "or --timesteps", file=sys.stderr)
@@ -296,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         return InputError.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence, exit code 1
         return _internal_error(exc)
+    # Interrupted: the unwound frames are released first, so that whatever they held is
+    # finalised before the message and the message stays the last line on stderr.
+    gc.collect()
+    print("ftbc-export: interrupted; previous outputs left intact", file=sys.stderr)
+    return interrupted
 
 
 def _internal_error(exc: BaseException) -> int:

@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from toolchain.errors import InputError
 from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
 
 

@@ -1,0 +1,25 @@
+"""Progress bars on stderr: one helper for every long loop (simulation, emulation, Lava,
+calibration).
+
+A bar built while a signal is being delivered (Ctrl-C, SIGTERM) may be left half-constructed;
+tqdm's own ``__del__`` then fails on the missing attributes and prints "Exception ignored"
+noise after our one-line "interrupted" message. ``_Bar`` closes only what was built.
+"""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class _Bar(tqdm):
+    def __del__(self):
+        if hasattr(self, "pos") and hasattr(self, "disable"):
+            super().__del__()
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample",
+                 leave: bool = False) -> tqdm:
+    """A tqdm bar on stderr (disabled bars print nothing and cost nothing)."""
+    return _Bar(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit=unit,
+                leave=leave)
