@@ -4,16 +4,19 @@
 ``record=True``) batch by batch and keeps, per neuron, the mean number of spikes per sample
 (summed over the T steps), and for the input the mean number of graded-spike events (non-zero
 payloads of ``sims.reference.encode_input``, sent at every step). The result is the
-``activity`` argument of ``exporters.netlist.build_netlist``.
+``activity`` argument of ``exporters.netlist.build_netlist``. In a data-parallel run
+(``toolchain.distributed``) each rank passes its shard and gets the totals of all ranks.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
 from sims.emulator import PAYLOAD_BITS, emulate
 from sims.reference import encode_input
+from toolchain import distributed
 from toolchain.ir import QuantGraph
 
 
@@ -31,6 +34,10 @@ def measure_activity(q: QuantGraph, x: np.ndarray, *, batch_size: int = 256,
         rec = emulate(q, xb, record=True, batch_size=batch_size).spikes
         for name in spikes:
             spikes[name] += rec[name].sum(axis=(0, 1), dtype=np.int64)
-    n = max(len(x), 1)
-    return {"samples": len(x), "source": source, "input_events": events / n,
+    # Data-parallel runs: every rank measured its shard; counts add up exactly.
+    total = distributed.sum_int(len(x))
+    events = distributed.all_sum(torch.from_numpy(events)).numpy()
+    spikes = {k: distributed.all_sum(torch.from_numpy(v)).numpy() for k, v in spikes.items()}
+    n = max(total, 1)
+    return {"samples": total, "source": source, "input_events": events / n,
             "spikes": {k: v / n for k, v in spikes.items()}}

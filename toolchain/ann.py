@@ -91,10 +91,13 @@ def ann_forward(graph: AnnGraph, x: torch.Tensor | np.ndarray, *, record: bool =
     return (out, values) if record else out
 
 
+def ann_predictions(graph: AnnGraph, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Top-1 class of every sample (N,) int64, batched."""
+    preds = [ann_forward(graph, x[start:start + batch_size]).argmax(1).numpy()
+             for start in range(0, len(x), batch_size)]
+    return np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
+
+
 def ann_accuracy(graph: AnnGraph, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
     """Top-1 accuracy in percent over (x, y), batched."""
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = ann_forward(graph, x[start:start + batch_size])
-        correct += int((logits.argmax(1).numpy() == y[start:start + batch_size]).sum())
-    return 100.0 * correct / max(len(x), 1)
+    return float(100.0 * (ann_predictions(graph, x, batch_size) == y).mean()) if len(x) else 0.0

@@ -47,6 +47,7 @@ from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, initial_mem
                             input_current, last_consumers, layer_currents, layer_output,
                             layer_step, neuron_params, run_layer, run_network,
                             synapse_current)
+from toolchain import distributed
 from toolchain.ann import ann_forward
 from toolchain.errors import InputError
 from toolchain.ir import INPUT, AnnGraph, SnnGraph, evolve
@@ -102,18 +103,21 @@ def split_calibration(x: np.ndarray, holdout: float, batches: int, batch_size: i
     return [p for p in parts if len(p)], hold
 
 
+def local_rows(x: np.ndarray) -> np.ndarray:
+    """This rank's shard of a calibration batch (the whole batch in a single process)."""
+    return x[distributed.shard(len(x))]
+
+
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and positions, per channel: (B, C, ...) -> (C, 1, ...)."""
-    dims = [0] + list(range(2, x.dim()))
-    return x.mean(dim=dims).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
+    """Mean over batch and positions, per channel: (B, C, ...) -> (C, 1, ...) in x's dtype.
+    Accumulated in float64 over the batch shards of every rank (``toolchain.distributed``);
+    for a bool tensor it is the exact fraction of True (spike rate)."""
+    dims = (0,) + tuple(range(2, x.dim()))
+    dtype = DTYPE if x.dtype == torch.bool else x.dtype
+    return distributed.mean(x, dims).to(dtype).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
 
 
-def channel_rate(spikes: torch.Tensor) -> torch.Tensor:
-    """Fraction of True per channel of a bool (B, C, ...) tensor, as (C, 1, ...)."""
-    dims = [0] + list(range(2, spikes.dim()))
-    count = spikes.sum(dim=dims, dtype=DTYPE)
-    return (count / (spikes.numel() // spikes.shape[1])).reshape(
-        (spikes.shape[1],) + (1,) * (spikes.dim() - 2))
+channel_rate = channel_mean  # of a bool spike tensor: the fraction of neurons that fired
 
 
 # --------------------------------------------------------------------------- driver
@@ -137,8 +141,8 @@ def _check(method, alpha, batches, batch_size, iterations, holdout, x) -> None:
 def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations, holdout,
                seed) -> tuple[SnnGraph, dict]:
     parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
-    cal = [_make_batch(snn, ann, p) for p in parts]
-    hold = _make_batch(snn, ann, hold_x) if len(hold_x) else None
+    cal = [_make_batch(snn, ann, local_rows(p)) for p in parts]
+    hold = _make_batch(snn, ann, local_rows(hold_x)) if len(hold_x) else None
     last = last_consumers(snn)
     schedules, layers_report, error = {}, {}, None
     for index, layer in enumerate(snn.layers):
@@ -256,7 +260,8 @@ def _lp_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
              currents: torch.Tensor | None = None) -> None:
     """SNN-Calibration bias correction: one constant shift for all steps, full step
     (``alpha`` is not used, as in SNN-Calibration)."""
-    rate = channel_mean(_spikes(snn, layer, p, b, currents).to(DTYPE).mean(0))
+    spikes = _spikes(snn, layer, p, b, currents)
+    rate = channel_rate(spikes.reshape((-1,) + tuple(spikes.shape[2:])))  # over steps too
     p.schedule.add_(channel_mean(b.targets[layer.name]) - p.theta * rate)
 
 
@@ -269,7 +274,7 @@ def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch) -> float:
     total = 0.0
     for t in range(snn.timesteps):
         cum += spikes[t]
-        total += float(((target - p.theta * cum / (t + 1)) ** 2).mean())
+        total += float(distributed.mean((target - p.theta * cum / (t + 1)) ** 2))
     return total / snn.timesteps
 
 
@@ -289,7 +294,7 @@ def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch) -> floa
 def running_logit_error(readout: torch.Tensor, logits: torch.Tensor) -> float:
     steps = torch.arange(1, readout.shape[0] + 1, dtype=readout.dtype)
     est = readout / steps.reshape((-1,) + (1,) * (readout.dim() - 1))
-    return float(((est - logits[None]) ** 2).mean())
+    return float(distributed.mean((est - logits[None]) ** 2))
 
 
 SELECTION_ERRORS = {"layer": layer_error, "readout": readout_error}
@@ -300,7 +305,7 @@ SELECTION = "readout"
 
 def agreement(readout: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
     """(T,) fraction of samples whose SNN argmax after step t equals the ANN's."""
-    return (readout.argmax(-1) == logits.argmax(-1)[None]).to(torch.float64).mean(1).numpy()
+    return distributed.mean(readout.argmax(-1) == logits.argmax(-1)[None], (1,)).numpy()
 
 
 def _guard(old: SnnGraph, new: SnnGraph, hold: _Batch | None) -> dict:

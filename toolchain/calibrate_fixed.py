@@ -53,7 +53,8 @@ from sims.emulator import (PAYLOAD_BITS, SHIFT, LayerPlan, clamp_state, exact_fl
 from sims.reference import encode_input
 from sims.torch_snn import last_consumers
 from toolchain.ann import ann_forward
-from toolchain.calibrate import (_check as check_hyperparameters, agreement,
+from toolchain import distributed
+from toolchain.calibrate import (_check as check_hyperparameters, agreement, local_rows,
                                  running_logit_error, split_calibration)
 from toolchain.errors import InputError
 from toolchain.ir import INPUT, AnnGraph, QuantGraph, SnnGraph, evolve
@@ -133,8 +134,8 @@ def _check_graph(q: QuantGraph, thresholds: Mapping[str, np.ndarray], target: Ta
 def _calibrate(q, ann, x_calib, thresholds, target, alpha, batches, batch_size, iterations,
                holdout, seed) -> tuple[QuantGraph, dict]:
     parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
-    cal = [_make_batch(q, ann, p, thresholds) for p in parts]
-    hold = _make_batch(q, ann, hold_x, thresholds) if len(hold_x) else None
+    cal = [_make_batch(q, ann, local_rows(p), thresholds) for p in parts]
+    hold = _make_batch(q, ann, local_rows(hold_x), thresholds) if len(hold_x) else None
     layers, plans = list(q.layers), list(plan_graph(q))
     last, shapes = last_consumers(q), _shapes(q)
     layers_report, error = {}, None
@@ -174,7 +175,7 @@ def _make_batch(q: QuantGraph, ann: AnnGraph, x: np.ndarray,
             a = values[layer.name].to(torch.float64).reshape(len(x), layer.shape[0], -1)
             theta = torch.from_numpy(np.array(thresholds[layer.name], np.float64))
             rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
-            targets[layer.name] = rate.mean(dim=(0, 2))
+            targets[layer.name] = distributed.mean(rate, (0, 2))
     x_int = encode_input(q.input, x, PAYLOAD_BITS)
     return _Batch(torch.from_numpy(x_int.astype(np.float32)), targets, logits, {})
 
@@ -271,9 +272,7 @@ def _add_bias(v: torch.Tensor, mant_t: torch.Tensor, unit: float, lp: LayerPlan
 
 def _channel_rate(spikes: torch.Tensor, channels: int) -> torch.Tensor:
     """(C,) float64 fraction of ones per channel of a 0/1 (B, n) tensor (exact counts)."""
-    per = spikes.view(spikes.shape[0], channels, -1)
-    counts = per.sum(dim=2).to(torch.float64).sum(dim=0)
-    return counts / (per.shape[0] * per.shape[2])
+    return distributed.mean(spikes.view(spikes.shape[0], channels, -1), (0, 2))
 
 
 # --------------------------------------------------------------------------- forwards

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from toolchain import distributed
+from toolchain.distributed import DEFAULT_TIMEOUT_S
 from toolchain.errors import FtbcError, InputError
 
 EXIT_CODES = """exit codes:
@@ -23,6 +25,8 @@ EXIT_CODES = """exit codes:
   2  unsupported model or bad input (file, data, options)
   3  hardware limit exceeded (every violation is listed)
   4  verification mismatch: Lava differs from the bit-exact emulator
+  5  data-parallel run (torchrun) failed: another rank failed, was killed or cannot be
+     reached (torchrun names the rank that failed first)
   130/143  interrupted by SIGINT/SIGTERM (previous outputs in --out left intact)
 """
 
@@ -40,6 +44,11 @@ state_dict files with --arch; pickled whole modules only with --trust-pickle.
 data: digits (built in, scikit-learn's 8x8 digits, seeded 80/20 split) | mnist:DIR
 (DIR/mnist_{train,test}.npz, uint8 x, y) | npz:TRAIN.npz,TEST.npz (float x as the model
 expects it, integer y). Calibration uses the training split only.
+
+data-parallel: torchrun --nproc-per-node N [--nnodes M ...] -m toolchain.cli MODEL ...
+shards threshold statistics, FTBC calibration and evaluation over the ranks (gloo);
+rank 0 alone writes the outputs and runs the Lava verification. Results equal a
+single-process run (see README, "Data-parallel runs").
 
 """ + EXIT_CODES
 
@@ -126,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_positive(int, zero=True), default=0,
                    help="random seed, >= 0 (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--dist-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a "
+                        f"collective before it gives up (exit 5; default {DEFAULT_TIMEOUT_S:g})")
     return p
 
 
@@ -157,7 +170,8 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
         holdout=args.holdout, calibrate_fixed=args.calibrate_fixed,
         eval_samples=args.eval_samples,
-        verify_samples=args.verify_samples, seed=args.seed, progress=not args.no_progress,
+        verify_samples=args.verify_samples, seed=args.seed,
+        progress=not args.no_progress and distributed.is_main(),
         command_line=shlex.join(["ftbc-export", *argv]))
 
 
@@ -231,6 +245,9 @@ def _run(options) -> int:
     def announce(index: int, name: str) -> None:
         print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
 
+    if not distributed.is_main():  # a worker rank: computes its shares, writes nothing
+        run_pipeline(options)
+        return 0
     out = options.out_dir
     staging, created = prepare_output(out)
     try:
@@ -277,36 +294,71 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     options = None
     try:
+        distributed.init_from_env(args.dist_timeout)
         options = options_from_args(args, argv)
         return _run(options)
     except FtbcError as exc:
-        print(f"ftbc-export: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _error(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
         interrupted = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except MemoryError:
-        print("ftbc-export: error: out of memory; lower --calib-batch-size, --eval-samples "
-              "or --timesteps", file=sys.stderr)
-        return InputError.exit_code
+        return _error("out of memory; lower --calib-batch-size, --eval-samples or "
+                      "--timesteps", InputError.exit_code)
     except OSError as exc:
         message = _storage_error(exc, options.out_dir if options else None)
         if message is None:
             return _internal_error(exc)
-        print(f"ftbc-export: error: {message}", file=sys.stderr)
-        return InputError.exit_code
+        return _error(message, InputError.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence, exit code 1
+        if distributed.launched() and distributed.is_peer_failure(exc):
+            return _peer_failure(exc)
         return _internal_error(exc)
+    finally:
+        distributed.shutdown()
     # Interrupted: the unwound frames are released first, so that whatever they held is
     # finalised before the message and the message stays the last line on stderr.
     gc.collect()
-    print("ftbc-export: interrupted; previous outputs left intact", file=sys.stderr)
+    print(f"{_prog()}: interrupted; previous outputs left intact", file=sys.stderr)
     return interrupted
 
 
+def _prog() -> str:
+    """``ftbc-export``, with the rank under torchrun (every rank prints its own errors)."""
+    if not distributed.launched():
+        return "ftbc-export"
+    return f"ftbc-export[rank {distributed.env_rank()}/{distributed.env_world_size()}]"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _error(message: str, code: int) -> int:
+    """Print the one-line error; under torchrun also leave it for the other ranks."""
+    print(f"{_prog()}: error: {message}", file=sys.stderr)
+    distributed.report_failure(f"error: {message}")
+    return code
+
+
+def _peer_failure(exc: BaseException) -> int:
+    """A collective failed: name the rank(s) that reported why they stopped, if any."""
+    failed = distributed.failed_peers()
+    if failed:
+        why = "; ".join(f"rank {r} stopped with {msg}" for r, msg in sorted(failed.items()))
+    else:
+        why = ("another rank was killed, crashed or stopped answering (torchrun's summary "
+               f"names it); {_first_line(exc)}")
+    print(f"{_prog()}: error: lost the other ranks of this torchrun job: {why}",
+          file=sys.stderr)
+    return distributed.EXIT_CODE
+
+
 def _internal_error(exc: BaseException) -> int:
-    print(f"ftbc-export: internal error: {type(exc).__name__}: {exc}\n"
+    print(f"{_prog()}: internal error: {type(exc).__name__}: {exc}\n"
           f"This is a bug in ftbc; please report it with the command line.",
           file=sys.stderr)
+    distributed.report_failure(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
     return 1
 
 

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolchain import distributed
 from toolchain.ann import EVALUATORS, ann_forward
 from toolchain.errors import InputError, UnsupportedModelError
 from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConvNode,
@@ -433,15 +434,21 @@ def _offset(ann: AnnGraph, name: str, shapes: dict, memo: dict) -> torch.Tensor:
 @torch.no_grad()
 def _activations(ann: AnnGraph, x: np.ndarray, names: list[str],
                  batch_size: int) -> dict[str, torch.Tensor]:
-    """ANN activations (N, *shape) float32 of the named nodes on ``x``."""
+    """ANN activations (N, *shape) float32 of the named nodes on ``x``. Data-parallel: each
+    rank runs its share of the forward chunks and every rank gets all the values back in
+    sample order (``toolchain.distributed``: thresholds need every value of a channel)."""
     if len(x) == 0:
         raise InputError("convert needs calibration samples (x_calib is empty)")
+    mine = distributed.shard(len(x), align=batch_size)
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for start in range(0, len(x), batch_size):
-        _, values = ann_forward(ann, x[start:start + batch_size], record=True)
+    for start in range(mine.start, mine.stop, batch_size):
+        _, values = ann_forward(ann, x[start:min(start + batch_size, mine.stop)], record=True)
         for n in names:
             parts[n].append(values[n])
-    return {n: torch.cat(p) for n, p in parts.items()}
+    if not parts or not parts[names[0]]:  # an idle rank (fewer chunks than ranks)
+        _, values = ann_forward(ann, x[:0], record=True)
+        parts = {n: [values[n]] for n in names}
+    return {n: distributed.gather_rows(torch.cat(p)) for n, p in parts.items()}
 
 
 def channel_values(act: torch.Tensor) -> torch.Tensor:

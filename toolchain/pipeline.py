@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from toolchain import distributed
 from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
 
 
@@ -77,6 +78,19 @@ def _eval_split(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return (x, y) if n is None else (x[:n], y[:n])
 
 
+def _local_eval(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's shard of the evaluation split (all of it in a single process)."""
+    x, y = _eval_split(run)
+    mine = distributed.shard(len(x))
+    return x[mine], y[mine]
+
+
+def _accuracy(predictions: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Percent correct after each step from this rank's (T, n) predictions, over the whole
+    evaluation split (predictions of every rank gathered in order)."""
+    return 100.0 * (distributed.gather_array(predictions, axis=-1) == y).mean(-1)
+
+
 def _calib_data(opts: Options, data: Any) -> np.ndarray:
     """Calibration samples: a seeded subset of the TRAINING split only (never evaluation);
     the held-out part of FTBC's keep rule comes out of these too."""
@@ -107,15 +121,16 @@ def load(run: Run) -> Run:
 
 
 def trace(run: Run) -> Run:
-    from toolchain.ann import ann_accuracy
+    from toolchain.ann import ann_predictions
     from toolchain.data import check_input_shape, check_labels
     from toolchain.trace import trace as trace_model
     shape = run.options.input_shape or tuple(run.data.x_train.shape[1:])
     check_input_shape(run.data, shape)
     ann = trace_model(run.loaded, shape)
     check_labels(run.data, int(ann.node(ann.output).weight.shape[0]))
-    x, y = _eval_split(run)
-    return replace(run, ann=ann).with_results(ann_accuracy=ann_accuracy(ann, x, y))
+    x, _ = _local_eval(run)
+    accuracy = float(_accuracy(ann_predictions(ann, x), _eval_split(run)[1]))
+    return replace(run, ann=ann).with_results(ann_accuracy=accuracy)
 
 
 def convert(run: Run) -> Run:
@@ -145,9 +160,10 @@ def calibrate(run: Run) -> Run:
 
 def simulate(run: Run) -> Run:
     from sims.torch_snn import simulate as simulate_snn
-    x, y = _eval_split(run)
-    accuracy = {m: simulate_snn(run.snn[m], x, y, progress=run.options.progress).accuracy
-                for m in CALIBRATION_METHODS}
+    x, _ = _local_eval(run)
+    y = _eval_split(run)[1]
+    accuracy = {m: _accuracy(simulate_snn(run.snn[m], x, progress=run.options.progress)
+                             .predictions, y) for m in CALIBRATION_METHODS}
     return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
 
 
@@ -193,15 +209,17 @@ def emulate(run: Run) -> Run:
     from sims.emulator import emulate as emulate_q
     if run.quant is None:
         return run
-    x, y = _eval_split(run)
-    result = emulate_q(run.quant, x, y, progress=run.options.progress)
-    return run.with_results(fixed_accuracy=result.accuracy.tolist(),
-                            saturations=dict(result.saturations))
+    x, _ = _local_eval(run)
+    result = emulate_q(run.quant, x, progress=run.options.progress)
+    saturations = {k: distributed.sum_int(v) for k, v in sorted(result.saturations.items())}
+    return run.with_results(
+        fixed_accuracy=_accuracy(result.predictions, _eval_split(run)[1]).tolist(),
+        saturations={k: saturations[k] for k in result.saturations})
 
 
 def export(run: Run) -> Run:
     from exporters.netx import write_netx
-    if run.quant is None:
+    if run.quant is None or not distributed.is_main():
         return run
     path = run.options.out_dir / "network.net"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,8 +237,10 @@ def netlist(run: Run) -> Run:
     target = get_target(run.options.target)
     if run.quant is None or resources_for(target.name) is None:
         return run
-    x, _ = _eval_split(run)
+    x, _ = _local_eval(run)
     activity = measure_activity(run.quant, x, source=f"{run.options.data} evaluation split")
+    if not distributed.is_main():
+        return run
     nl = build_netlist(run.quant, target, activity)
     write_netlist(nl, run.options.out_dir / "netlist.json")
     return run.with_results(netlist={
@@ -233,7 +253,7 @@ def netlist(run: Run) -> Run:
 def export_nir(run: Run) -> Run:
     """``--target nir``: the calibrated, normalised float SNN as a NIR graph."""
     from exporters.nir_export import write_nir
-    if run.options.target != "nir":
+    if run.options.target != "nir" or not distributed.is_main():
         return run
     path = run.options.out_dir / "network.nir"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +265,8 @@ def verify(run: Run) -> Run:
     from hw_targets import get_target
     from sims.verify import verify as verify_lava
     opts = run.options
-    if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
+    if (run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0
+            or not distributed.is_main()):
         return run
     x, y = run.data.x_test[:opts.verify_samples], run.data.y_test[:opts.verify_samples]
     lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y)
@@ -254,7 +275,8 @@ def verify(run: Run) -> Run:
 
 def report(run: Run) -> Run:
     from toolchain.report import write_report
-    write_report(run)
+    if distributed.is_main():
+        write_report(run)
     return run
 
 
