@@ -148,6 +148,16 @@ def test_hanging_rank_times_out_with_a_clear_error(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_fewer_samples_than_ranks_is_a_clear_error(tmp_path):
+    proc = run_ranks(2, tmp_path / "out", "--eval-samples", "1", timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    for r in (0, 1):
+        assert f"ftbc-export[rank {r}/2]: error: the evaluation set has 1 sample(s), fewer " \
+               "than the 2 ranks of this torchrun job; raise --eval-samples or start fewer " \
+               "ranks" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("n, world, align", [(10, 2, 1), (11, 2, 1), (1, 2, 1), (0, 3, 1),
                                              (113, 2, 256), (600, 2, 256), (7, 3, 2)])
 def test_shards_cover_every_row_once_in_order(monkeypatch, n, world, align):

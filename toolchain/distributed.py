@@ -36,6 +36,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from toolchain.errors import InputError
+
 DEFAULT_TIMEOUT_S = 600.0
 EXIT_CODE = 5  # the CLI's exit code when a peer rank failed or cannot be reached
 
@@ -109,6 +111,13 @@ def shard(n: int, align: int = 1) -> slice:
     return slice(min(lo * align, n), min(hi * align, n))
 
 
+def check_shardable(n: int, what: str, fix: str) -> None:
+    """Every rank needs at least one of the ``n`` rows of ``what``: InputError otherwise."""
+    if 0 < n < world_size():
+        raise InputError(f"{what} has {n} sample(s), fewer than the {world_size()} ranks of "
+                         f"this torchrun job; {fix} or start fewer ranks")
+
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over ranks (a new tensor; the input is left alone)."""
     dist = _dist()
@@ -132,7 +141,12 @@ def mean(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     """Mean of ``x`` over ``dims`` (None: all) taken over every rank's shard, in float64 (one
     all_reduce of the sums and the count). A single process gets the plain float64 mean."""
     dims = tuple(range(x.dim())) if dims is None else tuple(dims)
-    sums = x.sum(dim=dims, dtype=torch.float64) if dims else x.to(torch.float64)
+    if not dims:
+        sums = x.to(torch.float64)
+    elif x.dtype == torch.bool:  # counts: exact, and an integer sum is faster than a float one
+        sums = x.sum(dim=dims, dtype=torch.int64).to(torch.float64)
+    else:
+        sums = x.sum(dim=dims, dtype=torch.float64)
     count = x.numel() // max(sums.numel(), 1)
     both = all_sum(torch.cat([sums.reshape(-1), torch.tensor([float(count)],
                                                              dtype=torch.float64)]))

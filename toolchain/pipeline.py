@@ -81,6 +81,7 @@ def _eval_split(run: Run) -> tuple[np.ndarray, np.ndarray]:
 def _local_eval(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """This rank's shard of the evaluation split (all of it in a single process)."""
     x, y = _eval_split(run)
+    distributed.check_shardable(len(x), "the evaluation set", "raise --eval-samples")
     mine = distributed.shard(len(x))
     return x[mine], y[mine]
 
