@@ -118,7 +118,9 @@ def layer_step(p: NeuronParams, v: torch.Tensor, current: torch.Tensor,
     if p.readout:
         return v, v
     spikes = v >= p.theta
-    return torch.where(spikes, v - p.theta, v), spikes
+    # v - theta where it spiked: the same values as torch.where(spikes, v - theta, v)
+    # (x - 1 * theta, x - 0 * theta = x exactly), several times faster on CPU.
+    return torch.addcmul(v, spikes, p.theta, value=-1), spikes
 
 
 def run_layer(p: NeuronParams, currents: torch.Tensor, v: torch.Tensor,

@@ -105,6 +105,8 @@ def split_calibration(x: np.ndarray, holdout: float, batches: int, batch_size: i
 
 def local_rows(x: np.ndarray) -> np.ndarray:
     """This rank's shard of a calibration batch (the whole batch in a single process)."""
+    distributed.check_shardable(len(x), "a calibration batch or the held-out set",
+                                "raise --calib-batch-size")
     return x[distributed.shard(len(x))]
 
 
@@ -144,7 +146,12 @@ def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations
     cal = [_make_batch(snn, ann, local_rows(p)) for p in parts]
     hold = _make_batch(snn, ann, local_rows(hold_x)) if len(hold_x) else None
     last = last_consumers(snn)
-    schedules, layers_report, error = {}, {}, None
+    schedules, layers_report = {}, {}
+    # The input network's held-out readout: the first layer's "before" error and the guard's
+    # "before" agreement (computed once).
+    base = run_network(snn, hold.x, dtype=DTYPE).readout if hold is not None else None
+    error = running_logit_error(base, hold.logits) \
+        if hold is not None and SELECTION == "readout" else None
     for index, layer in enumerate(snn.layers):
         if layer.readout:
             continue
@@ -159,7 +166,7 @@ def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations
             b.spikes[layer.name] = _spikes(snn, layer, p, b, currents)
             _free(b, last, index)
     new = _with_schedules(snn, schedules, method)
-    guard = _guard(snn, new, hold)
+    guard = _guard(new, hold, base)
     if guard.get("reverted"):
         new = _with_schedules(snn, {}, method, base=snn)
     details = {"batches_used": len(cal), "calib_samples": int(sum(len(p) for p in parts)),
@@ -244,7 +251,7 @@ def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
             spikes = base + p.schedule[t] >= p.theta
             p.schedule[t] += alpha * (target - p.theta * channel_rate(spikes))
             pre = base + p.schedule[t]  # re-fire the step with the updated bias
-            v = torch.where(pre >= p.theta, pre - p.theta, pre)
+            v = torch.addcmul(pre, pre >= p.theta, p.theta, value=-1)  # reset by subtraction
 
 
 def _spikes(snn, layer, p: NeuronParams, b: _Batch,
@@ -308,11 +315,12 @@ def agreement(readout: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
     return distributed.mean(readout.argmax(-1) == logits.argmax(-1)[None], (1,)).numpy()
 
 
-def _guard(old: SnnGraph, new: SnnGraph, hold: _Batch | None) -> dict:
-    """Held-out readout agreement with the ANN before/after; revert when it drops."""
+def _guard(new: SnnGraph, hold: _Batch | None, old_readout: torch.Tensor | None) -> dict:
+    """Held-out readout agreement with the ANN before (``old_readout``: the input network's
+    held-out readout) and after; revert when it drops."""
     if hold is None:
         return {}
-    before = agreement(run_network(old, hold.x, dtype=DTYPE).readout, hold.logits)
+    before = agreement(old_readout, hold.logits)
     readout = new.readout
     after = agreement(layer_output(new, readout, hold.x, hold.spikes, DTYPE), hold.logits)
     return {"agreement_before": float(before.mean()), "agreement_after": float(after.mean()),
