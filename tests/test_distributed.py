@@ -99,6 +99,24 @@ def test_two_ranks_report_the_same_results(single_and_pair):
     assert r2["quantization"] == r1["quantization"]
 
 
+def test_two_nodes_write_the_same_network(single_and_pair, tmp_path):
+    """The README's multi-node launch, both "machines" on this one: two torchrun agents
+    (``--nnodes 2 --node-rank 0/1``, one process each) meeting at 127.0.0.1."""
+    out, port = tmp_path / "out", str(_free_port())
+    entry = [str(ROOT / "tests" / "dist_entry.py"), str(DIGITS_MODEL), "--target",
+             "loihi2-sim", "--out", str(out), *SETTINGS]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+         str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+         port, *entry], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert results[0][0].count("outputs in ") == 1 and "outputs in " not in results[1][0]
+    single = single_and_pair[1][0]
+    assert (out / "network.net").read_bytes() == (single / "network.net").read_bytes()
+
+
 def test_only_rank_zero_speaks_and_writes(single_and_pair):
     _, _, proc = single_and_pair[2]
     assert proc.stdout.count("outputs in ") == 1

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sims.progress import progress_bar
 from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, initial_membrane,
                             input_current, last_consumers, layer_currents, layer_output,
                             layer_step, neuron_params, run_layer, run_network,
@@ -71,9 +72,10 @@ class _Batch:
 
 def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str = "ftbc",
               alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
-              iterations: int = 3, holdout: float = 0.2, seed: int = 0
-              ) -> tuple[SnnGraph, dict]:
+              iterations: int = 3, holdout: float = 0.2, seed: int = 0,
+              progress: bool = False) -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
+    ``progress``: a bar over the layers on stderr.
 
     The report holds method, alpha, batches, batch_size, iterations, seconds, per-layer
     ``layers[name] = {kept, holdout_error_before, holdout_error_after}`` (E below) and the
@@ -88,7 +90,7 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
         return new, {**report, "layers": {}, "seconds": time.perf_counter() - start}
     with torch.no_grad():
         new, details = _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size,
-                                  iterations, holdout, seed)
+                                  iterations, holdout, seed, progress)
     report.update(details, seconds=time.perf_counter() - start)
     return evolve(new, meta={**new.meta, "calibration": _summary(report)}), report
 
@@ -141,7 +143,7 @@ def _check(method, alpha, batches, batch_size, iterations, holdout, x) -> None:
 
 
 def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations, holdout,
-               seed) -> tuple[SnnGraph, dict]:
+               seed, progress=False) -> tuple[SnnGraph, dict]:
     parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
     cal = [_make_batch(snn, ann, local_rows(p)) for p in parts]
     hold = _make_batch(snn, ann, local_rows(hold_x)) if len(hold_x) else None
@@ -152,19 +154,23 @@ def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations
     base = run_network(snn, hold.x, dtype=DTYPE).readout if hold is not None else None
     error = running_logit_error(base, hold.logits) \
         if hold is not None and SELECTION == "readout" else None
-    for index, layer in enumerate(snn.layers):
-        if layer.readout:
-            continue
-        cache = _cached_currents(snn, layer, cal)
-        sched, layers_report[layer.name] = _calibrate_layer(
-            snn, index, cal, cache, hold, method, alpha, iterations, error)
-        error = layers_report[layer.name].get("holdout_error") if SELECTION == "readout" \
-            else None
-        schedules[layer.name] = sched
-        p = replace(neuron_params(layer, snn.timesteps, DTYPE), schedule=sched)
-        for b, currents in zip(cal + ([hold] if hold else []), cache + [None]):
-            b.spikes[layer.name] = _spikes(snn, layer, p, b, currents)
-            _free(b, last, index)
+    spiking = sum(not layer.readout for layer in snn.layers)
+    with progress_bar(spiking, f"calibrate {method}", progress, unit="layer") as bar:
+        for index, layer in enumerate(snn.layers):
+            if layer.readout:
+                continue
+            cache = _cached_currents(snn, layer, cal)
+            sched, layers_report[layer.name] = _calibrate_layer(
+                snn, index, cal, cache, hold, method, alpha, iterations, error)
+            error = layers_report[layer.name].get("holdout_error") if SELECTION == "readout" \
+                else None
+            schedules[layer.name] = sched
+            p = replace(neuron_params(layer, snn.timesteps, DTYPE), schedule=sched)
+            for b, currents in zip(cal + ([hold] if hold else []), cache + [None]):
+                if b is not hold or layer.name not in b.spikes:  # (kept: already there)
+                    b.spikes[layer.name] = _spikes(snn, layer, p, b, currents)
+                _free(b, last, index)
+            bar.update(1)
     new = _with_schedules(snn, schedules, method)
     guard = _guard(new, hold, base)
     if guard.get("reverted"):
@@ -208,8 +214,11 @@ def _calibrate_layer(snn, index, cal, cache, hold, method, alpha, iterations, be
         return sched, {"kept": True}
     score = SELECTION_ERRORS[SELECTION]
     before = score(snn, index, p0, hold) if before is None else before
-    after = score(snn, index, replace(p0, schedule=sched), hold)
+    candidate: dict = {}
+    after = score(snn, index, replace(p0, schedule=sched), hold, candidate)
     kept = after < before
+    if kept and "spikes" in candidate:  # the layer's held-out output with the new schedule
+        hold.spikes[layer.name] = candidate["spikes"]
     return (sched if kept else p0.schedule), {
         "kept": bool(kept), "holdout_error_before": before, "holdout_error_after": after,
         "holdout_error": min(before, after)}
@@ -247,11 +256,11 @@ def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
             snn, layer, b, t0, min(t0 + k, snn.timesteps), steady)
         for i in range(cur.shape[0]):
             t = t0 + i
-            base = v + cur[i] + p.bias  # same association order as the simulator
-            spikes = base + p.schedule[t] >= p.theta
+            base = (v + cur[i]).add_(p.bias)  # same association order as the simulator
+            spikes = torch.ge(base + p.schedule[t], p.theta)
             p.schedule[t] += alpha * (target - p.theta * channel_rate(spikes))
-            pre = base + p.schedule[t]  # re-fire the step with the updated bias
-            v = torch.addcmul(pre, pre >= p.theta, p.theta, value=-1)  # reset by subtraction
+            v = base.add_(p.schedule[t])  # re-fire the step with the updated bias
+            v.addcmul_(torch.ge(v, p.theta), p.theta, value=-1)  # reset by subtraction
 
 
 def _spikes(snn, layer, p: NeuronParams, b: _Batch,
@@ -272,7 +281,8 @@ def _lp_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
     p.schedule.add_(channel_mean(b.targets[layer.name]) - p.theta * rate)
 
 
-def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch) -> float:
+def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
+                keep: dict | None = None) -> float:
     """E_l = (1/T) sum_t mean (abar - theta * r(t))^2, r(t) the layer's running rate."""
     layer = snn.layers[index]
     spikes = layer_output(snn, layer, b.x, b.spikes, DTYPE, p)
@@ -285,11 +295,15 @@ def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch) -> float:
     return total / snn.timesteps
 
 
-def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch) -> float:
+def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
+                  keep: dict | None = None) -> float:
     """E = (1/T) sum_t mean (v_out(t) / t - ANN logits)^2: layer ``index`` run with ``p``,
-    downstream layers as they are in ``snn`` (not yet calibrated), upstream from the cache."""
+    downstream layers as they are in ``snn`` (not yet calibrated), upstream from the cache.
+    ``keep``: receives the layer's own output as ``keep["spikes"]``."""
     trains = dict(b.spikes)
     trains[snn.layers[index].name] = layer_output(snn, snn.layers[index], b.x, trains, DTYPE, p)
+    if keep is not None:
+        keep["spikes"] = trains[snn.layers[index].name]
     for layer in snn.layers[index + 1:]:
         out = layer_output(snn, layer, b.x, trains, DTYPE)
         if layer.readout:

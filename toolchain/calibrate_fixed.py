@@ -50,6 +50,7 @@ from hw_targets import Target
 from sims.emulator import (PAYLOAD_BITS, SHIFT, LayerPlan, clamp_state, exact_float_math,
                            initial_state, input_current, plan_graph, plan_layer,
                            run_neurons, spike_current, step_drive)
+from sims.progress import progress_bar
 from sims.reference import encode_input
 from sims.torch_snn import last_consumers
 from toolchain.ann import ann_forward
@@ -87,8 +88,8 @@ def float_thresholds(snn: SnnGraph) -> dict[str, np.ndarray]:
 def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     thresholds: Mapping[str, np.ndarray], target: Target,
                     alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
-                    iterations: int = 3, holdout: float = 0.2, seed: int = 0
-                    ) -> tuple[QuantGraph, dict]:
+                    iterations: int = 3, holdout: float = 0.2, seed: int = 0,
+                    progress: bool = False) -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target
     ``q`` was quantized for (its 13-bit bias range bounds the mantissas).
@@ -105,7 +106,7 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                               "seed": seed, "target": target.name}
     with torch.no_grad(), exact_float_math():
         new, details = _calibrate(q, ann, x_calib, thresholds, target, alpha, batches,
-                                  batch_size, iterations, holdout, seed)
+                                  batch_size, iterations, holdout, seed, progress)
     report.update(details, seconds=time.perf_counter() - start)
     return evolve(new, meta={**new.meta, "fixed_calibration": _summary(report)}), report
 
@@ -132,26 +133,29 @@ def _check_graph(q: QuantGraph, thresholds: Mapping[str, np.ndarray], target: Ta
 
 
 def _calibrate(q, ann, x_calib, thresholds, target, alpha, batches, batch_size, iterations,
-               holdout, seed) -> tuple[QuantGraph, dict]:
+               holdout, seed, progress=False) -> tuple[QuantGraph, dict]:
     parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
     cal = [_make_batch(q, ann, local_rows(p), thresholds) for p in parts]
     hold = _make_batch(q, ann, local_rows(hold_x), thresholds) if len(hold_x) else None
     layers, plans = list(q.layers), list(plan_graph(q))
     last, shapes = last_consumers(q), _shapes(q)
     layers_report, error = {}, None
-    for index, layer in enumerate(q.layers):
-        if layer.readout:
-            continue
-        mant, layers_report[layer.name] = _calibrate_layer(
-            q, plans, index, cal, hold, alpha, iterations, target, error)
-        error = layers_report[layer.name].get("holdout_error")
-        if layers_report[layer.name]["kept"]:
-            layers[index] = evolve(layer, bias_mant=mant)
-            plans[index] = plan_layer(layers[index], shapes)
-        for b in cal + ([hold] if hold else []):
-            b.spikes[layer.name] = layer_output(plans[index], b.x, b.spikes,
-                                                q.timesteps).to(torch.uint8)
-            _free(b, last, index)
+    spiking = sum(not layer.readout for layer in q.layers)
+    with progress_bar(spiking, "calibrate fixed point", progress, unit="layer") as bar:
+        for index, layer in enumerate(q.layers):
+            if layer.readout:
+                continue
+            mant, layers_report[layer.name] = _calibrate_layer(
+                q, plans, index, cal, hold, alpha, iterations, target, error)
+            error = layers_report[layer.name].get("holdout_error")
+            if layers_report[layer.name]["kept"]:
+                layers[index] = evolve(layer, bias_mant=mant)
+                plans[index] = plan_layer(layers[index], shapes)
+            for b in cal + ([hold] if hold else []):
+                b.spikes[layer.name] = layer_output(plans[index], b.x, b.spikes,
+                                                    q.timesteps).to(torch.uint8)
+                _free(b, last, index)
+            bar.update(1)
     new = evolve(q, layers=tuple(layers))
     guard = _guard(q, plans, hold)
     if guard.get("reverted"):

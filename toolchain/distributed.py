@@ -148,6 +148,8 @@ def mean(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     else:
         sums = x.sum(dim=dims, dtype=torch.float64)
     count = x.numel() // max(sums.numel(), 1)
+    if _dist() is None:  # one process: no collective (this sits in FTBC's per-step loop)
+        return sums / count
     both = all_sum(torch.cat([sums.reshape(-1), torch.tensor([float(count)],
                                                              dtype=torch.float64)]))
     return (both[:-1] / both[-1]).reshape(sums.shape)

@@ -155,7 +155,8 @@ def calibrate(run: Run) -> Run:
         graphs[method], reports[method] = calibrate_snn(
             run.snn["converted"], run.ann, run.calib, method=method, alpha=opts.alpha,
             batches=opts.calib_batches, batch_size=opts.calib_batch_size,
-            iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed)
+            iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
+            progress=opts.progress)
     return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
 
 
@@ -200,7 +201,7 @@ def calibrate_fixed(run: Run) -> Run:
                          thresholds=float_thresholds(run.snn["converted"]), target=target,
                          alpha=opts.alpha, batches=opts.calib_batches,
                          batch_size=opts.calib_batch_size, iterations=opts.iterations,
-                         holdout=opts.holdout, seed=opts.seed)
+                         holdout=opts.holdout, seed=opts.seed, progress=opts.progress)
     check(q, target)
     return replace(run, quant=q).with_results(fixed_calibration=rep,
                                               quantization=quantization_report(q))
