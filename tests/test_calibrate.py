@@ -93,3 +93,21 @@ def test_bad_options_raise(setup):
         calibrate(snn, ann, x_calib, method="magic")
     with pytest.raises(InputError):
         calibrate(snn, ann, x_calib, holdout=1.0)
+
+
+def test_guard_sees_the_inputs_normalised_once(setup):
+    """A model with an input transform (mean/std): the held-out 'before' agreement in the
+    report equals the input network's agreement computed from the raw held-out samples
+    (regression: the encoded batch was once normalised a second time)."""
+    from dataclasses import replace as dc_replace
+    from toolchain.ir import AnnGraph, frozen_array
+    ann, x_calib, _ = setup
+    first = dc_replace(ann.nodes[0], mean=frozen_array(np.array([0.3])),
+                       std=frozen_array(np.array([0.5])))
+    ann = AnnGraph((first, *ann.nodes[1:]), ann.output)
+    snn = convert(ann, x_calib, timesteps=4)
+    _, report = calibrate(snn, ann, x_calib, method="ftbc", batches=2, batch_size=100)
+    _, hold_x = split_calibration(x_calib, 0.2, 2, 100, 0)
+    expected = agreement(run_network(snn, hold_x).readout, ann_forward(ann, hold_x)).mean()
+    assert report["holdout"]["agreement_before"] == pytest.approx(float(expected), abs=1e-12)
+    assert expected > 0.5  # the plain conversion agrees with its ANN on most samples

@@ -151,7 +151,7 @@ def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations
     schedules, layers_report = {}, {}
     # The input network's held-out readout: the first layer's "before" error and the guard's
     # "before" agreement (computed once).
-    base = run_network(snn, hold.x, dtype=DTYPE).readout if hold is not None else None
+    base = _readout(snn, hold) if hold is not None else None
     error = running_logit_error(base, hold.logits) \
         if hold is not None and SELECTION == "readout" else None
     spiking = sum(not layer.readout for layer in snn.layers)
@@ -308,6 +308,18 @@ def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
         out = layer_output(snn, layer, b.x, trains, DTYPE)
         if layer.readout:
             return running_logit_error(out, b.logits)
+        trains[layer.name] = out
+    raise AssertionError("the last layer is the readout")
+
+
+def _readout(snn: SnnGraph, b: _Batch) -> torch.Tensor:
+    """The whole network's readout (T, B, K) on the batch's already *encoded* input
+    (``run_network`` takes raw samples and would normalise them a second time)."""
+    trains: dict = {}
+    for layer in snn.layers:
+        out = layer_output(snn, layer, b.x, trains, DTYPE)
+        if layer.readout:
+            return out
         trains[layer.name] = out
     raise AssertionError("the last layer is the readout")
 
