@@ -128,11 +128,6 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sum_float(value: float) -> float:
-    """A float summed over ranks (in float64)."""
-    return float(all_sum(torch.tensor([value], dtype=torch.float64))[0])
-
-
 def sum_int(value: int) -> int:
     return int(all_sum(torch.tensor([value], dtype=torch.int64))[0])
 
@@ -210,9 +205,3 @@ def failed_peers() -> dict[int, str]:
     except Exception:  # noqa: BLE001 - best effort: the caller falls back to a general message
         return {}
     return found
-
-
-def barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()
