@@ -1,15 +1,18 @@
 """Per-neuron activity of a ``QuantGraph`` on a data set, for the netlist's synops and energy.
 
-``measure_activity`` runs the bit-exact emulator (``sims.emulator.emulate`` with
-``record=True``) batch by batch and keeps, per neuron, the mean number of spikes per sample
-(summed over the T steps), and for the input the mean number of graded-spike events (non-zero
-payloads of ``sims.reference.encode_input``, sent at every step). The result is the
-``activity`` argument of ``exporters.netlist.build_netlist``. In a data-parallel run
-(``toolchain.distributed``) each rank passes its shard and gets the totals of all ranks.
+The spikes come from the bit-exact emulator: ``EmuResult.neuron_spikes`` holds each neuron's
+spikes over all samples and steps, so the pipeline derives the activity from its evaluation
+pass (``activity_from_counts``) instead of emulating the data set a second time;
+``measure_activity`` emulates first, for callers without a pass at hand. Per neuron the result
+is the mean number of spikes per sample (summed over the T steps), and for the input the mean
+number of graded-spike events (non-zero payloads of ``sims.reference.encode_input``, sent at
+every step). It is the ``activity`` argument of ``exporters.netlist.build_netlist``. In a
+data-parallel run (``toolchain.distributed``) each rank passes its shard and gets the totals
+of all ranks.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -23,21 +26,26 @@ from toolchain.ir import QuantGraph
 def measure_activity(q: QuantGraph, x: np.ndarray, *, batch_size: int = 256,
                      source: str = "") -> dict[str, Any]:
     """``{"samples", "source", "input_events" (n_in,), "spikes": {layer: (n,)}}``, all
-    means per sample over the T steps. Batches bound the recorded spikes' memory."""
+    means per sample over the T steps."""
+    counts = emulate(q, np.asarray(x), batch_size=batch_size).neuron_spikes
+    return activity_from_counts(q, x, counts, batch_size=batch_size, source=source)
+
+
+def activity_from_counts(q: QuantGraph, x: np.ndarray, neuron_spikes: Mapping[str, np.ndarray],
+                         *, batch_size: int = 256, source: str = "") -> dict[str, Any]:
+    """``measure_activity``'s result from an emulation's ``neuron_spikes`` on ``x``."""
     x = np.asarray(x)
-    spikes = {l.name: np.zeros(int(np.prod(l.shape))) for l in q.layers if not l.readout}
     events = np.zeros(int(np.prod(q.input.shape)))
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
         events += q.timesteps * (encode_input(q.input, xb, PAYLOAD_BITS) != 0).reshape(
             len(xb), -1).sum(axis=0)
-        rec = emulate(q, xb, record=True, batch_size=batch_size).spikes
-        for name in spikes:
-            spikes[name] += rec[name].sum(axis=(0, 1), dtype=np.int64)
-    # Data-parallel runs: every rank measured its shard; counts add up exactly.
+    # Data-parallel runs: every rank counted its shard; counts add up exactly.
     total = distributed.sum_int(len(x))
     events = distributed.all_sum(torch.from_numpy(events)).numpy()
-    spikes = {k: distributed.all_sum(torch.from_numpy(v)).numpy() for k, v in spikes.items()}
+    spikes = {layer.name: distributed.all_sum(torch.from_numpy(
+                  np.asarray(neuron_spikes[layer.name], np.float64))).numpy()
+              for layer in q.layers if not layer.readout}
     n = max(total, 1)
     return {"samples": total, "source": source, "input_events": events / n,
             "spikes": {k: v / n for k, v in spikes.items()}}

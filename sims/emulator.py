@@ -58,13 +58,16 @@ class EmuResult:
     membrane after each step; ``spike_counts`` layer -> mean spikes per sample (all steps,
     all neurons); ``saturations`` layer -> number of 24-bit membrane clamps;
     ``synapse_clamps`` layer -> number of 24-bit synaptic-output clamps (0 when
-    ``validate`` passed); ``spikes`` layer -> (T, N, n) uint8 when ``record=True``."""
+    ``validate`` passed); ``neuron_spikes`` layer -> (n,) int64 spikes of each neuron over
+    all samples and steps (the activity the netlist's synops come from); ``spikes`` layer
+    -> (T, N, n) uint8 when ``record=True``."""
     accuracy: np.ndarray | None
     predictions: np.ndarray
     readout: np.ndarray
     spike_counts: Mapping[str, float]
     saturations: Mapping[str, int]
     synapse_clamps: Mapping[str, int]
+    neuron_spikes: Mapping[str, np.ndarray]
     spikes: Mapping[str, np.ndarray] | None = None
 
     @property
@@ -354,8 +357,9 @@ def initial_state(lp: LayerPlan, batch: int) -> torch.Tensor:
 
 @dataclass
 class _Totals:
-    """Running totals over batches (mutable accumulator, private)."""
-    spikes: dict[str, float]
+    """Running totals over batches (mutable accumulator, private): per spiking layer the
+    spikes of each neuron (float64, exact integers), saturation and clamp counts."""
+    neurons: dict[str, torch.Tensor]
     saturations: dict[str, int]
     clamps: dict[str, int]
 
@@ -402,7 +406,8 @@ def collect(lp: LayerPlan, out: torch.Tensor, chunk: range, totals: _Totals,
     if lp.readout:
         readout[chunk.start:chunk.stop] = out.to(torch.float64).numpy().astype(np.int64)
         return
-    totals.spikes[lp.name] += count_ones(out)
+    # per-neuron counts: float32 column sums are exact (a chunk has < 2**24 rows)
+    totals.neurons[lp.name] += out.reshape(-1, out.shape[-1]).sum(dim=0)
     if record is not None:
         rows = slice(row0, row0 + out.shape[1])
         record[lp.name][chunk.start:chunk.stop, rows] = out.to(torch.uint8).numpy()
@@ -437,7 +442,8 @@ def emulate(q: QuantGraph, x: np.ndarray, y: np.ndarray | None = None, *,
     x = np.asarray(x)
     check_inputs(q, x, y)
     plans, steps, n = plan_graph(q), q.timesteps, len(x)
-    totals = _Totals({lp.name: 0.0 for lp in plans if not lp.readout},
+    totals = _Totals({lp.name: torch.zeros(lp.n, dtype=torch.float64)
+                      for lp in plans if not lp.readout},
                      {lp.name: 0 for lp in plans}, {lp.name: 0 for lp in plans})
     spikes = ({lp.name: np.zeros((steps, n, lp.n), np.uint8) for lp in plans if not lp.readout}
               if record else None)
@@ -459,7 +465,10 @@ def make_result(readout: np.ndarray, y: np.ndarray | None, totals: _Totals,
     if y is not None:
         accuracy = (predictions == np.asarray(y)[None, :]).mean(axis=1) * 100.0
     return EmuResult(accuracy=accuracy, predictions=predictions, readout=readout,
-                     spike_counts={k: v / max(n, 1) for k, v in totals.spikes.items()},
+                     spike_counts={k: float(v.sum()) / max(n, 1)
+                                   for k, v in totals.neurons.items()},
+                     neuron_spikes={k: v.numpy().astype(np.int64)
+                                    for k, v in totals.neurons.items()},
                      saturations=dict(totals.saturations),
                      synapse_clamps=dict(totals.clamps), spikes=spikes)
 

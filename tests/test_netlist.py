@@ -230,3 +230,15 @@ def test_schema_keys():
 def test_non_chip_target_refused():
     with pytest.raises(InputError, match="not a chip"):
         build_netlist(lb.dense_chain(0), get_target("float"))
+
+
+def test_neuron_spikes_equal_the_recorded_spike_trains():
+    """The per-neuron counts every emulation returns (which the pipeline's netlist uses
+    instead of emulating the evaluation set again) are the recorded trains summed."""
+    q = lb.conv_net(1)
+    x = lb.random_inputs(q, 9)
+    rec = emulate(q, x, record=True, batch_size=4)
+    for name, trains in rec.spikes.items():
+        expected = trains.reshape(q.timesteps * len(x), -1).sum(0, dtype=np.int64)
+        np.testing.assert_array_equal(rec.neuron_spikes[name], expected)
+        assert rec.spike_counts[name] == expected.sum() / len(x)

@@ -46,7 +46,7 @@ import torch
 from sims.progress import progress_bar
 from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, initial_membrane,
                             input_current, last_consumers, layer_currents, layer_output,
-                            layer_step, neuron_params, run_layer, run_network,
+                            layer_step, neuron_params, run_layer,
                             synapse_current)
 from toolchain import distributed
 from toolchain.ann import ann_forward

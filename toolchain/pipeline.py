@@ -63,6 +63,7 @@ class Run:
     normalized: SnnGraph | None = None
     quant: QuantGraph | None = None
     results: Mapping[str, Any] = field(default_factory=dict)
+    activity: Mapping[str, Any] | None = None  # per-neuron spikes of the emulate stage
     timings: Mapping[str, float] = field(default_factory=dict)
 
     def with_results(self, **items: Any) -> "Run":
@@ -208,13 +209,16 @@ def calibrate_fixed(run: Run) -> Run:
 
 
 def emulate(run: Run) -> Run:
+    from sims.activity import activity_from_counts
     from sims.emulator import emulate as emulate_q
     if run.quant is None:
         return run
     x, _ = _local_eval(run)
     result = emulate_q(run.quant, x, progress=run.options.progress)
     saturations = {k: distributed.sum_int(v) for k, v in sorted(result.saturations.items())}
-    return run.with_results(
+    activity = activity_from_counts(run.quant, x, result.neuron_spikes,
+                                    source=f"{run.options.data} evaluation split")
+    return replace(run, activity=activity).with_results(
         fixed_accuracy=_accuracy(result.predictions, _eval_split(run)[1]).tolist(),
         saturations={k: saturations[k] for k in result.saturations})
 
@@ -230,20 +234,16 @@ def export(run: Run) -> Run:
 
 
 def netlist(run: Run) -> Run:
-    """Loihi 2 targets: netlist.json with core assignment, activity and energy estimate.
-    Its limit violations are reported, not fatal: several limits are documented assumptions."""
+    """Loihi 2 targets: netlist.json with core assignment, activity and energy estimate (the
+    activity of the emulate stage's pass over the evaluation split). Its limit violations are
+    reported, not fatal: several limits are documented assumptions."""
     from exporters.netlist import build_netlist, netlist_summary_lines, write_netlist
     from hw_targets import get_target
     from hw_targets.loihi2_resources import resources_for
-    from sims.activity import measure_activity
     target = get_target(run.options.target)
-    if run.quant is None or resources_for(target.name) is None:
+    if run.quant is None or resources_for(target.name) is None or not distributed.is_main():
         return run
-    x, _ = _local_eval(run)
-    activity = measure_activity(run.quant, x, source=f"{run.options.data} evaluation split")
-    if not distributed.is_main():
-        return run
-    nl = build_netlist(run.quant, target, activity)
+    nl = build_netlist(run.quant, target, run.activity)
     write_netlist(nl, run.options.out_dir / "netlist.json")
     return run.with_results(netlist={
         "file": "netlist.json", "summary": netlist_summary_lines(nl), "totals": nl["totals"],
