@@ -159,14 +159,15 @@ def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations
         for index, layer in enumerate(snn.layers):
             if layer.readout:
                 continue
-            cache = _cached_currents(snn, layer, cal)
+            cache = _cached_currents(snn, layer, cal + ([hold] if hold else []))
+            hold_currents = cache.pop() if hold else None
             sched, layers_report[layer.name] = _calibrate_layer(
-                snn, index, cal, cache, hold, method, alpha, iterations, error)
+                snn, index, cal, cache, hold, method, alpha, iterations, error, hold_currents)
             error = layers_report[layer.name].get("holdout_error") if SELECTION == "readout" \
                 else None
             schedules[layer.name] = sched
             p = replace(neuron_params(layer, snn.timesteps, DTYPE), schedule=sched)
-            for b, currents in zip(cal + ([hold] if hold else []), cache + [None]):
+            for b, currents in zip(cal + ([hold] if hold else []), cache + [hold_currents]):
                 if b is not hold or layer.name not in b.spikes:  # (kept: already there)
                     b.spikes[layer.name] = _spikes(snn, layer, p, b, currents)
                 _free(b, last, index)
@@ -198,11 +199,12 @@ def _free(b: _Batch, last: dict, index: int) -> None:
         del b.spikes[name]
 
 
-def _calibrate_layer(snn, index, cal, cache, hold, method, alpha, iterations, before=None
-                     ) -> tuple[torch.Tensor, dict]:
+def _calibrate_layer(snn, index, cal, cache, hold, method, alpha, iterations, before=None,
+                     hold_currents=None) -> tuple[torch.Tensor, dict]:
     """Fit one layer's schedule on the batches; keep it only if the holdout error drops.
     ``before``: the held-out error of the network as it stands (known from the previous
-    layer's decision when the readout criterion is used)."""
+    layer's decision when the readout criterion is used); ``hold_currents``: the layer's
+    cached input currents on the held-out batch (None: computed when needed)."""
     layer = snn.layers[index]
     p0 = neuron_params(layer, snn.timesteps, DTYPE)
     sched = p0.schedule.clone()
@@ -213,9 +215,9 @@ def _calibrate_layer(snn, index, cal, cache, hold, method, alpha, iterations, be
     if hold is None:
         return sched, {"kept": True}
     score = SELECTION_ERRORS[SELECTION]
-    before = score(snn, index, p0, hold) if before is None else before
+    before = score(snn, index, p0, hold, None, hold_currents) if before is None else before
     candidate: dict = {}
-    after = score(snn, index, replace(p0, schedule=sched), hold, candidate)
+    after = score(snn, index, replace(p0, schedule=sched), hold, candidate, hold_currents)
     kept = after < before
     if kept and "spikes" in candidate:  # the layer's held-out output with the new schedule
         hold.spikes[layer.name] = candidate["spikes"]
@@ -282,10 +284,10 @@ def _lp_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
 
 
 def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
-                keep: dict | None = None) -> float:
+                keep: dict | None = None, currents: torch.Tensor | None = None) -> float:
     """E_l = (1/T) sum_t mean (abar - theta * r(t))^2, r(t) the layer's running rate."""
     layer = snn.layers[index]
-    spikes = layer_output(snn, layer, b.x, b.spikes, DTYPE, p)
+    spikes = _spikes(snn, layer, p, b, currents)
     target = b.targets[layer.name]
     cum = torch.zeros_like(target)
     total = 0.0
@@ -296,12 +298,13 @@ def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
 
 
 def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
-                  keep: dict | None = None) -> float:
-    """E = (1/T) sum_t mean (v_out(t) / t - ANN logits)^2: layer ``index`` run with ``p``,
-    downstream layers as they are in ``snn`` (not yet calibrated), upstream from the cache.
-    ``keep``: receives the layer's own output as ``keep["spikes"]``."""
+                  keep: dict | None = None, currents: torch.Tensor | None = None) -> float:
+    """E = (1/T) sum_t mean (v_out(t) / t - ANN logits)^2: layer ``index`` run with ``p``
+    (on its cached input ``currents`` when given), downstream layers as they are in ``snn``
+    (not yet calibrated), upstream from the cache. ``keep``: receives the layer's own output
+    as ``keep["spikes"]``."""
     trains = dict(b.spikes)
-    trains[snn.layers[index].name] = layer_output(snn, snn.layers[index], b.x, trains, DTYPE, p)
+    trains[snn.layers[index].name] = _spikes(snn, snn.layers[index], p, b, currents)
     if keep is not None:
         keep["spikes"] = trains[snn.layers[index].name]
     for layer in snn.layers[index + 1:]:
