@@ -307,19 +307,16 @@ def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
     trains[snn.layers[index].name] = _spikes(snn, snn.layers[index], p, b, currents)
     if keep is not None:
         keep["spikes"] = trains[snn.layers[index].name]
-    for layer in snn.layers[index + 1:]:
-        out = layer_output(snn, layer, b.x, trains, DTYPE)
-        if layer.readout:
-            return running_logit_error(out, b.logits)
-        trains[layer.name] = out
-    raise AssertionError("the last layer is the readout")
+    return running_logit_error(_readout(snn, b, trains, index + 1), b.logits)
 
 
-def _readout(snn: SnnGraph, b: _Batch) -> torch.Tensor:
-    """The whole network's readout (T, B, K) on the batch's already *encoded* input
-    (``run_network`` takes raw samples and would normalise them a second time)."""
-    trains: dict = {}
-    for layer in snn.layers:
+def _readout(snn: SnnGraph, b: _Batch, trains: dict | None = None,
+             start: int = 0) -> torch.Tensor:
+    """The network's readout (T, B, K) on the batch's already *encoded* input (``run_network``
+    takes raw samples and would normalise them a second time): layers ``start`` onwards as
+    they are in ``snn``, earlier ones from ``trains`` (added to in place)."""
+    trains = {} if trains is None else trains
+    for layer in snn.layers[start:]:
         out = layer_output(snn, layer, b.x, trains, DTYPE)
         if layer.readout:
             return out

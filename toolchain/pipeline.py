@@ -87,9 +87,10 @@ def _local_eval(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return x[mine], y[mine]
 
 
-def _accuracy(predictions: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _accuracy(run: Run, predictions: np.ndarray) -> np.ndarray:
     """Percent correct after each step from this rank's (T, n) predictions, over the whole
     evaluation split (predictions of every rank gathered in order)."""
+    y = _eval_split(run)[1]
     return 100.0 * (distributed.gather_array(predictions, axis=-1) == y).mean(-1)
 
 
@@ -131,7 +132,7 @@ def trace(run: Run) -> Run:
     ann = trace_model(run.loaded, shape)
     check_labels(run.data, int(ann.node(ann.output).weight.shape[0]))
     x, _ = _local_eval(run)
-    accuracy = float(_accuracy(ann_predictions(ann, x), _eval_split(run)[1]))
+    accuracy = float(_accuracy(run, ann_predictions(ann, x)))
     return replace(run, ann=ann).with_results(ann_accuracy=accuracy)
 
 
@@ -164,9 +165,8 @@ def calibrate(run: Run) -> Run:
 def simulate(run: Run) -> Run:
     from sims.torch_snn import simulate as simulate_snn
     x, _ = _local_eval(run)
-    y = _eval_split(run)[1]
-    accuracy = {m: _accuracy(simulate_snn(run.snn[m], x, progress=run.options.progress)
-                             .predictions, y) for m in CALIBRATION_METHODS}
+    accuracy = {m: _accuracy(run, simulate_snn(run.snn[m], x, progress=run.options.progress)
+                             .predictions) for m in CALIBRATION_METHODS}
     return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
 
 
@@ -219,7 +219,7 @@ def emulate(run: Run) -> Run:
     activity = activity_from_counts(run.quant, x, result.neuron_spikes,
                                     source=f"{run.options.data} evaluation split")
     return replace(run, activity=activity).with_results(
-        fixed_accuracy=_accuracy(result.predictions, _eval_split(run)[1]).tolist(),
+        fixed_accuracy=_accuracy(run, result.predictions).tolist(),
         saturations={k: saturations[k] for k in result.saturations})
 
 
