@@ -111,16 +111,24 @@ def initial_membrane(p: NeuronParams, batch: int, shape: tuple[int, ...]) -> tor
     return p.v_init.expand((batch,) + tuple(shape)).clone()
 
 
+def fire(v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spikes of membrane ``v``: ``v >= theta`` as 0.0 / 1.0 in v's dtype, into ``out`` (new
+    when None; may be ``v``'s own storage only if v is not needed afterwards). The same
+    comparison as a bool ``v >= theta``, 3-4x faster on CPU (a bool result is not stored
+    vectorised), and ready to multiply."""
+    return torch.ge(v, theta, out=torch.empty_like(v) if out is None else out)
+
+
 def layer_step(p: NeuronParams, v: torch.Tensor, current: torch.Tensor,
                t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One step (t 0-based): returns (new v, spikes bool); the readout returns (v, v)."""
-    v = v + current + p.bias + p.schedule[t]
+    v = (v + current).add_(p.bias).add_(p.schedule[t])  # ((v + I) + bias) + b[t]
     if p.readout:
         return v, v
-    spikes = v >= p.theta
-    # v - theta where it spiked: the same values as torch.where(spikes, v - theta, v)
+    fired = fire(v, p.theta)
+    # v - theta where it fired, in place: the same values as torch.where(spikes, v - theta, v)
     # (x - 1 * theta, x - 0 * theta = x exactly), several times faster on CPU.
-    return torch.addcmul(v, spikes, p.theta, value=-1), spikes
+    return v.addcmul_(fired, p.theta, value=-1), fired.bool()
 
 
 def run_layer(p: NeuronParams, currents: torch.Tensor, v: torch.Tensor,
@@ -165,17 +173,24 @@ def layer_currents(snn: SnnGraph, layer: NeuronLayer, spikes: Mapping[str, torch
         src = snn.layer(syn.source)
         s = spikes[syn.source][t0:t1]
         theta = _tensor(src.threshold, dtype).reshape(channel_shape(tuple(src.shape)))
-        values = (s.to(dtype) * theta).reshape((-1,) + tuple(src.shape))
+        values = _float_copy(s, dtype).mul_(theta).reshape((-1,) + tuple(src.shape))
         cur = synapse_current(syn, values)
         cur = cur.reshape((t1 - t0, s.shape[1]) + tuple(layer.shape))
-        total = cur if total is None else total + cur
+        total = cur if total is None else total.add_(cur)
     return total
 
 
+def _float_copy(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new ``dtype`` tensor of spikes ``s``; bool goes through uint8, whose conversion to
+    float is several times faster than bool's (same values)."""
+    return s.view(torch.uint8).to(dtype) if s.dtype == torch.bool else s.to(dtype, copy=True)
+
+
 def _combine(steady: torch.Tensor | None, spiking: torch.Tensor | None) -> torch.Tensor:
+    """spiking + steady (``spiking`` is a fresh tensor from ``layer_currents``: in place)."""
     if spiking is None:
         return steady
-    return spiking if steady is None else spiking + steady
+    return spiking if steady is None else spiking.add_(steady)
 
 
 def layer_output(snn: SnnGraph, layer: NeuronLayer, x_enc: torch.Tensor,

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from sims.progress import progress_bar
-from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, initial_membrane,
+from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, fire, initial_membrane,
                             input_current, last_consumers, layer_currents, layer_output,
                             layer_step, neuron_params, run_layer,
                             synapse_current)
@@ -114,14 +114,22 @@ def local_rows(x: np.ndarray) -> np.ndarray:
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over batch and positions, per channel: (B, C, ...) -> (C, 1, ...) in x's dtype.
-    Accumulated in float64 over the batch shards of every rank (``toolchain.distributed``);
-    for a bool tensor it is the exact fraction of True (spike rate)."""
-    dims = (0,) + tuple(range(2, x.dim()))
-    dtype = DTYPE if x.dtype == torch.bool else x.dtype
-    return distributed.mean(x, dims).to(dtype).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
+    Accumulated in float64 over the batch shards of every rank (``toolchain.distributed``)."""
+    return _per_channel(distributed.mean(x, _channel_dims(x)), x, x.dtype)
 
 
-channel_rate = channel_mean  # of a bool spike tensor: the fraction of neurons that fired
+def channel_rate(spikes: torch.Tensor) -> torch.Tensor:
+    """The fraction of neurons that fired, per channel: (B, C, ...) 0/1 spikes (bool, or
+    floats as ``sims.torch_snn.fire`` gives them) -> (C, 1, ...) float32, exact counts."""
+    return _per_channel(distributed.rate(spikes, _channel_dims(spikes)), spikes, DTYPE)
+
+
+def _channel_dims(x: torch.Tensor) -> tuple[int, ...]:
+    return (0,) + tuple(range(2, x.dim()))
+
+
+def _per_channel(values: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return values.to(dtype).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
 
 
 # --------------------------------------------------------------------------- driver
@@ -242,7 +250,7 @@ def _currents(snn, layer, b: _Batch, t0: int, t1: int, steady) -> torch.Tensor:
     cur = layer_currents(snn, layer, b.spikes, t0, t1, DTYPE)
     if cur is None:
         return steady.expand((t1 - t0,) + tuple(steady.shape))
-    return cur if steady is None else cur + steady
+    return cur if steady is None else cur.add_(steady)  # (cur: a fresh tensor)
 
 
 def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
@@ -253,16 +261,17 @@ def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
     target = channel_mean(b.targets[layer.name])
     steady = input_current(layer, b.x) if currents is None else None
     k = snn.timesteps if currents is not None else chunk_steps(snn, layer, b.x.shape[0])
+    fired = torch.empty_like(v)  # scratch: this step's spikes, 0.0 / 1.0
     for t0 in range(0, snn.timesteps, k):
         cur = currents if currents is not None else _currents(
             snn, layer, b, t0, min(t0 + k, snn.timesteps), steady)
         for i in range(cur.shape[0]):
             t = t0 + i
             base = (v + cur[i]).add_(p.bias)  # same association order as the simulator
-            spikes = torch.ge(base + p.schedule[t], p.theta)
-            p.schedule[t] += alpha * (target - p.theta * channel_rate(spikes))
+            fire(torch.add(base, p.schedule[t], out=fired), p.theta, out=fired)
+            p.schedule[t] += alpha * (target - p.theta * channel_rate(fired))
             v = base.add_(p.schedule[t])  # re-fire the step with the updated bias
-            v.addcmul_(torch.ge(v, p.theta), p.theta, value=-1)  # reset by subtraction
+            v.addcmul_(fire(v, p.theta, out=fired), p.theta, value=-1)  # reset by subtraction
 
 
 def _spikes(snn, layer, p: NeuronParams, b: _Batch,
@@ -412,7 +421,7 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
         _, values = ann_forward(ann, xb, record=True, dtype=DTYPE)
         target = torch.minimum(values[layer.name].clamp(min=0), p.theta)
         v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
-        p.schedule[t] += alpha * (channel_mean(target) - p.theta * channel_mean(spikes))
+        p.schedule[t] += alpha * (channel_mean(target) - p.theta * channel_rate(spikes))
         pre = v_prev + cur + p.bias + p.schedule[t]
         state[layer.name] = torch.where(pre >= p.theta, pre - p.theta, pre)
 

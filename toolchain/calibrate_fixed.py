@@ -276,7 +276,7 @@ def _add_bias(v: torch.Tensor, mant_t: torch.Tensor, unit: float, lp: LayerPlan
 
 def _channel_rate(spikes: torch.Tensor, channels: int) -> torch.Tensor:
     """(C,) float64 fraction of ones per channel of a 0/1 (B, n) tensor (exact counts)."""
-    return distributed.mean(spikes.view(spikes.shape[0], channels, -1), (0, 2))
+    return distributed.rate(spikes.view(spikes.shape[0], channels, -1), (0, 2))
 
 
 # --------------------------------------------------------------------------- forwards

@@ -134,16 +134,33 @@ def sum_int(value: int) -> int:
 
 def mean(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     """Mean of ``x`` over ``dims`` (None: all) taken over every rank's shard, in float64 (one
-    all_reduce of the sums and the count). A single process gets the plain float64 mean."""
+    all_reduce of the sums and the count). A single process gets the plain float64 mean.
+    A bool ``x`` is counted exactly (``rate``)."""
     dims = tuple(range(x.dim())) if dims is None else tuple(dims)
-    if not dims:
-        sums = x.to(torch.float64)
-    elif x.dtype == torch.bool:  # counts: exact, and an integer sum is faster than a float one
-        small = x.numel() < 2 ** 31  # int32 counts cannot overflow (and sum ~1.6x faster)
-        sums = x.sum(dim=dims, dtype=torch.int32 if small else torch.int64).to(torch.float64)
+    if x.dtype == torch.bool:
+        return rate(x, dims)
+    sums = x.to(torch.float64) if not dims else x.sum(dim=dims, dtype=torch.float64)
+    return _mean_of_sums(sums, x.numel() // max(sums.numel(), 1))
+
+
+def rate(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Fraction of ones of a 0/1 tensor (bool, or floats holding 0.0 / 1.0, e.g. spikes)
+    over ``dims`` and every rank's shard, float64. The counts are exact: integer sums, or
+    float sums in the tensor's own dtype while every count fits its mantissa (sums of 0/1
+    values below 2**24 are exact in float32 in any order, and ~2x faster than summing in
+    float64); float64 otherwise."""
+    dims = tuple(range(x.dim())) if dims is None else tuple(dims)
+    per_count = int(np.prod([x.shape[d] for d in dims])) if dims else 1
+    if x.dtype == torch.bool:  # int32 counts cannot overflow below 2**31 (~1.6x faster)
+        sums = x.sum(dim=dims, dtype=torch.int32 if x.numel() < 2 ** 31 else torch.int64)
+    elif x.is_floating_point() and per_count <= 2 / torch.finfo(x.dtype).eps:  # 2**24 in f32
+        sums = x.sum(dim=dims) if dims else x
     else:
-        sums = x.sum(dim=dims, dtype=torch.float64)
-    count = x.numel() // max(sums.numel(), 1)
+        sums = x.sum(dim=dims, dtype=torch.float64) if dims else x
+    return _mean_of_sums(sums.to(torch.float64), per_count)
+
+
+def _mean_of_sums(sums: torch.Tensor, count: int) -> torch.Tensor:
     if _dist() is None:  # one process: no collective (this sits in FTBC's per-step loop)
         return sums / count
     both = all_sum(torch.cat([sums.reshape(-1), torch.tensor([float(count)],
