@@ -423,7 +423,7 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
         v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
         p.schedule[t] += alpha * (channel_mean(target) - p.theta * channel_rate(spikes))
         pre = v_prev + cur + p.bias + p.schedule[t]
-        state[layer.name] = torch.where(pre >= p.theta, pre - p.theta, pre)
+        state[layer.name] = pre.addcmul_(fire(pre, p.theta), p.theta, value=-1)
 
 
 def _network_step(snn, params, state, x, t, watch):
