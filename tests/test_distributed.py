@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from toolchain import distributed
 
@@ -195,3 +196,24 @@ def test_single_process_needs_no_process_group():
     assert not dist.is_initialized() and distributed.world_size() == 1
     x = np.arange(6.0)
     assert distributed.gather_array(x) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64])
+def test_rate_counts_exactly(dtype):
+    rng = np.random.default_rng(0)
+    ones = rng.random((3, 5, 700)) < 0.37
+    x = torch.from_numpy(ones).to(dtype)
+    want = ones.sum((0, 2)) / (3 * 700)
+    got = distributed.rate(x, (0, 2))
+    assert got.dtype == torch.float64
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert float(distributed.rate(x)) == ones.mean()
+    np.testing.assert_array_equal(distributed.mean(torch.from_numpy(ones), (0, 2)).numpy(), want)
+
+
+def test_rate_counts_beyond_float32_integers_exactly():
+    # a float32 sum of 2**24 + 3 ones gives 2**24 + 4; the count must not
+    x = torch.ones((2, 2 ** 23 + 1, 1))
+    x[1, 0, 0] = 0.0
+    n = 2 * (2 ** 23 + 1)
+    assert float(distributed.rate(x, (0, 1))[0]) == (n - 1) / n

@@ -47,6 +47,30 @@ def test_spike_carries_threshold_and_readout_accumulates():
     assert res.predictions.shape == (6, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fire_and_reset_are_the_bool_compare_and_where_bit_for_bit(dtype):
+    from sims.torch_snn import NeuronParams, fire, layer_step
+    rng = np.random.default_rng(0)
+    theta = torch.tensor(rng.uniform(0.5, 2.0, (4, 1, 1)), dtype=dtype)
+    v = torch.tensor(rng.normal(0, 1.5, (6, 4, 3, 3)), dtype=dtype)
+    v[0] = theta  # exact ties fire
+    v[1, :, 0, 0] = -0.0  # signed zeros survive the reset
+    v[1, :, 0, 1] = torch.nextafter(theta[:, 0, 0], torch.zeros(()).to(dtype))  # just below
+    assert fire(v, theta).dtype == dtype
+    np.testing.assert_array_equal(fire(v, theta).numpy(), (v >= theta).numpy())
+    buf = v.clone()
+    assert fire(buf, theta, out=buf) is buf  # in place on the compared tensor
+    np.testing.assert_array_equal(buf.numpy(), (v >= theta).numpy())
+
+    zero = torch.zeros((1, 4, 1, 1), dtype=dtype)
+    p = NeuronParams(theta=theta, bias=zero[0], schedule=zero, v_init=zero[0], readout=False)
+    new_v, spikes = layer_step(p, v, torch.zeros_like(v), 0)
+    pre = v + 0.0 + 0.0 + 0.0
+    want = torch.where(pre >= theta, pre - theta, pre)
+    assert spikes.dtype == torch.bool and torch.equal(spikes, pre >= theta)
+    assert torch.equal(new_v, want) and torch.equal(new_v.signbit(), want.signbit())
+
+
 def test_bias_schedule_applies_at_its_step_only():
     sched = np.zeros((4, 1))
     sched[0, 0] = 0.5  # step 1: 0 + 0.25 + 0.5 = 0.75; step 2: 1.0 fires; 0.25; 0.5
