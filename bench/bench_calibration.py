@@ -14,10 +14,16 @@ tracemalloc would miss tensor memory) minus that of a ``baseline`` child that do
 set-up without calibrating. Median of ``repeats`` runs each.
 
 accuracy: test-set accuracy at t = T of none / lp / ftbc for T in {1, 2, 4, 8, 16, 32}, with
-``--seeds`` deep CNNs trained on a seeded 80/20 digits split (or ``--model`` TorchScript,
-e.g. examples/digits_cnn.pt, on toolchain.data's digits split). Calibration data: 800
-training samples (5 x 128 + 20 % holdout); nothing is selected on the test split.
+``--seeds`` deep CNNs trained on a seeded 80/20 digits split, or with ``--model`` (TorchScript,
+e.g. bench/models/mnist_cnn.pt with ``--data mnist:DIR``) on ``--seeds`` calibration seeds:
+seed s draws the pipeline's calibration subset and held-out split (``ftbc-export --seed s``).
+Calibration data: 800 training samples (5 x 128 + 20 % holdout); nothing is selected on the
+test split. The table gives the mean over seeds, and ftbc - lp per seed (paired: both
+calibrations see the same subset and thresholds), since single runs differ by a few images.
 Results go to stdout (markdown) and bench/out/*.json.
+
+    .venv/bin/python bench/bench_calibration.py accuracy --model bench/models/mnist_cnn.pt \
+        --data mnist:../shared/data/mnist --seeds 3 --steps 1 2 4 8 16 32 64
 """
 from __future__ import annotations
 
@@ -110,19 +116,20 @@ def timing(timesteps: int, repeats: int) -> dict:
 
 # --------------------------------------------------------------------------- accuracy
 
-def _load_model(path: Path):
+def _load_model(path: Path, spec: str):
     from toolchain.data import load_data
     from toolchain.load import load_model
     from toolchain.trace import trace
-    data = load_data("digits")
+    data = load_data(spec)
     return trace(load_model(path), tuple(data.x_train.shape[1:])), data
 
 
-def accuracy(seeds: int, model: Path | None, steps: list[int]) -> dict:
-    torch.set_num_threads(1)
-    models = ([_load_model(model)] if model else [_digits_model(s) for s in range(seeds)])
-    table: dict = {"ann": [], "rows": {}}
-    for seed, (ann, data) in enumerate(models):
+def accuracy(seeds: int, model: Path | None, steps: list[int], spec: str) -> dict:
+    """Seed s: the s-th trained digits model, or ``model`` with calibration seed s."""
+    table: dict = {"ann": [], "rows": {}, "kept": {}}
+    fixed = _load_model(model, spec) if model else None
+    for seed in range(seeds):
+        ann, data = fixed if fixed else _digits_model(seed)
         table["ann"].append(ann_accuracy(ann, data.x_test, data.y_test))
         x_calib = _calib_set(data.x_train, seed)
         for T in steps:
@@ -131,17 +138,22 @@ def accuracy(seeds: int, model: Path | None, steps: list[int]) -> dict:
                 new, rep = calibrate(snn, ann, x_calib, method=method, **{**CALIB, "seed": seed})
                 acc = simulate(new, data.x_test, data.y_test).accuracy[-1]
                 table["rows"].setdefault(f"{T}/{method}", []).append(float(acc))
+                table["kept"].setdefault(f"{T}/{method}", []).append(
+                    "".join("1" if r.get("kept") else "0" for r in rep["layers"].values()))
                 print(f"seed {seed} T {T} {method}: {acc:.2f} ({rep['seconds']:.1f} s)",
                       file=sys.stderr, flush=True)
     return table
 
 
 def _markdown(table: dict, steps: list[int]) -> str:
-    lines = [f"ANN: {np.mean(table['ann']):.2f} (mean of {len(table['ann'])})", "",
-             "| T | none | lp | ftbc |", "|---|---|---|---|"]
+    n = len(table["ann"])
+    lines = [f"ANN: {np.mean(table['ann']):.2f} (mean of {n})", "",
+             "| T | none | lp | ftbc | ftbc - lp per seed (points) |", "|---|---|---|---|---|"]
     for T in steps:
-        cells = [f"{np.mean(table['rows'][f'{T}/{m}']):.2f}" for m in ("none", "lp", "ftbc")]
-        lines.append(f"| {T} | " + " | ".join(cells) + " |")
+        rows = {m: np.asarray(table["rows"][f"{T}/{m}"]) for m in ("none", "lp", "ftbc")}
+        cells = [f"{rows[m].mean():.2f}" for m in ("none", "lp", "ftbc")]
+        diff = " ".join(f"{d:+.2f}" for d in rows["ftbc"] - rows["lp"])
+        lines.append(f"| {T} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
@@ -155,6 +167,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--data", default="digits", help="data for --model (default digits)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -164,7 +177,7 @@ def main(argv: list[str]) -> None:
             json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     else:
-        table = accuracy(args.seeds, args.model, args.steps)
+        table = accuracy(args.seeds, args.model, args.steps, args.data)
         name = "calibration_accuracy" + (f"_{args.model.stem}" if args.model else "")
         (OUT / f"{name}.json").write_text(json.dumps(table, indent=1))
         print(_markdown(table, args.steps))
