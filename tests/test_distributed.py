@@ -208,6 +208,7 @@ def test_rate_counts_exactly(dtype):
     assert got.dtype == torch.float64
     np.testing.assert_array_equal(got.numpy(), want)
     assert float(distributed.rate(x)) == ones.mean()
+    np.testing.assert_array_equal(distributed.rate(x, ()).numpy(), ones)  # over no dimension
     np.testing.assert_array_equal(distributed.mean(torch.from_numpy(ones), (0, 2)).numpy(), want)
 
 

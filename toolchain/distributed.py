@@ -150,13 +150,15 @@ def rate(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     values below 2**24 are exact in float32 in any order, and ~2x faster than summing in
     float64); float64 otherwise."""
     dims = tuple(range(x.dim())) if dims is None else tuple(dims)
-    per_count = int(np.prod([x.shape[d] for d in dims])) if dims else 1
-    if x.dtype == torch.bool:  # int32 counts cannot overflow below 2**31 (~1.6x faster)
+    per_count = int(np.prod([x.shape[d] for d in dims]))
+    if not dims:  # (sum over no dimension: the values themselves)
+        sums = x
+    elif x.dtype == torch.bool:  # int32 counts cannot overflow below 2**31 (~1.6x faster)
         sums = x.sum(dim=dims, dtype=torch.int32 if x.numel() < 2 ** 31 else torch.int64)
     elif x.is_floating_point() and per_count <= 2 / torch.finfo(x.dtype).eps:  # 2**24 in f32
-        sums = x.sum(dim=dims) if dims else x
+        sums = x.sum(dim=dims)
     else:
-        sums = x.sum(dim=dims, dtype=torch.float64) if dims else x
+        sums = x.sum(dim=dims, dtype=torch.float64)
     return _mean_of_sums(sums.to(torch.float64), per_count)
 
 
