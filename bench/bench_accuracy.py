@@ -1,7 +1,8 @@
 """Accuracy after T steps for none / lp / ftbc (float) and fixed point, per T, with timings.
 
-Runs the real pipeline (no Lava: --verify-samples 0) once per T and collects report.json
-figures into a markdown table.
+Runs the real pipeline (no Lava: --verify-samples 0) once per T, each T in a fresh process
+so that its peak RSS (``ru_maxrss``) is that T's own, and collects report.json figures into a
+markdown table.
 
     .venv/bin/python bench/bench_accuracy.py --model examples/digits_cnn.pt --data digits \
         --timesteps 1 2 4 8 16 32 64 --out bench/out/digits
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,15 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
     start = time.perf_counter()
     report = build_report(run_pipeline(options))
     report["wall_seconds"] = time.perf_counter() - start
+    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
+
+
+def run_child(argv: list[str], steps: int) -> dict:
+    """``one_run`` in a fresh interpreter (its peak memory is this T's alone)."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--child", str(steps)],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def row(steps: int, r: dict) -> str:
@@ -40,7 +50,8 @@ def row(steps: int, r: dict) -> str:
     cal = r["calibration"]
     return (f"| {steps} | {r['ann_accuracy']:.2f} | {acc['none'][-1]:.2f} | {acc['lp'][-1]:.2f} "
             f"| {acc['ftbc'][-1]:.2f} | {fixed:.2f} | {r['seconds']['convert']:.1f} "
-            f"| {cal['ftbc']['seconds']:.1f} | {r['wall_seconds']:.0f} |")
+            f"| {cal['ftbc']['seconds']:.1f} | {r['wall_seconds']:.0f} "
+            f"| {r['peak_rss_mib']:.0f} |")
 
 
 def main() -> None:
@@ -53,19 +64,26 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/accuracy")
-    args = p.parse_args()
-    print("| T | ANN | none | lp | ftbc | fixed (ftbc) | convert s | ftbc calib s | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(one_run(args, args.child)))
+        return
+    print("| T | ANN | none | lp | ftbc | fixed (ftbc) | convert s | ftbc calib s | wall s "
+          "| peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for steps in args.timesteps:
-        results[steps] = one_run(args, steps)
+        results[steps] = run_child(argv, steps)
         print(row(steps, results[steps]), flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak RSS of the whole run: {peak:.0f} MiB")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],
                   "fixed": v.get("fixed_accuracy"),
+                  "calibration_seconds": {m: c["seconds"] for m, c in
+                                          v["calibration"].items()},
+                  "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
                   "kept": {m: {name: layer.get("kept") for name, layer in
                                c.get("layers", {}).items()}
                            for m, c in v["calibration"].items()}}
