@@ -225,7 +225,7 @@ def emulate(run: Run) -> Run:
 
 def export(run: Run) -> Run:
     from exporters.netx import write_netx
-    if run.quant is None or not distributed.is_main():
+    if run.quant is None:
         return run
     path = run.options.out_dir / "network.net"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +241,7 @@ def netlist(run: Run) -> Run:
     from hw_targets import get_target
     from hw_targets.loihi2_resources import resources_for
     target = get_target(run.options.target)
-    if run.quant is None or resources_for(target.name) is None or not distributed.is_main():
+    if run.quant is None or resources_for(target.name) is None:
         return run
     nl = build_netlist(run.quant, target, run.activity)
     write_netlist(nl, run.options.out_dir / "netlist.json")
@@ -255,7 +255,7 @@ def netlist(run: Run) -> Run:
 def export_nir(run: Run) -> Run:
     """``--target nir``: the calibrated, normalised float SNN as a NIR graph."""
     from exporters.nir_export import write_nir
-    if run.options.target != "nir" or not distributed.is_main():
+    if run.options.target != "nir":
         return run
     path = run.options.out_dir / "network.nir"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,8 +267,7 @@ def verify(run: Run) -> Run:
     from hw_targets import get_target
     from sims.verify import verify as verify_lava
     opts = run.options
-    if (run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0
-            or not distributed.is_main()):
+    if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
         return run
     x, y = run.data.x_test[:opts.verify_samples], run.data.y_test[:opts.verify_samples]
     lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y)
@@ -277,15 +276,22 @@ def verify(run: Run) -> Run:
 
 def report(run: Run) -> Run:
     from toolchain.report import write_report
-    if distributed.is_main():
-        write_report(run)
+    write_report(run)
     return run
+
+
+def _main_rank_only(fn: Stage) -> Stage:
+    """A stage that writes or prints (or runs Lava): rank 0 alone runs it; the other ranks of
+    a data-parallel run pass the run on unchanged (they hold no complete results)."""
+    def stage(run: Run) -> Run:
+        return fn(run) if distributed.is_main() else run
+    stage.__name__ = fn.__name__
+    return stage
 
 
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
     load, trace, convert, calibrate, simulate, normalize, quantize, calibrate_fixed, emulate,
-    export, netlist,
-    export_nir, verify, report,
+    *map(_main_rank_only, (export, netlist, export_nir, verify, report)),
 ))
 
 
