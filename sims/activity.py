@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from sims.emulator import PAYLOAD_BITS, emulate
+from hw_targets import get_target
+from sims.emulator import emulate
 from sims.reference import encode_input
 from toolchain import distributed
 from toolchain.ir import QuantGraph
@@ -36,9 +37,10 @@ def activity_from_counts(q: QuantGraph, x: np.ndarray, neuron_spikes: Mapping[st
     """``measure_activity``'s result from an emulation's ``neuron_spikes`` on ``x``."""
     x = np.asarray(x)
     events = np.zeros(int(np.prod(q.input.shape)))
+    payload = get_target(q.target).input_payload_bits
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
-        events += q.timesteps * (encode_input(q.input, xb, PAYLOAD_BITS) != 0).reshape(
+        events += q.timesteps * (encode_input(q.input, xb, payload) != 0).reshape(
             len(xb), -1).sum(axis=0)
     # Data-parallel runs: every rank counted its shard; counts add up exactly.
     total = distributed.sum_int(len(x))

@@ -9,7 +9,8 @@ import torch
 import toolchain.calibrate_fixed as cf
 from exporters.quantize import quantize, validate
 from hw_targets import get_target
-from sims.emulator import emulate, plan_graph
+from sims.emulator import emulate
+from sims.engine import compile as plan_graph_of
 from sims.reference import encode_input, reference_run
 from tests.ann_builders import train_digits_cnn
 from toolchain.calibrate import calibrate, split_calibration
@@ -83,7 +84,7 @@ def test_holdout_error_does_not_increase(setup, steps):
     batch = cf._make_batch(q, ann, hold, float_thresholds(graphs[steps][0]))
 
     def error(g):
-        plans = plan_graph(g)
+        plans = plan_graph_of(g).layers
         return cf._holdout_error(g, plans, 0, plans[0], batch)
 
     assert error(new) <= error(q)
@@ -124,7 +125,9 @@ def test_fixed_ftbc_step_matches_float_update():
                    vth=frozen_array([1000], np.int64), bias_mant=frozen_array([[0]], np.int64),
                    bias_exp=2, v_init=frozen_array([0], np.int64), delay=1,
                    scale=frozen_array([1000.0]))
-    lp = cf.plan_layer(layer, {"input": (1,)})
+    from sims import engine
+    lp = engine.plan_integer_layer(layer, {"input": (1,)}, engine.IntegerArithmetic(TARGET),
+                                   torch.device("cpu"))
     mant = torch.zeros((1, 1), dtype=torch.float64)
     drive = torch.zeros((4, 1), dtype=lp.dtype)
     cf._ftbc_pass(lp, layer, drive, torch.tensor([0.75], dtype=torch.float64), mant, 0.5,

@@ -47,18 +47,17 @@ import torch
 
 from exporters.quantize import validate
 from hw_targets import Target
-from sims.emulator import (PAYLOAD_BITS, SHIFT, LayerPlan, clamp_state, exact_float_math,
-                           initial_state, input_current, plan_graph, plan_layer,
-                           run_neurons, spike_current, step_drive)
+from sims import engine
+from sims.engine import (LayerPlan, bias_sweep, initial_state, input_current, last_consumers,
+                         run_steps, spike_current)
 from sims.progress import progress_bar
 from sims.reference import encode_input
-from sims.torch_snn import last_consumers
 from toolchain.ann import ann_forward
 from toolchain import distributed
 from toolchain.calibrate import (_check as check_hyperparameters, agreement, local_rows,
                                  running_logit_error, split_calibration)
 from toolchain.errors import InputError
-from toolchain.ir import INPUT, AnnGraph, QuantGraph, SnnGraph, evolve
+from toolchain.ir import AnnGraph, QuantGraph, SnnGraph, evolve
 
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
 
@@ -104,7 +103,7 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                               "batches": batches, "batch_size": batch_size,
                               "iterations": iterations, "holdout_fraction": float(holdout),
                               "seed": seed, "target": target.name}
-    with torch.no_grad(), exact_float_math():
+    with torch.no_grad(), engine.exact_math():
         new, details = _calibrate(q, ann, x_calib, thresholds, target, alpha, batches,
                                   batch_size, iterations, holdout, seed, progress)
     report.update(details, seconds=time.perf_counter() - start)
@@ -137,8 +136,8 @@ def _calibrate(q, ann, x_calib, thresholds, target, alpha, batches, batch_size, 
     parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
     cal = [_make_batch(q, ann, local_rows(p), thresholds) for p in parts]
     hold = _make_batch(q, ann, local_rows(hold_x), thresholds) if len(hold_x) else None
-    layers, plans = list(q.layers), list(plan_graph(q))
-    last, shapes = last_consumers(q), _shapes(q)
+    layers, plans = list(q.layers), list(engine.compile(q).layers)
+    last = last_consumers(q)
     layers_report, error = {}, None
     spiking = sum(not layer.readout for layer in q.layers)
     with progress_bar(spiking, "calibrate fixed point", progress, unit="layer") as bar:
@@ -150,7 +149,7 @@ def _calibrate(q, ann, x_calib, thresholds, target, alpha, batches, batch_size, 
             error = layers_report[layer.name].get("holdout_error")
             if layers_report[layer.name]["kept"]:
                 layers[index] = evolve(layer, bias_mant=mant)
-                plans[index] = plan_layer(layers[index], shapes)
+                plans[index] = _plan_layer(q, layers[index])
             for b in cal + ([hold] if hold else []):
                 b.spikes[layer.name] = layer_output(plans[index], b.x, b.spikes,
                                                     q.timesteps).to(torch.uint8)
@@ -166,8 +165,11 @@ def _calibrate(q, ann, x_calib, thresholds, target, alpha, batches, batch_size, 
     return new, details
 
 
-def _shapes(q: QuantGraph) -> dict[str, tuple[int, ...]]:
-    return {INPUT: tuple(q.input.shape), **{l.name: tuple(l.shape) for l in q.layers}}
+def _plan_layer(q: QuantGraph, layer) -> LayerPlan:
+    """``layer`` (of ``q`` or a candidate replacing one) in the integer arithmetic of q's
+    target."""
+    return engine.plan_integer_layer(layer, engine.graph_shapes(q), engine.integer_arithmetic(q),
+                                     torch.device("cpu"))
 
 
 def _make_batch(q: QuantGraph, ann: AnnGraph, x: np.ndarray,
@@ -180,7 +182,7 @@ def _make_batch(q: QuantGraph, ann: AnnGraph, x: np.ndarray,
             theta = torch.from_numpy(np.array(thresholds[layer.name], np.float64))
             rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
             targets[layer.name] = distributed.mean(rate, (0, 2))
-    x_int = encode_input(q.input, x, PAYLOAD_BITS)
+    x_int = encode_input(q.input, x, engine.integer_arithmetic(q).payload_bits)
     return _Batch(torch.from_numpy(x_int.astype(np.float32)), targets, logits, {})
 
 
@@ -211,7 +213,7 @@ def _calibrate_layer(q, plans, index, cal, hold, alpha, iterations, target, befo
              "max_abs_change": int(np.max(np.abs(new - layer.bias_mant), initial=0))}
     if hold is None:
         return new, {**entry, "kept": True}
-    candidate = plan_layer(evolve(layer, bias_mant=new), _shapes(q))
+    candidate = _plan_layer(q, evolve(layer, bias_mant=new))
     before = _holdout_error(q, plans, index, lp, hold) if before is None else before
     after = _holdout_error(q, plans, index, candidate, hold)
     kept = after < before
@@ -221,8 +223,7 @@ def _calibrate_layer(q, plans, index, cal, hold, alpha, iterations, target, befo
 
 def _fit_currents(lp: LayerPlan, cal: list[_Batch], steps: int) -> list[torch.Tensor | None]:
     """Each batch's fit drive, computed once for all iterations when it fits the budget."""
-    spiking = any(p.source != INPUT for p in lp.synapses)
-    rows = sum(b.x.shape[0] for b in cal) * (steps if spiking else 1)
+    rows = sum(b.x.shape[0] for b in cal) * (steps if lp.spiking_inputs else 1)
     if rows * lp.n * lp.vth.element_size() > CURRENT_CACHE_BYTES:
         return [None] * len(cal)
     return [fit_drive(lp, b.x, b.spikes, steps) for b in cal]
@@ -232,51 +233,32 @@ def fit_drive(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor]
               steps: int) -> torch.Tensor:
     """``a << 6`` without the bias: (steps, B, n), or (B, n) when only the constant input
     feeds the layer (the same at every step)."""
-    clamps = {lp.name: 0}
-    const = input_current(lp, x, steps, clamps)
-    a = spike_current(lp, trains, steps, x.shape[0], clamps)
+    shift = lp.shift
+    const = input_current(lp, x, steps)
+    a = spike_current(lp, trains, steps, x.shape[0])
     if a is None:
-        return const.mul_(SHIFT)
-    return (a if const is None else a.add_(const)).mul_(SHIFT)
+        return const.mul_(shift)
+    return (a if const is None else a.add_(const)).mul_(shift)
 
 
 def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor, target: torch.Tensor,
                mant: torch.Tensor, alpha: float, limits: tuple[float, float]) -> int:
-    """One integer FTBC sweep t = 1..T over a batch; updates ``mant`` (T, C) in place.
-    Returns how many updated mantissas were clipped to the 13-bit range."""
-    batch = drive.shape[-2]
-    v = initial_state(lp, batch)
-    scratch, spikes = torch.empty_like(v), torch.empty_like(v)
+    """One integer FTBC sweep t = 1..T over a batch (``engine.bias_sweep``); updates ``mant``
+    (T, C) in place. Returns how many updated mantissas were clipped to the 13-bit range."""
+    v = initial_state(lp, drive.shape[-2])
     vth_c = torch.from_numpy(np.array(layer.vth, np.float64))
     unit = float(2 ** layer.bias_exp)
-    clamped = 0
-    for t in range(mant.shape[0]):
-        base = v + (drive if drive.dim() == 2 else drive[t])
-        pre = _add_bias(base.clone(), mant[t], unit, lp)
-        clamp_state(pre, scratch)
-        torch.ge(pre, lp.vth, out=spikes)
-        rate = _channel_rate(spikes, lp.channels)
-        step = torch.round(alpha * (target - rate) * vth_c / unit)
-        updated = mant[t] + step
-        clamped += int(((updated < limits[0]) | (updated > limits[1])).sum())
+    clamped = [0]
+
+    def update(t: int, spikes: torch.Tensor) -> None:
+        rate = distributed.rate(spikes.view(spikes.shape[0], lp.channels, -1), (0, 2))
+        updated = mant[t] + torch.round(alpha * (target - rate) * vth_c / unit)
+        clamped[0] += int(((updated < limits[0]) | (updated > limits[1])).sum())
         mant[t] = updated.clamp_(*limits)
-        v = _add_bias(base, mant[t], unit, lp)  # re-fire the step with the updated bias
-        clamp_state(v, scratch)
-        torch.ge(v, lp.vth, out=spikes)
-        v.addcmul_(spikes, lp.vth, value=-1)
-    return clamped
 
-
-def _add_bias(v: torch.Tensor, mant_t: torch.Tensor, unit: float, lp: LayerPlan
-              ) -> torch.Tensor:
-    """v (B, n) += mant_t << bias_exp per channel, in place (exact: integers < 2**24)."""
-    v.view(v.shape[0], lp.channels, -1).add_((mant_t * unit).to(v.dtype).view(-1, 1))
-    return v
-
-
-def _channel_rate(spikes: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C,) float64 fraction of ones per channel of a 0/1 (B, n) tensor (exact counts)."""
-    return distributed.rate(spikes.view(spikes.shape[0], channels, -1), (0, 2))
+    drives = (drive if drive.dim() == 2 else drive[t] for t in range(mant.shape[0]))
+    bias_sweep(lp, drives, v, lambda t: (mant[t] * unit).to(v.dtype), update)
+    return clamped[0]
 
 
 # --------------------------------------------------------------------------- forwards
@@ -286,13 +268,10 @@ def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tens
     """All T steps of one layer on cached source spike trains, as ``sims.emulator`` runs
     it (bit-exact with ``sims.reference``): (T, B, n) spikes 0/1, or the readout membrane
     after each step, in the layer's float dtype (exact integers)."""
-    batch, clamps = x.shape[0], {lp.name: 0}
-    const = input_current(lp, x, steps, clamps)
-    a = spike_current(lp, trains, steps, batch, clamps)
-    drive = const.mul_(SHIFT) if a is None else step_drive(lp, const, a, 0, steps)
-    v = initial_state(lp, batch)
-    out = torch.empty((steps, batch, lp.n), dtype=lp.dtype)
-    run_neurons(lp, drive, v, 0, out, torch.empty_like(v))
+    drive = fit_drive(lp, x, trains, steps)
+    v = initial_state(lp, x.shape[0])
+    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype)
+    run_steps(lp, drive, v, 0, out, torch.empty_like(v))
     return out
 
 
@@ -326,7 +305,7 @@ def _guard(q: QuantGraph, plans, hold: _Batch | None) -> dict:
     """Held-out readout agreement with the ANN before/after; revert when it drops."""
     if hold is None:
         return {}
-    old = plan_graph(q)
+    old = engine.compile(q).layers
     before = agreement(_downstream_readout(q, old, 0, old[0],
                                            _Batch(hold.x, {}, hold.logits, {})), hold.logits)
     after = agreement(readout_float(q, layer_output(plans[-1], hold.x, hold.spikes,
