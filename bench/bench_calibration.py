@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 
 from toolchain.ann import ann_accuracy  # noqa: E402
-from toolchain.calibrate import calibrate, ftbc_full_forward, split_calibration  # noqa: E402
+from tests.ftbc_full_forward import ftbc_full_forward  # noqa: E402
+from toolchain.calibrate import calibrate, split_calibration  # noqa: E402
 from toolchain.convert import convert  # noqa: E402
 from sims.torch_snn import simulate  # noqa: E402
 

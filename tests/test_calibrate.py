@@ -10,7 +10,8 @@ import toolchain.calibrate as cal
 from sims.torch_snn import run_network
 from tests.ann_builders import train_digits_cnn
 from toolchain.ann import ann_forward
-from toolchain.calibrate import agreement, calibrate, ftbc_full_forward, split_calibration
+from tests.ftbc_full_forward import ftbc_full_forward
+from toolchain.calibrate import agreement, calibrate, split_calibration
 from toolchain.convert import convert
 from toolchain.errors import InputError
 from toolchain.ir import graphs_equal

@@ -14,6 +14,7 @@ from sims.engine import compile as plan_graph_of
 from sims.reference import encode_input, reference_run
 from tests.ann_builders import train_digits_cnn
 from toolchain.calibrate import calibrate, split_calibration
+from toolchain.calibration import CalibrationOptions, running_logit_error
 from toolchain.calibrate_fixed import calibrate_fixed, float_thresholds
 from toolchain.convert import convert
 from toolchain.errors import InputError
@@ -81,11 +82,12 @@ def test_holdout_error_does_not_increase(setup, steps):
     q, (new, report) = _fixed(setup, steps)
     _, hold = split_calibration(x_calib, KW["holdout"], KW["batches"], KW["batch_size"],
                                 KW["seed"])
-    batch = cf._make_batch(q, ann, hold, float_thresholds(graphs[steps][0]))
+    thresholds = float_thresholds(graphs[steps][0])
+    batch = cf.IntegerRule(q, ann, thresholds, TARGET, CalibrationOptions()).batch(hold)
 
     def error(g):
-        plans = plan_graph_of(g).layers
-        return cf._holdout_error(g, plans, 0, plans[0], batch)
+        rule = cf.IntegerRule(g, ann, thresholds, TARGET, CalibrationOptions())
+        return running_logit_error(rule.readout(batch, {}, 0), batch.logits)
 
     assert error(new) <= error(q)
     kept = [e for e in report["layers"].values() if e["kept"]]

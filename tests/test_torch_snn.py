@@ -49,26 +49,26 @@ def test_spike_carries_threshold_and_readout_accumulates():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fire_and_reset_are_the_bool_compare_and_where_bit_for_bit(dtype):
-    from sims.torch_snn import NeuronParams, fire, layer_step
+    """The engine's in-place step (``ge`` into a float buffer, ``addcmul`` reset) gives what
+    ``v >= theta`` and ``torch.where(s, v - theta, v)`` give, ties and signed zeros included."""
+    from sims.engine import LayerPlan, charge, settle
     rng = np.random.default_rng(0)
     theta = torch.tensor(rng.uniform(0.5, 2.0, (4, 1, 1)), dtype=dtype)
     v = torch.tensor(rng.normal(0, 1.5, (6, 4, 3, 3)), dtype=dtype)
     v[0] = theta  # exact ties fire
     v[1, :, 0, 0] = -0.0  # signed zeros survive the reset
     v[1, :, 0, 1] = torch.nextafter(theta[:, 0, 0], torch.zeros(()).to(dtype))  # just below
-    assert fire(v, theta).dtype == dtype
-    np.testing.assert_array_equal(fire(v, theta).numpy(), (v >= theta).numpy())
-    buf = v.clone()
-    assert fire(buf, theta, out=buf) is buf  # in place on the compared tensor
-    np.testing.assert_array_equal(buf.numpy(), (v >= theta).numpy())
-
-    zero = torch.zeros((1, 4, 1, 1), dtype=dtype)
-    p = NeuronParams(theta=theta, bias=zero[0], schedule=zero, v_init=zero[0], readout=False)
-    new_v, spikes = layer_step(p, v, torch.zeros_like(v), 0)
+    zero = torch.zeros((4, 1), dtype=dtype)
+    lp = LayerPlan(name="h", shape=(4, 3, 3), n=36, channels=4, synapses=(),
+                   schedule=zero[None], bias=zero, v_init=zero[:, 0],
+                   vth=theta.expand(4, 3, 3).reshape(-1), readout=False, dtype=dtype)
+    flat = v.reshape(6, -1).clone()
+    out = torch.empty_like(flat)
+    settle(lp, charge(lp, flat, torch.zeros_like(flat)), zero[:, 0], out, torch.empty_like(flat))
     pre = v + 0.0 + 0.0 + 0.0
-    want = torch.where(pre >= theta, pre - theta, pre)
-    assert spikes.dtype == torch.bool and torch.equal(spikes, pre >= theta)
-    assert torch.equal(new_v, want) and torch.equal(new_v.signbit(), want.signbit())
+    want = torch.where(pre >= theta, pre - theta, pre).reshape(6, -1)
+    assert out.dtype == dtype and torch.equal(out.bool(), (pre >= theta).reshape(6, -1))
+    assert torch.equal(flat, want) and torch.equal(flat.signbit(), want.signbit())
 
 
 def test_bias_schedule_applies_at_its_step_only():

@@ -22,50 +22,39 @@ new schedule is kept only if it lowers the held-out error of the network's outpu
     E = (1/T) sum_t mean (v_out(t) / t - z_ANN)^2
 
 (the readout's running estimate of the ANN logits at every step), with upstream layers as
-kept and downstream layers not yet calibrated. (The layer-local alternative, the running-rate
-error of the layer itself, ``SELECTION = "layer"``, rejected most corrections and measured
-worse on digits; see the report.) Finally the readout's held-out agreement with the ANN's
-argmax, averaged over t = 1..T, must not fall below that of the input network; otherwise
+kept and downstream layers not yet calibrated (the driver ``toolchain.calibration``, shared
+with the integer calibration; the layer-local alternative, the running-rate error of the
+layer itself, rejected most corrections and measured worse on digits). Finally the
+readout's held-out agreement with the ANN's argmax, averaged over t = 1..T, must not fall below that of the input network; otherwise
 every schedule is reverted. The readout keeps a zero schedule (it has no threshold).
 
 Cost. Calibrating layer l costs ``iterations * batches`` passes over layer l's T steps on its
 cached input spike trains (one batched conv per chunk of steps), plus one pass per batch to
 cache its own output: not L x T full-network forwards. Loop order is layer -> iteration ->
 batch (each layer converges against its final upstream; the authors' iteration -> layer order
-recalibrates against upstream layers that are still moving).
+recalibrates against upstream layers that are still moving). The neuron step is
+``sims.engine``'s (``bias_sweep`` for FTBC, ``run_steps`` otherwise), on ``device``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from sims.progress import progress_bar
-from sims.torch_snn import (NeuronParams, chunk_steps, encode_input, fire, initial_membrane,
-                            input_current, last_consumers, layer_currents, layer_output,
-                            layer_step, neuron_params, run_layer,
-                            synapse_current)
+from sims import engine
+from sims.engine import FloatArithmetic, LayerPlan
+from sims.torch_snn import encode_input, layer_drive, layer_output
 from toolchain import distributed
 from toolchain.ann import ann_forward
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, AnnGraph, SnnGraph, evolve
+from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
+from toolchain.calibration import agreement, split_calibration  # noqa: F401  (public here too)
+from toolchain.ir import AnnGraph, SnnGraph, evolve
 
-METHODS = ("none", "lp", "ftbc")
 DTYPE = torch.float32
 CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations below 512 MiB
-
-
-@dataclass(frozen=True, eq=False)
-class _Batch:
-    """A calibration (or holdout) batch: encoded input, clipped ANN targets per spiking layer,
-    ANN logits, and the cached spike trains of calibrated layers (filled layer by layer)."""
-    x: torch.Tensor
-    targets: dict
-    logits: torch.Tensor
-    spikes: dict
 
 
 # --------------------------------------------------------------------------- public API
@@ -73,43 +62,28 @@ class _Batch:
 def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str = "ftbc",
               alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
               iterations: int = 3, holdout: float = 0.2, seed: int = 0,
-              progress: bool = False) -> tuple[SnnGraph, dict]:
+              progress: bool = False, device: Any = None) -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
-    ``progress``: a bar over the layers on stderr.
+    ``progress``: a bar over the layers on stderr; ``device``: the torch device.
 
     The report holds method, alpha, batches, batch_size, iterations, seconds, per-layer
     ``layers[name] = {kept, holdout_error_before, holdout_error_after}`` (E below) and the
     held-out readout agreement with the ANN before/after (``holdout``)."""
-    _check(method, alpha, batches, batch_size, iterations, holdout, x_calib)
+    opts = CalibrationOptions(method=method, alpha=alpha, batches=batches,
+                              batch_size=batch_size, iterations=iterations, holdout=holdout,
+                              seed=seed, progress=progress, device=device)
+    opts.check(x_calib)
     start = time.perf_counter()
-    report: dict[str, Any] = {"method": method, "alpha": float(alpha), "batches": batches,
-                              "batch_size": batch_size, "iterations": iterations,
-                              "holdout_fraction": float(holdout), "seed": seed}
+    report: dict[str, Any] = opts.header()
     if method == "none":
         new = _with_schedules(snn, {}, method)
         return new, {**report, "layers": {}, "seconds": time.perf_counter() - start}
-    with torch.no_grad():
-        new, details = _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size,
-                                  iterations, holdout, seed, progress)
+    with torch.no_grad(), engine.exact_math():
+        rule = FloatRule(snn, ann, opts)
+        details = calibrate_layers(rule, x_calib, opts)
+    new = rule.result(details["holdout"].get("reverted", False))
     report.update(details, seconds=time.perf_counter() - start)
-    return evolve(new, meta={**new.meta, "calibration": _summary(report)}), report
-
-
-def split_calibration(x: np.ndarray, holdout: float, batches: int, batch_size: int,
-                      seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Seeded split: up to ``batches`` batches of ``batch_size`` and the held-out part."""
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_hold = min(len(x) - 1, max(1, int(round(holdout * len(x))))) if holdout > 0 else 0
-    hold, rest = x[np.sort(order[:n_hold])], x[order[n_hold:]]
-    parts = [rest[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
-    return [p for p in parts if len(p)], hold
-
-
-def local_rows(x: np.ndarray) -> np.ndarray:
-    """This rank's shard of a calibration batch (the whole batch in a single process)."""
-    distributed.check_shardable(len(x), "a calibration batch or the held-out set",
-                                "raise --calib-batch-size")
-    return x[distributed.shard(len(x))]
+    return evolve(new, meta={**new.meta, "calibration": summary(report)}), report
 
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +94,7 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
 
 def channel_rate(spikes: torch.Tensor) -> torch.Tensor:
     """The fraction of neurons that fired, per channel: (B, C, ...) 0/1 spikes (bool, or
-    floats as ``sims.torch_snn.fire`` gives them) -> (C, 1, ...) float32, exact counts."""
+    floats as the engine gives them) -> (C, 1, ...) float32, exact counts."""
     return _per_channel(distributed.rate(spikes, _channel_dims(spikes)), spikes, DTYPE)
 
 
@@ -132,236 +106,147 @@ def _per_channel(values: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
     return values.to(dtype).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
 
 
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- the rule
 
-def _check(method, alpha, batches, batch_size, iterations, holdout, x) -> None:
-    problems = []
-    if method not in METHODS:
-        problems.append(f"method must be one of {METHODS}, got {method!r}")
-    if not alpha > 0:
-        problems.append(f"alpha must be > 0, got {alpha}")
-    if min(batches, batch_size, iterations) < 1:
-        problems.append("batches, batch_size and iterations must be >= 1")
-    if not 0.0 <= holdout < 1.0:
-        problems.append(f"holdout must be in [0, 1), got {holdout}")
-    if method != "none" and len(x) < 2:
-        problems.append("calibration needs at least 2 training samples")
-    if problems:
-        raise InputError("; ".join(problems))
+class FloatRule:
+    """Float FTBC / LP for ``toolchain.calibration``: candidates are bias schedules (T, C, 1)
+    of the float engine; batches carry the clipped ANN activations ``abar`` as targets."""
 
+    def __init__(self, snn: SnnGraph, ann: AnnGraph, opts: CalibrationOptions):
+        self.graph, self.ann, self.opts = snn, ann, opts
+        self.label = f"calibrate {opts.method}"
+        self.arith = FloatArithmetic(DTYPE)
+        self.plan = engine.compile(snn, self.arith, opts.device)
+        self.layers = list(self.plan.layers)  # as kept
+        self.schedules: dict[str, torch.Tensor] = {}
 
-def _calibrate(snn, ann, x_calib, method, alpha, batches, batch_size, iterations, holdout,
-               seed, progress=False) -> tuple[SnnGraph, dict]:
-    parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
-    cal = [_make_batch(snn, ann, local_rows(p)) for p in parts]
-    hold = _make_batch(snn, ann, local_rows(hold_x)) if len(hold_x) else None
-    last = last_consumers(snn)
-    schedules, layers_report = {}, {}
-    # The input network's held-out readout: the first layer's "before" error and the guard's
-    # "before" agreement (computed once).
-    base = _readout(snn, hold) if hold is not None else None
-    error = running_logit_error(base, hold.logits) \
-        if hold is not None and SELECTION == "readout" else None
-    spiking = sum(not layer.readout for layer in snn.layers)
-    with progress_bar(spiking, f"calibrate {method}", progress, unit="layer") as bar:
-        for index, layer in enumerate(snn.layers):
-            if layer.readout:
-                continue
-            cache = _cached_currents(snn, layer, cal + ([hold] if hold else []))
-            hold_currents = cache.pop() if hold else None
-            sched, layers_report[layer.name] = _calibrate_layer(
-                snn, index, cal, cache, hold, method, alpha, iterations, error, hold_currents)
-            error = layers_report[layer.name].get("holdout_error") if SELECTION == "readout" \
-                else None
-            schedules[layer.name] = sched
-            p = replace(neuron_params(layer, snn.timesteps, DTYPE), schedule=sched)
-            for b, currents in zip(cal + ([hold] if hold else []), cache + [hold_currents]):
-                if b is not hold or layer.name not in b.spikes:  # (kept: already there)
-                    b.spikes[layer.name] = _spikes(snn, layer, p, b, currents)
-                _free(b, last, index)
-            bar.update(1)
-    new = _with_schedules(snn, schedules, method)
-    guard = _guard(new, hold, base)
-    if guard.get("reverted"):
-        new = _with_schedules(snn, {}, method, base=snn)
-    details = {"batches_used": len(cal), "calib_samples": int(sum(len(p) for p in parts)),
-               "holdout_samples": int(len(hold_x)), "layers": layers_report,
-               "holdout": guard}
-    return new, details
+    def batch(self, x: np.ndarray) -> Batch:
+        logits, values = ann_forward(self.ann, x, record=True, dtype=DTYPE)
+        dev, targets = self.plan.device, {}
+        for layer in self.graph.layers:
+            if not layer.readout:
+                theta = torch.tensor(np.asarray(layer.threshold), dtype=DTYPE)
+                theta = theta.reshape((-1,) + (1,) * (len(layer.shape) - 1))
+                targets[layer.name] = torch.minimum(values[layer.name].clamp(min=0),
+                                                    theta).to(dev)
+        return Batch(encode_input(self.graph.input, x, DTYPE, dev), targets, logits.to(dev), {})
+
+    def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
+        """The readout (T, B, K) on the batch's already *encoded* input: layers ``start``
+        onwards as they are in the input graph, earlier ones from ``trains`` (added to)."""
+        for lp in self.plan.layers[start:]:
+            out = layer_output(lp, b.x, trains, self.graph.timesteps)
+            if lp.readout:
+                return out
+            trains[lp.name] = out
+        raise AssertionError("the last layer is the readout")
+
+    def final_readout(self, b: Batch) -> torch.Tensor:
+        """The calibrated graph's readout (its schedule is zeros) on the cached trains."""
+        lp = self.plan.layers[-1]
+        lp = replace(lp, schedule=torch.zeros_like(lp.schedule))
+        return layer_output(lp, b.x, b.spikes, self.graph.timesteps)
+
+    def fit(self, index: int, cal: list[Batch], hold: Batch | None) -> "FloatFit":
+        return FloatFit(self, index, cal, hold)
+
+    def keep(self, index: int, candidate: torch.Tensor) -> None:
+        self.layers[index] = replace(self.layers[index], schedule=candidate)
+
+    def result(self, reverted: bool) -> SnnGraph:
+        if reverted:
+            return _with_schedules(self.graph, {}, self.opts.method, base=self.graph)
+        schedules = {lp.name: lp.schedule for lp in self.layers if not lp.readout}
+        return _with_schedules(self.graph, schedules, self.opts.method)
 
 
-def _make_batch(snn: SnnGraph, ann: AnnGraph, x: np.ndarray) -> _Batch:
-    logits, values = ann_forward(ann, x, record=True, dtype=DTYPE)
-    targets = {}
-    for layer in snn.layers:
-        if not layer.readout:
-            theta = torch.tensor(np.asarray(layer.threshold), dtype=DTYPE)
-            theta = theta.reshape((-1,) + (1,) * (len(layer.shape) - 1))
-            targets[layer.name] = torch.minimum(values[layer.name].clamp(min=0), theta)
-    return _Batch(encode_input(snn.input, x, DTYPE), targets, logits, {})
+class FloatFit:
+    """One float layer: its input currents cached per batch (all iterations) when they fit
+    CURRENT_CACHE_BYTES, then ``iterations`` FTBC or LP passes over the batches."""
+
+    def __init__(self, rule: FloatRule, index: int, cal: list[Batch], hold: Batch | None):
+        self.rule, self.index, self.steps = rule, index, rule.graph.timesteps
+        self.lp = rule.layers[index]
+        self.currents = _cached_currents(self.lp, cal + ([hold] if hold else []), self.steps)
+        sched = self.lp.schedule.clone()
+        p = replace(self.lp, schedule=sched)
+        fit = _ftbc_pass if rule.opts.method == "ftbc" else _lp_pass
+        for _ in range(rule.opts.iterations):
+            for b in cal:
+                fit(self, p, b)
+        self.candidate, self.entry = sched, {}
+
+    def output(self, candidate: torch.Tensor | None, b: Batch) -> torch.Tensor:
+        """The layer's (T, B, *shape) spikes on b (``candidate``: a schedule; None: as kept),
+        from the cached currents when there are any."""
+        lp = self.rule.layers[self.index]
+        return self.spikes(lp if candidate is None else replace(lp, schedule=candidate), b)
+
+    def spikes(self, lp: LayerPlan, b: Batch) -> torch.Tensor:
+        currents = self.currents.get(id(b))
+        if currents is None:
+            return layer_output(lp, b.x, b.spikes, self.steps)
+        v = engine.initial_state(lp, b.x.shape[0])
+        out = torch.empty((self.steps,) + tuple(v.shape), dtype=lp.dtype, device=v.device)
+        engine.run_steps(lp, currents, v, 0, out, torch.empty_like(v))
+        return out.bool().reshape((self.steps,) + tuple(b.x.shape[:1]) + lp.shape)
+
+    def drives(self, b: Batch):
+        """Per step the (B, n) current of the layer on batch b."""
+        currents = self.currents.get(id(b))
+        if currents is not None:
+            yield from (currents if currents.dim() == 3 else [currents] * self.steps)
+            return
+        steady = engine.input_current(self.lp, b.x)
+        k = engine.float_chunk_steps(self.lp, self.steps, b.x.shape[0])
+        for t0 in range(0, self.steps, k):
+            cur = layer_drive(self.lp, b.x, b.spikes, t0, min(t0 + k, self.steps), steady)
+            yield from (cur if cur.dim() == 3 else [cur] * (min(t0 + k, self.steps) - t0))
 
 
-def _free(b: _Batch, last: dict, index: int) -> None:
-    """Drop cached spike trains that no later layer reads."""
-    for name in [n for n in b.spikes if last.get(n, -1) <= index]:
-        del b.spikes[name]
-
-
-def _calibrate_layer(snn, index, cal, cache, hold, method, alpha, iterations, before=None,
-                     hold_currents=None) -> tuple[torch.Tensor, dict]:
-    """Fit one layer's schedule on the batches; keep it only if the holdout error drops.
-    ``before``: the held-out error of the network as it stands (known from the previous
-    layer's decision when the readout criterion is used); ``hold_currents``: the layer's
-    cached input currents on the held-out batch (None: computed when needed)."""
-    layer = snn.layers[index]
-    p0 = neuron_params(layer, snn.timesteps, DTYPE)
-    sched = p0.schedule.clone()
-    fit = _ftbc_pass if method == "ftbc" else _lp_pass
-    for _ in range(iterations):
-        for b, currents in zip(cal, cache):
-            fit(snn, layer, replace(p0, schedule=sched), b, alpha, currents)
-    if hold is None:
-        return sched, {"kept": True}
-    score = SELECTION_ERRORS[SELECTION]
-    before = score(snn, index, p0, hold, None, hold_currents) if before is None else before
-    candidate: dict = {}
-    after = score(snn, index, replace(p0, schedule=sched), hold, candidate, hold_currents)
-    kept = after < before
-    if kept and "spikes" in candidate:  # the layer's held-out output with the new schedule
-        hold.spikes[layer.name] = candidate["spikes"]
-    return (sched if kept else p0.schedule), {
-        "kept": bool(kept), "holdout_error_before": before, "holdout_error_after": after,
-        "holdout_error": min(before, after)}
-
-
-def _cached_currents(snn, layer, cal: list[_Batch]) -> list[torch.Tensor | None]:
-    """Each batch's input currents (T, B, *shape), computed once for all iterations when
-    they fit in CURRENT_CACHE_BYTES (else None: recomputed per pass, chunk by chunk)."""
-    size = snn.timesteps * sum(b.x.shape[0] for b in cal) * int(np.prod(layer.shape)) * 4
+def _cached_currents(lp: LayerPlan, batches: list[Batch], steps: int) -> dict:
+    """Each batch's input currents (T, B, n) (or (B, n), the same at every step), computed
+    once for all iterations when they fit in CURRENT_CACHE_BYTES (else none: recomputed per
+    pass, chunk by chunk)."""
+    size = steps * sum(b.x.shape[0] for b in batches) * lp.n * 4
     if size > CURRENT_CACHE_BYTES:
-        return [None] * len(cal)
-    return [_currents(snn, layer, b, 0, snn.timesteps, input_current(layer, b.x))
-            for b in cal]
+        return {}
+    return {id(b): layer_drive(lp, b.x, b.spikes, 0, steps, engine.input_current(lp, b.x))
+            for b in batches}
 
 
 # --------------------------------------------------------------------------- the updates
 
-def _currents(snn, layer, b: _Batch, t0: int, t1: int, steady) -> torch.Tensor:
-    cur = layer_currents(snn, layer, b.spikes, t0, t1, DTYPE)
-    if cur is None:
-        return steady.expand((t1 - t0,) + tuple(steady.shape))
-    return cur if steady is None else cur.add_(steady)  # (cur: a fresh tensor)
+def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
+    """One FTBC sweep t = 1..T over batch b (``engine.bias_sweep``); updates ``p.schedule``
+    in place (a tensor owned by this calibration)."""
+    v = engine.initial_state(p, b.x.shape[0])
+    target = channel_mean(b.targets[p.name]).reshape(p.channels, 1)
+    theta = _theta(p)
+    alpha = fit.rule.opts.alpha
+
+    def update(t: int, fired: torch.Tensor) -> None:
+        rate = channel_rate(fired.view(fired.shape[0], p.channels, -1))
+        p.schedule[t] += alpha * (target - theta * rate)
+
+    engine.bias_sweep(p, fit.drives(b), v, lambda t: p.schedule[t], update)
 
 
-def _ftbc_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
-               currents: torch.Tensor | None = None) -> None:
-    """One FTBC sweep t = 1..T over batch b; updates ``p.schedule`` in place (a tensor owned
-    by this calibration). ``currents``: the batch's cached (T, B, *shape) input currents."""
-    v = initial_membrane(p, b.x.shape[0], tuple(layer.shape))
-    target = channel_mean(b.targets[layer.name])
-    steady = input_current(layer, b.x) if currents is None else None
-    k = snn.timesteps if currents is not None else chunk_steps(snn, layer, b.x.shape[0])
-    fired = torch.empty_like(v)  # scratch: this step's spikes, 0.0 / 1.0
-    for t0 in range(0, snn.timesteps, k):
-        cur = currents if currents is not None else _currents(
-            snn, layer, b, t0, min(t0 + k, snn.timesteps), steady)
-        for i in range(cur.shape[0]):
-            t = t0 + i
-            base = (v + cur[i]).add_(p.bias)  # same association order as the simulator
-            fire(torch.add(base, p.schedule[t], out=fired), p.theta, out=fired)
-            p.schedule[t] += alpha * (target - p.theta * channel_rate(fired))
-            v = base.add_(p.schedule[t])  # re-fire the step with the updated bias
-            v.addcmul_(fire(v, p.theta, out=fired), p.theta, value=-1)  # reset by subtraction
-
-
-def _spikes(snn, layer, p: NeuronParams, b: _Batch,
-            currents: torch.Tensor | None) -> torch.Tensor:
-    """The layer's (T, B, *shape) spikes on batch b, from cached currents when given."""
-    if currents is None:
-        return layer_output(snn, layer, b.x, b.spikes, DTYPE, p)
-    v0 = initial_membrane(p, b.x.shape[0], tuple(layer.shape))
-    return run_layer(p, currents, v0)[0]
-
-
-def _lp_pass(snn, layer, p: NeuronParams, b: _Batch, alpha: float,
-             currents: torch.Tensor | None = None) -> None:
+def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """SNN-Calibration bias correction: one constant shift for all steps, full step
     (``alpha`` is not used, as in SNN-Calibration)."""
-    spikes = _spikes(snn, layer, p, b, currents)
+    spikes = fit.spikes(p, b)
     rate = channel_rate(spikes.reshape((-1,) + tuple(spikes.shape[2:])))  # over steps too
-    p.schedule.add_(channel_mean(b.targets[layer.name]) - p.theta * rate)
+    shift = channel_mean(b.targets[p.name]) - _theta(p).reshape(rate.shape) * rate
+    p.schedule.add_(shift.reshape(p.channels, 1))
 
 
-def layer_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
-                keep: dict | None = None, currents: torch.Tensor | None = None) -> float:
-    """E_l = (1/T) sum_t mean (abar - theta * r(t))^2, r(t) the layer's running rate."""
-    layer = snn.layers[index]
-    spikes = _spikes(snn, layer, p, b, currents)
-    target = b.targets[layer.name]
-    cum = torch.zeros_like(target)
-    total = 0.0
-    for t in range(snn.timesteps):
-        cum += spikes[t]
-        total += float(distributed.mean((target - p.theta * cum / (t + 1)) ** 2))
-    return total / snn.timesteps
+def _theta(p: LayerPlan) -> torch.Tensor:
+    """(C, 1) per-channel thresholds of a float layer plan."""
+    return p.vth.view(p.channels, -1)[:, :1]
 
 
-def readout_error(snn: SnnGraph, index: int, p: NeuronParams, b: _Batch,
-                  keep: dict | None = None, currents: torch.Tensor | None = None) -> float:
-    """E = (1/T) sum_t mean (v_out(t) / t - ANN logits)^2: layer ``index`` run with ``p``
-    (on its cached input ``currents`` when given), downstream layers as they are in ``snn``
-    (not yet calibrated), upstream from the cache. ``keep``: receives the layer's own output
-    as ``keep["spikes"]``."""
-    trains = dict(b.spikes)
-    trains[snn.layers[index].name] = _spikes(snn, snn.layers[index], p, b, currents)
-    if keep is not None:
-        keep["spikes"] = trains[snn.layers[index].name]
-    return running_logit_error(_readout(snn, b, trains, index + 1), b.logits)
-
-
-def _readout(snn: SnnGraph, b: _Batch, trains: dict | None = None,
-             start: int = 0) -> torch.Tensor:
-    """The network's readout (T, B, K) on the batch's already *encoded* input (``run_network``
-    takes raw samples and would normalise them a second time): layers ``start`` onwards as
-    they are in ``snn``, earlier ones from ``trains`` (added to in place)."""
-    trains = {} if trains is None else trains
-    for layer in snn.layers[start:]:
-        out = layer_output(snn, layer, b.x, trains, DTYPE)
-        if layer.readout:
-            return out
-        trains[layer.name] = out
-    raise AssertionError("the last layer is the readout")
-
-
-def running_logit_error(readout: torch.Tensor, logits: torch.Tensor) -> float:
-    steps = torch.arange(1, readout.shape[0] + 1, dtype=readout.dtype)
-    est = readout / steps.reshape((-1,) + (1,) * (readout.dim() - 1))
-    return float(distributed.mean((est - logits[None]) ** 2))
-
-
-SELECTION_ERRORS = {"layer": layer_error, "readout": readout_error}
-SELECTION = "readout"
-
-
-# --------------------------------------------------------------------------- guard, output
-
-def agreement(readout: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-    """(T,) fraction of samples whose SNN argmax after step t equals the ANN's."""
-    return distributed.mean(readout.argmax(-1) == logits.argmax(-1)[None], (1,)).numpy()
-
-
-def _guard(new: SnnGraph, hold: _Batch | None, old_readout: torch.Tensor | None) -> dict:
-    """Held-out readout agreement with the ANN before (``old_readout``: the input network's
-    held-out readout) and after; revert when it drops."""
-    if hold is None:
-        return {}
-    before = agreement(old_readout, hold.logits)
-    readout = new.readout
-    after = agreement(layer_output(new, readout, hold.x, hold.spikes, DTYPE), hold.logits)
-    return {"agreement_before": float(before.mean()), "agreement_after": float(after.mean()),
-            "agreement_before_at_T": float(before[-1]), "agreement_after_at_T": float(after[-1]),
-            "reverted": bool(after.mean() < before.mean())}
-
+# --------------------------------------------------------------------------- output
 
 def _with_schedules(snn: SnnGraph, schedules: dict, method: str,
                     base: SnnGraph | None = None) -> SnnGraph:
@@ -371,75 +256,10 @@ def _with_schedules(snn: SnnGraph, schedules: dict, method: str,
     for layer in snn.layers:
         if layer.name in schedules:
             sched = schedules[layer.name].reshape(snn.timesteps, layer.channels).double()
-            sched = sched.numpy()
+            sched = sched.cpu().numpy()
         elif base is not None and layer.bias_schedule is not None:
             sched = np.asarray(layer.bias_schedule)
         else:
             sched = np.zeros((snn.timesteps, layer.channels))
         layers.append(evolve(layer, bias_schedule=np.array(sched, dtype=np.float64)))
     return evolve(snn, layers=tuple(layers), meta={**snn.meta, "calibration_method": method})
-
-
-def _summary(report: dict) -> dict:
-    keys = ("method", "alpha", "batches", "batch_size", "iterations", "holdout_fraction",
-            "seed")
-    kept = {name: r.get("kept") for name, r in report.get("layers", {}).items()}
-    return {**{k: report[k] for k in keys}, "kept": kept,
-            "reverted": report.get("holdout", {}).get("reverted", False)}
-
-
-# --------------------------------------------------------------------------- reference loop
-
-def ftbc_full_forward(snn: SnnGraph, ann: AnnGraph, batches: list[np.ndarray], *,
-                      alpha: float = 0.5, iterations: int = 1) -> SnnGraph:
-    """FTBC with the authors' loop structure and the same math, for tests and benchmarks.
-
-    For each iteration, batch, spiking layer l and step t: one full ANN forward and one step
-    of the whole SNN (all layers, stateful), then ``b_l[t] += alpha * mean_c(abar - theta s)``
-    and layer l's step is re-fired: L x T full-network forwards per batch, nothing cached,
-    no holdout rule. With one batch and one iteration it computes what ``calibrate``
-    computes with ``holdout=0`` (same loop order then)."""
-    scheds = {l.name: neuron_params(l, snn.timesteps, DTYPE).schedule.clone()
-              for l in snn.layers if not l.readout}
-    with torch.no_grad():
-        for _ in range(iterations):
-            for xb in batches:
-                for layer in snn.layers:
-                    if not layer.readout:
-                        _full_forward_layer(snn, ann, xb, layer, scheds, alpha)
-    return _with_schedules(snn, scheds, "ftbc")
-
-
-def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
-    params = {l.name: neuron_params(l, snn.timesteps, DTYPE) for l in snn.layers}
-    params.update({name: replace(params[name], schedule=s) for name, s in scheds.items()})
-    x = encode_input(snn.input, xb, DTYPE)
-    state = {l.name: initial_membrane(params[l.name], len(xb), tuple(l.shape))
-             for l in snn.layers}
-    p = replace(params[layer.name], schedule=scheds[layer.name])
-    for t in range(snn.timesteps):
-        _, values = ann_forward(ann, xb, record=True, dtype=DTYPE)
-        target = torch.minimum(values[layer.name].clamp(min=0), p.theta)
-        v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
-        p.schedule[t] += alpha * (channel_mean(target) - p.theta * channel_rate(spikes))
-        pre = v_prev + cur + p.bias + p.schedule[t]
-        state[layer.name] = pre.addcmul_(fire(pre, p.theta), p.theta, value=-1)
-
-
-def _network_step(snn, params, state, x, t, watch):
-    """Advance every layer by step t (in place on ``state``); return the watched layer's
-    membrane before the step, its input current and its spikes (float)."""
-    outs, watched = {}, None
-    for layer in snn.layers:
-        cur = 0
-        for syn in layer.synapses:
-            src = x if syn.source == INPUT else outs[syn.source]
-            cur = cur + synapse_current(syn, src)
-        p = params[layer.name]
-        v_prev = state[layer.name]
-        state[layer.name], s = layer_step(p, v_prev, cur, t)
-        if not layer.readout:
-            outs[layer.name] = s.to(DTYPE) * p.theta
-        if layer.name == watch:
-            watched = (v_prev, cur, s.to(DTYPE))
-    return watched

@@ -26,9 +26,9 @@ an update that does not fit 13 bits is clipped to the limit and counted in the r
 (``clamped``), so the graph stays valid for the target; nothing else changes (weights, vth,
 v_init, the readout).
 
-Selection, as ``toolchain.calibrate`` (on held-out *training* samples only): a layer's new
-mantissas are kept only if they lower the held-out error of the network output against the
-ANN logits, ``E = (1/T) sum_t mean (v_out(t) / (t * scale_out) - z_ANN)^2`` (upstream as kept,
+Selection, by the driver shared with ``toolchain.calibrate`` (``toolchain.calibration``, on
+held-out *training* samples only): a layer's new mantissas are kept only if they lower the
+held-out error of the network output against the ANN logits, ``E = (1/T) sum_t mean (v_out(t) / (t * scale_out) - z_ANN)^2`` (upstream as kept,
 downstream not yet recalibrated); finally, if the held-out argmax agreement with the ANN
 (mean over t) falls below that of the input graph, every layer is reverted.
 
@@ -39,7 +39,6 @@ held-out set for the keep rule (no L x T full-network forwards).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,29 +47,16 @@ import torch
 from exporters.quantize import validate
 from hw_targets import Target
 from sims import engine
-from sims.engine import (LayerPlan, bias_sweep, initial_state, input_current, last_consumers,
+from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state, input_current,
                          run_steps, spike_current)
-from sims.progress import progress_bar
 from sims.reference import encode_input
-from toolchain.ann import ann_forward
 from toolchain import distributed
-from toolchain.calibrate import (_check as check_hyperparameters, agreement, local_rows,
-                                 running_logit_error, split_calibration)
+from toolchain.ann import ann_forward
+from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 from toolchain.errors import InputError
-from toolchain.ir import AnnGraph, QuantGraph, SnnGraph, evolve
+from toolchain.ir import AnnGraph, QLayer, QuantGraph, SnnGraph, evolve
 
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
-
-
-@dataclass(frozen=True, eq=False)
-class _Batch:
-    """Encoded graded input (B, *shape) float32 (exact integers), per spiking layer the target
-    rate ``mean_c(clip(a / theta, 0, 1))`` (C,) float64, the ANN logits (B, K) and the cached
-    integer spike trains (T, B, n) uint8 of calibrated layers (filled layer by layer)."""
-    x: torch.Tensor
-    targets: dict
-    logits: torch.Tensor
-    spikes: dict
 
 
 # --------------------------------------------------------------------------- public API
@@ -88,29 +74,33 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     thresholds: Mapping[str, np.ndarray], target: Target,
                     alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
                     iterations: int = 3, holdout: float = 0.2, seed: int = 0,
-                    progress: bool = False) -> tuple[QuantGraph, dict]:
+                    progress: bool = False, device: Any = None) -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target
-    ``q`` was quantized for (its 13-bit bias range bounds the mantissas).
+    ``q`` was quantized for (its 13-bit bias range bounds the mantissas); ``device``: the
+    torch device (the result is the same on every device).
 
     The report holds the hyper-parameters, seconds, per-layer ``layers[name] = {kept,
     holdout_error_before, holdout_error_after, clamped, changed}`` and the held-out agreement
     with the ANN before/after (``holdout``); ``q.meta["fixed_calibration"]`` a summary."""
-    check_hyperparameters("ftbc", alpha, batches, batch_size, iterations, holdout, x_calib)
+    opts = CalibrationOptions(method="ftbc", alpha=alpha, batches=batches,
+                              batch_size=batch_size, iterations=iterations, holdout=holdout,
+                              seed=seed, progress=progress, device=device)
+    opts.check(x_calib)
     _check_graph(q, thresholds, target)
     start = time.perf_counter()
-    report: dict[str, Any] = {"method": "ftbc-fixed", "alpha": float(alpha),
-                              "batches": batches, "batch_size": batch_size,
-                              "iterations": iterations, "holdout_fraction": float(holdout),
-                              "seed": seed, "target": target.name}
+    report: dict[str, Any] = {**opts.header(), "method": "ftbc-fixed", "target": target.name}
     with torch.no_grad(), engine.exact_math():
-        new, details = _calibrate(q, ann, x_calib, thresholds, target, alpha, batches,
-                                  batch_size, iterations, holdout, seed, progress)
+        rule = IntegerRule(q, ann, thresholds, target, opts)
+        details = calibrate_layers(rule, x_calib, opts)
+    new = q if details["holdout"].get("reverted") else evolve(q, layers=tuple(rule.layers))
+    details["violations"] = [str(v) for v in validate(new, target)]
     report.update(details, seconds=time.perf_counter() - start)
-    return evolve(new, meta={**new.meta, "fixed_calibration": _summary(report)}), report
+    meta = summary(report, extra_keys=("target",), per_layer=("clamped",))
+    return evolve(new, meta={**new.meta, "fixed_calibration": meta}), report
 
 
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- checks
 
 def _check_graph(q: QuantGraph, thresholds: Mapping[str, np.ndarray], target: Target) -> None:
     problems = []
@@ -131,97 +121,91 @@ def _check_graph(q: QuantGraph, thresholds: Mapping[str, np.ndarray], target: Ta
         raise InputError("calibrate_fixed: " + "; ".join(problems))
 
 
-def _calibrate(q, ann, x_calib, thresholds, target, alpha, batches, batch_size, iterations,
-               holdout, seed, progress=False) -> tuple[QuantGraph, dict]:
-    parts, hold_x = split_calibration(x_calib, holdout, batches, batch_size, seed)
-    cal = [_make_batch(q, ann, local_rows(p), thresholds) for p in parts]
-    hold = _make_batch(q, ann, local_rows(hold_x), thresholds) if len(hold_x) else None
-    layers, plans = list(q.layers), list(engine.compile(q).layers)
-    last = last_consumers(q)
-    layers_report, error = {}, None
-    spiking = sum(not layer.readout for layer in q.layers)
-    with progress_bar(spiking, "calibrate fixed point", progress, unit="layer") as bar:
-        for index, layer in enumerate(q.layers):
-            if layer.readout:
-                continue
-            mant, layers_report[layer.name] = _calibrate_layer(
-                q, plans, index, cal, hold, alpha, iterations, target, error)
-            error = layers_report[layer.name].get("holdout_error")
-            if layers_report[layer.name]["kept"]:
-                layers[index] = evolve(layer, bias_mant=mant)
-                plans[index] = _plan_layer(q, layers[index])
-            for b in cal + ([hold] if hold else []):
-                b.spikes[layer.name] = layer_output(plans[index], b.x, b.spikes,
-                                                    q.timesteps).to(torch.uint8)
-                _free(b, last, index)
-            bar.update(1)
-    new = evolve(q, layers=tuple(layers))
-    guard = _guard(q, plans, hold)
-    if guard.get("reverted"):
-        new = q
-    details = {"batches_used": len(cal), "calib_samples": int(sum(len(p) for p in parts)),
-               "holdout_samples": int(len(hold_x)), "layers": layers_report,
-               "holdout": guard, "violations": [str(v) for v in validate(new, target)]}
-    return new, details
+# --------------------------------------------------------------------------- the rule
+
+class IntegerRule:
+    """Integer FTBC for ``toolchain.calibration``: candidates are (layer with new mantissas,
+    its plan) of the integer engine; batches carry the encoded input, the target spike rate
+    per channel and the cached integer spike trains (T, B, n) uint8."""
+
+    def __init__(self, q: QuantGraph, ann: AnnGraph, thresholds: Mapping[str, np.ndarray],
+                 target: Target, opts: CalibrationOptions):
+        self.graph, self.ann, self.thresholds, self.opts = q, ann, thresholds, opts
+        self.target, self.label = target, "calibrate fixed point"
+        self.plan = engine.compile(q, IntegerArithmetic(target), opts.device)
+        self.layers, self.plans = list(q.layers), list(self.plan.layers)  # as kept
+
+    def plan_layer(self, layer: QLayer) -> LayerPlan:
+        """``layer`` (of q, or a candidate replacing one) in the target's arithmetic."""
+        return engine.plan_integer_layer(layer, engine.graph_shapes(self.graph),
+                                         self.plan.arithmetic, self.plan.device)
+
+    def batch(self, x: np.ndarray) -> Batch:
+        logits, values = ann_forward(self.ann, x, record=True, dtype=torch.float32)
+        targets = {}
+        for layer in self.graph.layers:
+            if not layer.readout:
+                a = values[layer.name].to(torch.float64).reshape(len(x), layer.shape[0], -1)
+                theta = torch.from_numpy(np.array(self.thresholds[layer.name], np.float64))
+                rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
+                targets[layer.name] = distributed.mean(rate, (0, 2)).to(self.plan.device)
+        x_int = encode_input(self.graph.input, x, self.plan.arithmetic.payload_bits)
+        dev = self.plan.device
+        return Batch(torch.from_numpy(x_int.astype(np.float32)).to(dev), targets,
+                     logits.to(torch.float64).to(dev), {})
+
+    def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
+        """Readout (T, B, K) in float logit units: layers ``start`` onwards as planned in the
+        input graph, earlier ones from ``trains`` (added to)."""
+        for lp in self.plan.layers[start:]:
+            out = layer_output(lp, b.x, trains, self.graph.timesteps)
+            if lp.readout:
+                return readout_float(self.graph, out)
+            trains[lp.name] = out
+        raise AssertionError("the last layer is the readout")
+
+    def final_readout(self, b: Batch) -> torch.Tensor:
+        out = layer_output(self.plans[-1], b.x, b.spikes, self.graph.timesteps)
+        return readout_float(self.graph, out)
+
+    def fit(self, index: int, cal: list[Batch], hold: Batch | None) -> "IntegerFit":
+        return IntegerFit(self, index, cal)
+
+    def keep(self, index: int, candidate: tuple[QLayer, LayerPlan]) -> None:
+        self.layers[index], self.plans[index] = candidate
 
 
-def _plan_layer(q: QuantGraph, layer) -> LayerPlan:
-    """``layer`` (of ``q`` or a candidate replacing one) in the integer arithmetic of q's
-    target."""
-    return engine.plan_integer_layer(layer, engine.graph_shapes(q), engine.integer_arithmetic(q),
-                                     torch.device("cpu"))
+class IntegerFit:
+    """One integer layer: ``iterations`` FTBC sweeps over the batches on its fit drive
+    (cached for all iterations when it fits CURRENT_CACHE_BYTES); the candidate is the layer
+    with the new mantissas."""
+
+    def __init__(self, rule: IntegerRule, index: int, cal: list[Batch]):
+        self.rule, self.index, steps = rule, index, rule.graph.timesteps
+        layer, lp = rule.graph.layers[index], rule.plans[index]
+        mant = torch.from_numpy(layer.bias_mant.astype(np.float64)).to(lp.vth.device)
+        limits = (float(rule.target.bias_mant_min), float(rule.target.bias_mant_max))
+        cache = _fit_currents(lp, cal, steps)
+        clamped = 0
+        for _ in range(rule.opts.iterations):
+            for i, b in enumerate(cal):
+                cur = cache[i] if cache[i] is not None else fit_drive(lp, b.x, b.spikes, steps)
+                clamped += _ftbc_pass(lp, layer, cur, b.targets[layer.name], mant,
+                                      rule.opts.alpha, limits)
+        new = mant.cpu().numpy().astype(np.int64)
+        candidate = evolve(layer, bias_mant=new)
+        self.candidate = (candidate, rule.plan_layer(candidate))
+        self.entry = {"clamped": clamped,
+                      "changed": int(np.count_nonzero(new != layer.bias_mant)),
+                      "max_abs_change": int(np.max(np.abs(new - layer.bias_mant), initial=0))}
+
+    def output(self, candidate: tuple[QLayer, LayerPlan] | None, b: Batch) -> torch.Tensor:
+        """The layer's integer spikes (T, B, n) uint8 on b (None: as kept)."""
+        lp = self.rule.plans[self.index] if candidate is None else candidate[1]
+        return layer_output(lp, b.x, b.spikes, self.rule.graph.timesteps).to(torch.uint8)
 
 
-def _make_batch(q: QuantGraph, ann: AnnGraph, x: np.ndarray,
-                thresholds: Mapping[str, np.ndarray]) -> _Batch:
-    logits, values = ann_forward(ann, x, record=True, dtype=torch.float32)
-    targets = {}
-    for layer in q.layers:
-        if not layer.readout:
-            a = values[layer.name].to(torch.float64).reshape(len(x), layer.shape[0], -1)
-            theta = torch.from_numpy(np.array(thresholds[layer.name], np.float64))
-            rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
-            targets[layer.name] = distributed.mean(rate, (0, 2))
-    x_int = encode_input(q.input, x, engine.integer_arithmetic(q).payload_bits)
-    return _Batch(torch.from_numpy(x_int.astype(np.float32)), targets, logits, {})
-
-
-def _free(b: _Batch, last: dict, index: int) -> None:
-    """Drop cached spike trains that no later layer reads."""
-    for name in [n for n in b.spikes if last.get(n, -1) <= index]:
-        del b.spikes[name]
-
-
-# --------------------------------------------------------------------------- one layer
-
-def _calibrate_layer(q, plans, index, cal, hold, alpha, iterations, target, before
-                     ) -> tuple[np.ndarray, dict]:
-    """Fit one layer's mantissas on the batches; keep them only if the holdout error drops.
-    ``before``: the held-out error of the network as it stands (None: compute it)."""
-    layer, lp = q.layers[index], plans[index]
-    mant = torch.from_numpy(layer.bias_mant.astype(np.float64))  # exact integers
-    limits = (float(target.bias_mant_min), float(target.bias_mant_max))
-    cache = _fit_currents(lp, cal, q.timesteps)
-    clamped = 0
-    for _ in range(iterations):
-        for i, b in enumerate(cal):
-            cur = cache[i] if cache[i] is not None else fit_drive(lp, b.x, b.spikes,
-                                                                  q.timesteps)
-            clamped += _ftbc_pass(lp, layer, cur, b.targets[layer.name], mant, alpha, limits)
-    new = mant.numpy().astype(np.int64)
-    entry = {"clamped": clamped, "changed": int(np.count_nonzero(new != layer.bias_mant)),
-             "max_abs_change": int(np.max(np.abs(new - layer.bias_mant), initial=0))}
-    if hold is None:
-        return new, {**entry, "kept": True}
-    candidate = _plan_layer(q, evolve(layer, bias_mant=new))
-    before = _holdout_error(q, plans, index, lp, hold) if before is None else before
-    after = _holdout_error(q, plans, index, candidate, hold)
-    kept = after < before
-    return new, {**entry, "kept": bool(kept), "holdout_error_before": before,
-                 "holdout_error_after": after, "holdout_error": min(before, after)}
-
-
-def _fit_currents(lp: LayerPlan, cal: list[_Batch], steps: int) -> list[torch.Tensor | None]:
+def _fit_currents(lp: LayerPlan, cal: list[Batch], steps: int) -> list[torch.Tensor | None]:
     """Each batch's fit drive, computed once for all iterations when it fits the budget."""
     rows = sum(b.x.shape[0] for b in cal) * (steps if lp.spiking_inputs else 1)
     if rows * lp.n * lp.vth.element_size() > CURRENT_CACHE_BYTES:
@@ -233,12 +217,11 @@ def fit_drive(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor]
               steps: int) -> torch.Tensor:
     """``a << 6`` without the bias: (steps, B, n), or (B, n) when only the constant input
     feeds the layer (the same at every step)."""
-    shift = lp.shift
     const = input_current(lp, x, steps)
     a = spike_current(lp, trains, steps, x.shape[0])
     if a is None:
-        return const.mul_(shift)
-    return (a if const is None else a.add_(const)).mul_(shift)
+        return const.mul_(lp.shift)
+    return (a if const is None else a.add_(const)).mul_(lp.shift)
 
 
 def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor, target: torch.Tensor,
@@ -246,7 +229,7 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor, target: torch.Tensor,
     """One integer FTBC sweep t = 1..T over a batch (``engine.bias_sweep``); updates ``mant``
     (T, C) in place. Returns how many updated mantissas were clipped to the 13-bit range."""
     v = initial_state(lp, drive.shape[-2])
-    vth_c = torch.from_numpy(np.array(layer.vth, np.float64))
+    vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(v.device)
     unit = float(2 ** layer.bias_exp)
     clamped = [0]
 
@@ -270,56 +253,14 @@ def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tens
     after each step, in the layer's float dtype (exact integers)."""
     drive = fit_drive(lp, x, trains, steps)
     v = initial_state(lp, x.shape[0])
-    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype)
+    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype, device=v.device)
     run_steps(lp, drive, v, 0, out, torch.empty_like(v))
     return out
 
 
-def _downstream_readout(q: QuantGraph, plans, index: int, lp: LayerPlan,
-                        b: _Batch) -> torch.Tensor:
-    """Readout (T, B, K) in float logit units: layer ``index`` run as ``lp``, downstream
-    layers as planned, upstream from the cache."""
-    trains = dict(b.spikes)
-    trains[q.layers[index].name] = layer_output(lp, b.x, trains, q.timesteps)
-    for k in range(index + 1, len(q.layers)):
-        out = layer_output(plans[k], b.x, trains, q.timesteps)
-        if q.layers[k].readout:
-            return readout_float(q, out)
-        trains[q.layers[k].name] = out
-    raise AssertionError("the last layer is the readout")
-
-
 def readout_float(q: QuantGraph, readout: torch.Tensor) -> torch.Tensor:
     """Integer readout membrane -> float logit units (divide by the readout's scale)."""
-    scale = torch.from_numpy(np.array(q.readout.scale, np.float64))
+    scale = torch.from_numpy(np.array(q.readout.scale, np.float64)).to(readout.device)
     return readout.to(torch.float64) / scale
 
 
-def _holdout_error(q, plans, index, lp, hold: _Batch) -> float:
-    """E (module docstring) of the network with layer ``index`` run as ``lp``."""
-    readout = _downstream_readout(q, plans, index, lp, hold)
-    return running_logit_error(readout, hold.logits.to(torch.float64))
-
-
-def _guard(q: QuantGraph, plans, hold: _Batch | None) -> dict:
-    """Held-out readout agreement with the ANN before/after; revert when it drops."""
-    if hold is None:
-        return {}
-    old = engine.compile(q).layers
-    before = agreement(_downstream_readout(q, old, 0, old[0],
-                                           _Batch(hold.x, {}, hold.logits, {})), hold.logits)
-    after = agreement(readout_float(q, layer_output(plans[-1], hold.x, hold.spikes,
-                                                    q.timesteps)), hold.logits)
-    return {"agreement_before": float(before.mean()), "agreement_after": float(after.mean()),
-            "agreement_before_at_T": float(before[-1]), "agreement_after_at_T": float(after[-1]),
-            "reverted": bool(after.mean() < before.mean())}
-
-
-def _summary(report: dict) -> dict:
-    keys = ("method", "alpha", "batches", "batch_size", "iterations", "holdout_fraction",
-            "seed", "target")
-    layers = report.get("layers", {})
-    return {**{k: report[k] for k in keys},
-            "kept": {name: r.get("kept") for name, r in layers.items()},
-            "clamped": {name: r.get("clamped", 0) for name, r in layers.items()},
-            "reverted": report.get("holdout", {}).get("reverted", False)}

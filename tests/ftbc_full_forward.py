@@ -1,0 +1,93 @@
+"""FTBC with the authors' loop structure and the same math, for tests and benchmarks only.
+
+For each iteration, batch, spiking layer l and step t: one full ANN forward and one step of
+the whole SNN (all layers, stateful), then ``b_l[t] += alpha * mean_c(abar - theta s)`` and
+layer l's step is re-fired: L x T full-network forwards per batch, nothing cached, no holdout
+rule. With one batch and one iteration it computes what ``toolchain.calibrate.calibrate``
+computes with ``holdout=0`` (same loop order then). Written in plain torch on the IR, apart
+from the engine, so that the two can be compared.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sims.torch_snn import encode_input, synapse_current
+from toolchain import calibrate as cal
+from toolchain.ann import ann_forward
+from toolchain.ir import INPUT, AnnGraph, SnnGraph
+
+
+def ftbc_full_forward(snn: SnnGraph, ann: AnnGraph, batches: list[np.ndarray], *,
+                      alpha: float = 0.5, iterations: int = 1) -> SnnGraph:
+    """The calibrated graph (module docstring)."""
+    scheds = {l.name: torch.tensor(_schedule(snn, l), dtype=cal.DTYPE)
+              for l in snn.layers if not l.readout}
+    with torch.no_grad():
+        for _ in range(iterations):
+            for xb in batches:
+                for layer in snn.layers:
+                    if not layer.readout:
+                        _full_forward_layer(snn, ann, xb, layer, scheds, alpha)
+    return cal._with_schedules(snn, scheds, "ftbc")
+
+
+def _schedule(snn: SnnGraph, layer) -> np.ndarray:
+    shape = (snn.timesteps, layer.channels) + (1,) * (len(layer.shape) - 1)
+    sched = np.zeros(shape[:2]) if layer.bias_schedule is None else layer.bias_schedule
+    return np.asarray(sched).reshape(shape)
+
+
+def _params(snn: SnnGraph, layer, scheds: dict) -> dict:
+    view = (layer.channels,) + (1,) * (len(layer.shape) - 1)
+    as_t = lambda a: torch.tensor(np.asarray(a), dtype=cal.DTYPE).reshape(view)  # noqa: E731
+    theta = as_t(np.broadcast_to(layer.threshold, (layer.channels,)))
+    sched = scheds.get(layer.name)
+    return {"theta": theta, "bias": as_t(np.broadcast_to(layer.bias, (layer.channels,))),
+            "v_init": as_t(np.broadcast_to(layer.v_init, (layer.channels,))) * theta,
+            "schedule": torch.tensor(_schedule(snn, layer), dtype=cal.DTYPE)
+            if sched is None else sched, "readout": layer.readout}
+
+
+def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
+    params = {l.name: _params(snn, l, scheds) for l in snn.layers}
+    x = encode_input(snn.input, xb, cal.DTYPE)
+    state = {l.name: params[l.name]["v_init"].expand((len(xb),) + tuple(l.shape)).clone()
+             for l in snn.layers}
+    p = params[layer.name]
+    for t in range(snn.timesteps):
+        _, values = ann_forward(ann, xb, record=True, dtype=cal.DTYPE)
+        target = torch.minimum(values[layer.name].clamp(min=0), p["theta"])
+        v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
+        p["schedule"][t] += alpha * (cal.channel_mean(target)
+                                     - p["theta"] * cal.channel_rate(spikes))
+        pre = v_prev + cur + p["bias"] + p["schedule"][t]
+        state[layer.name] = torch.where(pre >= p["theta"], pre - p["theta"], pre)
+
+
+def _step(p: dict, v: torch.Tensor, current, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((v + I) + bias) + b[t]; spike on >=, reset by subtraction (the readout: no spike)."""
+    v = v + current + p["bias"] + p["schedule"][t]
+    if p["readout"]:
+        return v, v
+    fired = v >= p["theta"]
+    return torch.where(fired, v - p["theta"], v), fired
+
+
+def _network_step(snn, params, state, x, t, watch):
+    """Advance every layer by step t (in place on ``state``); return the watched layer's
+    membrane before the step, its input current and its spikes (float)."""
+    outs, watched = {}, None
+    for layer in snn.layers:
+        cur = 0
+        for syn in layer.synapses:
+            src = x if syn.source == INPUT else outs[syn.source]
+            cur = cur + synapse_current(syn, src)
+        p = params[layer.name]
+        v_prev = state[layer.name]
+        state[layer.name], s = _step(p, v_prev, cur, t)
+        if not layer.readout:
+            outs[layer.name] = s.to(cal.DTYPE) * p["theta"]
+        if layer.name == watch:
+            watched = (v_prev, cur, s.to(cal.DTYPE))
+    return watched

@@ -1,0 +1,231 @@
+"""The layer-by-layer calibration driver shared by float FTBC / LP (``toolchain.calibrate``) and
+integer FTBC (``toolchain.calibrate_fixed``); the update rule is the only difference.
+
+For each spiking layer in topological order (upstream layers as kept, their spike trains
+cached per batch): the rule fits a candidate on the calibration batches; the candidate is kept
+only if it lowers the held-out error of the network's output against the ANN logits::
+
+    E = (1/T) sum_t mean (readout(t) / t - z_ANN)^2
+
+(the readout's running estimate of the logits at every step, upstream as kept, downstream not
+yet calibrated); then every batch caches the layer's output as kept. Finally, if the
+held-out argmax agreement with the ANN (mean over t) falls below that of the input network,
+every layer is reverted (``_guard``). Held-out samples are *training* samples: nothing is
+selected on test data.
+
+A rule (``Rule``) supplies the batches, the network's readout from a layer onwards, the fit
+of one layer (``LayerFit``), how a kept candidate is stored, and the resulting graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from sims.engine import last_consumers
+from sims.progress import progress_bar
+from toolchain import distributed
+from toolchain.errors import InputError
+
+METHODS = ("none", "lp", "ftbc")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """The hyper-parameters of one calibration (report order)."""
+    method: str = "ftbc"
+    alpha: float = 0.5
+    batches: int = 5
+    batch_size: int = 128
+    iterations: int = 3
+    holdout: float = 0.2
+    seed: int = 0
+    progress: bool = False
+    device: Any = None
+
+    def header(self) -> dict[str, Any]:
+        """The report's leading fields."""
+        return {"method": self.method, "alpha": float(self.alpha), "batches": self.batches,
+                "batch_size": self.batch_size, "iterations": self.iterations,
+                "holdout_fraction": float(self.holdout), "seed": self.seed}
+
+    def check(self, x: np.ndarray, methods: tuple[str, ...] = METHODS) -> None:
+        """InputError naming every bad option at once."""
+        problems = []
+        if self.method not in methods:
+            problems.append(f"method must be one of {methods}, got {self.method!r}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha}")
+        if min(self.batches, self.batch_size, self.iterations) < 1:
+            problems.append("batches, batch_size and iterations must be >= 1")
+        if not 0.0 <= self.holdout < 1.0:
+            problems.append(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.method != "none" and len(x) < 2:
+            problems.append("calibration needs at least 2 training samples")
+        if problems:
+            raise InputError("; ".join(problems))
+
+
+def options_from(**kwargs: Any) -> CalibrationOptions:
+    """A ``CalibrationOptions`` from keyword arguments (unknown names are a TypeError)."""
+    names = {f.name for f in fields(CalibrationOptions)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise TypeError(f"unknown calibration options: {sorted(unknown)}")
+    return CalibrationOptions(**kwargs)
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """A calibration (or held-out) batch: encoded input, per spiking layer the rule's target,
+    the ANN logits, and the cached outputs of calibrated layers (filled layer by layer)."""
+    x: torch.Tensor
+    targets: dict
+    logits: torch.Tensor
+    spikes: dict
+
+
+class LayerFit(Protocol):
+    """One layer's fit: ``candidate`` (whatever the rule keeps), ``entry`` (report fields that
+    precede ``kept``), and the layer's output on a batch for a candidate (None: as it is)."""
+    candidate: Any
+    entry: dict
+
+    def output(self, candidate: Any, b: Batch) -> torch.Tensor: ...
+
+
+class Rule(Protocol):
+    """What differs between the float and the integer calibration."""
+    graph: Any
+    label: str
+
+    def batch(self, x: np.ndarray) -> Batch: ...
+
+    def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor: ...
+
+    def final_readout(self, b: Batch) -> torch.Tensor: ...
+
+    def fit(self, index: int, cal: list[Batch], hold: Batch | None) -> LayerFit: ...
+
+    def keep(self, index: int, candidate: Any) -> None: ...
+
+
+# --------------------------------------------------------------------------- data
+
+def split_calibration(x: np.ndarray, holdout: float, batches: int, batch_size: int,
+                      seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Seeded split: up to ``batches`` batches of ``batch_size`` and the held-out part."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_hold = min(len(x) - 1, max(1, int(round(holdout * len(x))))) if holdout > 0 else 0
+    hold, rest = x[np.sort(order[:n_hold])], x[order[n_hold:]]
+    parts = [rest[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
+    return [p for p in parts if len(p)], hold
+
+
+def local_rows(x: np.ndarray) -> np.ndarray:
+    """This rank's shard of a calibration batch (the whole batch in a single process)."""
+    distributed.check_shardable(len(x), "a calibration batch or the held-out set",
+                                "raise --calib-batch-size")
+    return x[distributed.shard(len(x))]
+
+
+def running_logit_error(readout: torch.Tensor, logits: torch.Tensor) -> float:
+    """E (module docstring) of a readout (T, B, K) against the ANN logits (B, K)."""
+    steps = torch.arange(1, readout.shape[0] + 1, dtype=readout.dtype, device=readout.device)
+    est = readout / steps.reshape((-1,) + (1,) * (readout.dim() - 1))
+    return float(distributed.mean((est - logits[None]) ** 2))
+
+
+def agreement(readout: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    """(T,) fraction of samples whose SNN argmax after step t equals the ANN's."""
+    return distributed.mean(readout.argmax(-1) == logits.argmax(-1)[None], (1,)).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- the driver
+
+def calibrate_layers(rule: Rule, x_calib: np.ndarray, opts: CalibrationOptions) -> dict:
+    """Run the layer loop; returns the report's details (batches, per-layer entries, the
+    held-out guard). The rule has kept what it kept; ``details["holdout"]["reverted"]``
+    tells the caller to return the input graph instead."""
+    parts, hold_x = split_calibration(x_calib, opts.holdout, opts.batches, opts.batch_size,
+                                      opts.seed)
+    cal = [rule.batch(local_rows(p)) for p in parts]
+    hold = rule.batch(local_rows(hold_x)) if len(hold_x) else None
+    # The input network's held-out readout: the first layer's "before" error and the guard's
+    # "before" agreement (computed once).
+    base = rule.readout(hold, {}, 0) if hold is not None else None
+    error = running_logit_error(base, hold.logits) if hold is not None else None
+    last, layers = last_consumers(rule.graph), rule.graph.layers
+    report: dict[str, dict] = {}
+    spiking = sum(not layer.readout for layer in layers)
+    with progress_bar(spiking, rule.label, opts.progress, unit="layer") as bar:
+        for index, layer in enumerate(layers):
+            if layer.readout:
+                continue
+            report[layer.name] = _calibrate_layer(rule, index, cal, hold, error)
+            error = report[layer.name].get("holdout_error")
+            for b in cal + ([hold] if hold else []):
+                _free(b, last, index)
+            bar.update(1)
+    return {"batches_used": len(cal), "calib_samples": int(sum(len(p) for p in parts)),
+            "holdout_samples": int(len(hold_x)), "layers": report,
+            "holdout": _guard(rule, hold, base)}
+
+
+def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | None,
+                     before: float | None) -> dict:
+    """Fit one layer; keep the candidate only if the held-out error drops (``before``: the
+    error of the network as it stands); cache the layer's output as kept on every batch."""
+    name = rule.graph.layers[index].name
+    fit = rule.fit(index, cal, hold)
+    if hold is None:
+        rule.keep(index, fit.candidate)
+        entry = {**fit.entry, "kept": True}
+    else:
+        out = fit.output(fit.candidate, hold)
+        after = running_logit_error(rule.readout(hold, {**hold.spikes, name: out}, index + 1),
+                                    hold.logits)
+        kept = after < before
+        if kept:
+            rule.keep(index, fit.candidate)
+            hold.spikes[name] = out
+        entry = {**fit.entry, "kept": bool(kept), "holdout_error_before": before,
+                 "holdout_error_after": after, "holdout_error": min(before, after)}
+    for b in cal + ([hold] if hold else []):
+        if name not in b.spikes:
+            b.spikes[name] = fit.output(None, b)
+    return entry
+
+
+def _free(b: Batch, last: Mapping[str, int], index: int) -> None:
+    """Drop cached outputs that no later layer reads."""
+    for name in [n for n in b.spikes if last.get(n, -1) <= index]:
+        del b.spikes[name]
+
+
+def _guard(rule: Rule, hold: Batch | None, old_readout: torch.Tensor | None) -> dict:
+    """Held-out readout agreement with the ANN before (``old_readout``: the input network's
+    held-out readout) and after; revert when it drops."""
+    if hold is None:
+        return {}
+    before = agreement(old_readout, hold.logits)
+    after = agreement(rule.final_readout(hold), hold.logits)
+    return {"agreement_before": float(before.mean()), "agreement_after": float(after.mean()),
+            "agreement_before_at_T": float(before[-1]), "agreement_after_at_T": float(after[-1]),
+            "reverted": bool(after.mean() < before.mean())}
+
+
+def summary(report: dict, extra_keys: tuple[str, ...] = (),
+            per_layer: tuple[str, ...] = ()) -> dict:
+    """The graph's meta record of a calibration: options, kept per layer (and the rule's
+    ``per_layer`` counts), reverted."""
+    keys = ("method", "alpha", "batches", "batch_size", "iterations", "holdout_fraction",
+            "seed") + extra_keys
+    layers = report.get("layers", {})
+    out = {**{k: report[k] for k in keys},
+           "kept": {name: r.get("kept") for name, r in layers.items()}}
+    for key in per_layer:
+        out[key] = {name: r.get(key, 0) for name, r in layers.items()}
+    return {**out, "reverted": report.get("holdout", {}).get("reverted", False)}
