@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.ann_builders import residual_graph, train_digits_cnn
+from tests.snn_reference import naive_snn
 from sims.torch_snn import simulate
 from toolchain.ann import ann_accuracy
 from toolchain.convert import convert
@@ -79,45 +79,6 @@ def test_bias_schedule_applies_at_its_step_only():
     np.testing.assert_array_equal(res.spikes["h"][:, 0, 0], [0, 1, 0, 0])
 
 
-def _naive(snn: SnnGraph, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample, per-step, per-synapse reference of the IR equations (float64)."""
-    out = {}
-    for n in range(len(x)):
-        v = {l.name: (l.v_init * l.threshold).reshape((-1,) + (1,) * (len(l.shape) - 1))
-             * np.ones(l.shape) for l in snn.layers}
-        for t in range(snn.timesteps):
-            for layer in snn.layers:
-                cur = 0.0
-                for syn in layer.synapses:
-                    src = (torch.tensor(x[n:n + 1], dtype=torch.float64)
-                           if syn.source == INPUT else _values(snn, out, syn.source, t, n))
-                    w = torch.tensor(syn.weight)
-                    c = (src.reshape(1, -1) @ w.T if syn.kind == "dense" else
-                         F.conv2d(src, w, None, syn.stride, syn.padding, syn.dilation,
-                                  syn.groups))
-                    cur = cur + c[0].numpy()
-                chan = (-1,) + (1,) * (len(layer.shape) - 1)
-                vv = v[layer.name] + cur + layer.bias.reshape(chan)
-                vv = vv + (0 if layer.bias_schedule is None
-                           else layer.bias_schedule[t].reshape(chan))
-                arr = out.setdefault(layer.name,
-                                     np.zeros((snn.timesteps, len(x)) + layer.shape))
-                if layer.readout:
-                    arr[t, n] = vv
-                else:
-                    s = vv >= layer.threshold.reshape(chan)
-                    arr[t, n] = s
-                    vv = vv - s * layer.threshold.reshape(chan)
-                v[layer.name] = vv
-    return out
-
-
-def _values(snn, out, name, t, n):
-    layer = snn.layer(name)
-    theta = layer.threshold.reshape((-1,) + (1,) * (len(layer.shape) - 1))
-    return torch.tensor((out[name][t, n] * theta)[None])
-
-
 def test_vectorised_simulator_equals_naive_reference_on_residual_graph():
     rng = np.random.default_rng(1)
     x = rng.random((5, 1, 8, 8))
@@ -127,7 +88,7 @@ def test_vectorised_simulator_equals_naive_reference_on_residual_graph():
     snn = evolve(snn, layers=tuple(evolve(l, bias_schedule=sched[l.name])
                                    for l in snn.layers))
     res = simulate(snn, x, record_spikes=True, dtype=torch.float64, batch_size=3)
-    ref = _naive(snn, x)
+    ref = naive_snn(snn, x)
     for name, spikes in res.spikes.items():
         np.testing.assert_array_equal(spikes, ref[name].astype(np.uint8))
     np.testing.assert_array_equal(res.predictions, ref["fc"].argmax(-1))
