@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable, Iterator, Mapping, Union
 
@@ -115,12 +116,19 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if name in (None, "cpu"):
         return torch.device("cpu")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            return torch.device("cpu")
     if name == "cuda" or str(name).startswith("cuda:"):
         if not torch.cuda.is_available():
             raise InputError(f"device {name!r}: torch sees no CUDA GPU; use --device cpu or auto")
-        return torch.device(name)
+        return torch.device(name if name != "cuda" else f"cuda:{_local_gpu()}")
     raise InputError(f"unknown device {name!r}; valid: cpu, cuda, auto")
+
+
+def _local_gpu() -> int:
+    """The GPU of this process: torchrun's LOCAL_RANK (one rank per GPU), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolchain.cli import main
 
@@ -27,7 +28,8 @@ def test_help_documents_every_option_and_exit_code():
     for option in ("--target", "--data", "--timesteps", "--threshold", "--alpha",
                    "--calib-batches", "--calib-batch-size", "--iterations", "--holdout",
                    "--eval-samples", "--verify-samples", "--out", "--arch",
-                   "--arch-kwargs", "--trust-pickle", "--input-shape", "--list-targets"):
+                   "--arch-kwargs", "--trust-pickle", "--input-shape", "--list-targets",
+                   "--device"):
         assert option in proc.stdout
     for code in ("0  success", "2  unsupported", "3  hardware", "4  verification"):
         assert code in proc.stdout
@@ -43,6 +45,13 @@ def test_unknown_target_lists_valid_ones(capsys):
     assert main([str(DIGITS_MODEL), "--target", "tpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "loihi2-sim" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_cuda_without_a_gpu_is_one_line_exit_2(capsys):
+    assert main([str(DIGITS_MODEL), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err
 
 
 def test_missing_model_file_is_one_line_exit_2(tmp_path, capsys):
@@ -102,4 +111,5 @@ def test_same_inputs_give_byte_identical_network(tmp_path, target):
                             for m, c in r["calibration"].items()}
         r["fixed_calibration"].pop("seconds")
     assert reports[0] == reports[1]
+    assert reports[0]["device"] == "cpu"
     assert (outs[0] / "netlist.json").read_bytes() == (outs[1] / "netlist.json").read_bytes()

@@ -25,8 +25,8 @@ new schedule is kept only if it lowers the held-out error of the network's outpu
 kept and downstream layers not yet calibrated (the driver ``toolchain.calibration``, shared
 with the integer calibration; the layer-local alternative, the running-rate error of the
 layer itself, rejected most corrections and measured worse on digits). Finally the
-readout's held-out agreement with the ANN's argmax, averaged over t = 1..T, must not fall below that of the input network; otherwise
-every schedule is reverted. The readout keeps a zero schedule (it has no threshold).
+readout's held-out agreement with the ANN's argmax, averaged over t = 1..T, must not fall
+below that of the input network; otherwise every schedule is reverted. The readout keeps a zero schedule (it has no threshold).
 
 Cost. Calibrating layer l costs ``iterations * batches`` passes over layer l's T steps on its
 cached input spike trains (one batched conv per chunk of steps), plus one pass per batch to

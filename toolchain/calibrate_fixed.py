@@ -28,8 +28,9 @@ v_init, the readout).
 
 Selection, by the driver shared with ``toolchain.calibrate`` (``toolchain.calibration``, on
 held-out *training* samples only): a layer's new mantissas are kept only if they lower the
-held-out error of the network output against the ANN logits, ``E = (1/T) sum_t mean (v_out(t) / (t * scale_out) - z_ANN)^2`` (upstream as kept,
-downstream not yet recalibrated); finally, if the held-out argmax agreement with the ANN
+held-out error of the network output against the ANN logits,
+``E = (1/T) sum_t mean (v_out(t) / (t * scale_out) - z_ANN)^2`` (upstream as kept, downstream
+not yet recalibrated); finally, if the held-out argmax agreement with the ANN
 (mean over t) falls below that of the input graph, every layer is reverted.
 
 Cost. Per layer: ``iterations * batches`` passes over the layer's T steps on its cached input

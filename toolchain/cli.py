@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_positive(int, zero=True), default=0,
                    help="random seed, >= 0 (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="torch device of the simulations and calibrations (default cpu; auto: "
+                        "cuda when torch sees one); the integer emulation is exact on any")
     g.add_argument("--dist-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
                    metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others in a "
@@ -153,6 +156,8 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
     if args.model is None:
         raise InputError("no model file given (usage: ftbc-export MODEL [options]; see --help)")
     get_target(args.target)  # unknown target -> InputError listing the valid ones
+    from sims.engine import resolve_device
+    resolve_device(args.device)  # cuda without a GPU -> InputError
     if not args.model.is_file():
         raise InputError(f"model file {args.model} not found")
     try:
@@ -172,6 +177,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,
         progress=not args.no_progress and distributed.is_main(),
+        device=args.device,
         command_line=shlex.join(["ftbc-export", *argv]))
 
 

@@ -123,9 +123,9 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     dist = _dist()
     if dist is None:
         return t
-    out = t.detach().clone().contiguous()
+    out = t.detach().to("cpu").clone().contiguous()  # the gloo group reduces host tensors
     dist.all_reduce(out)
-    return out
+    return out.to(t.device)
 
 
 def sum_int(value: int) -> int:
@@ -165,8 +165,8 @@ def rate(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
 def _mean_of_sums(sums: torch.Tensor, count: int) -> torch.Tensor:
     if _dist() is None:  # one process: no collective (this sits in FTBC's per-step loop)
         return sums / count
-    both = all_sum(torch.cat([sums.reshape(-1), torch.tensor([float(count)],
-                                                             dtype=torch.float64)]))
+    both = all_sum(torch.cat([sums.reshape(-1), torch.tensor([float(count)], dtype=torch.float64,
+                                                             device=sums.device)]))
     return (both[:-1] / both[-1]).reshape(sums.shape)
 
 

@@ -44,6 +44,7 @@ class Options:
     verify_samples: int = 100
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # torch device of the simulations and calibrations: cpu|cuda|auto
     command_line: str = ""
 
     @property
@@ -158,15 +159,17 @@ def calibrate(run: Run) -> Run:
             run.snn["converted"], run.ann, run.calib, method=method, alpha=opts.alpha,
             batches=opts.calib_batches, batch_size=opts.calib_batch_size,
             iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
-            progress=opts.progress)
+            progress=opts.progress, device=opts.device)
     return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
 
 
 def simulate(run: Run) -> Run:
     from sims.torch_snn import simulate as simulate_snn
     x, _ = _local_eval(run)
-    accuracy = {m: _accuracy(run, simulate_snn(run.snn[m], x, progress=run.options.progress)
-                             .predictions) for m in CALIBRATION_METHODS}
+    opts = run.options
+    accuracy = {m: _accuracy(run, simulate_snn(run.snn[m], x, progress=opts.progress,
+                                               device=opts.device).predictions)
+                for m in CALIBRATION_METHODS}
     return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
 
 
@@ -202,7 +205,8 @@ def calibrate_fixed(run: Run) -> Run:
                          thresholds=float_thresholds(run.snn["converted"]), target=target,
                          alpha=opts.alpha, batches=opts.calib_batches,
                          batch_size=opts.calib_batch_size, iterations=opts.iterations,
-                         holdout=opts.holdout, seed=opts.seed, progress=opts.progress)
+                         holdout=opts.holdout, seed=opts.seed, progress=opts.progress,
+                         device=opts.device)
     check(q, target)
     return replace(run, quant=q).with_results(fixed_calibration=rep,
                                               quantization=quantization_report(q))
@@ -214,7 +218,7 @@ def emulate(run: Run) -> Run:
     if run.quant is None:
         return run
     x, _ = _local_eval(run)
-    result = emulate_q(run.quant, x, progress=run.options.progress)
+    result = emulate_q(run.quant, x, progress=run.options.progress, device=run.options.device)
     saturations = {k: distributed.sum_int(v) for k, v in sorted(result.saturations.items())}
     activity = activity_from_counts(run.quant, x, result.neuron_spikes,
                                     source=f"{run.options.data} evaluation split")

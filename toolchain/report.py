@@ -49,7 +49,7 @@ def build_report(run) -> dict[str, Any]:
     opts = run.options
     return _jsonable({
         "model": str(opts.model), "data": opts.data, "target": opts.target,
-        "timesteps": opts.timesteps,
+        "timesteps": opts.timesteps, "device": _device(opts.device),
         "eval_samples": len(run.data.x_test) if opts.eval_samples is None
         else min(opts.eval_samples, len(run.data.x_test)),
         **_conversion(run),
@@ -57,6 +57,12 @@ def build_report(run) -> dict[str, Any]:
         "provenance": {**provenance(run), "command_line": opts.command_line},
         "seconds": {k: round(v, 3) for k, v in run.timings.items()},
     })
+
+
+def _device(name: str) -> str:
+    """The torch device the simulations and calibrations ran on (``auto`` resolved)."""
+    from sims.engine import resolve_device
+    return str(resolve_device(name))
 
 
 def _conversion(run) -> dict[str, Any]:
