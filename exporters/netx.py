@@ -50,20 +50,19 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from hw_targets import Target, get_target
 from toolchain.errors import InputError
 from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 
 FORMAT = "ftbc-netx"
 VERSION = 1
-PAYLOAD_BITS = 8          # graded input spikes carry 8-bit payloads (num_message_bits=8)
-STATE_BITS = 24           # Loihi neuron state width (v), saturating
-NEURON = {"kind": "integrate-and-fire", "reset": "subtract", "compare": ">=",
-          "input_shift": 6, "state_bits": STATE_BITS}
+# Widths, shifts and ranges come from the graph's target (hw_targets); this is the Loihi 2
+# targets' graded-input payload, kept for readers of this module's old constant.
+PAYLOAD_BITS = get_target("loihi2").input_payload_bits
 NETX_BIAS_EXP = 6         # netx fixes CUBA bias_exp at 6
 NETX_VTH_SHIFT = 6        # Loihi compares v with vThMant << 6
 NETX_READOUT_VTH = (1 << 17) - 1   # largest threshold mantissa: a non-spiking integrator
 BIAS_MANT_LIMIT = 1 << 12          # netx/Loihi bias mantissa: 13-bit signed
-WEIGHT_MIN, WEIGHT_MAX = -256, 254  # Lava Dense 8-bit mixed sign after clip/truncate
 _LIBVER = ("earliest", "v110")
 
 
@@ -99,10 +98,11 @@ def _write_file(f: h5py.File, q: QuantGraph) -> None:
     _put(root, "version", VERSION)
     _put(root, "target", q.target)
     _put(root, "timesteps", q.timesteps)
-    _put(root, "payload_bits", PAYLOAD_BITS)
+    target = get_target(q.target)
+    _put(root, "payload_bits", target.input_payload_bits)
     _put(root, "meta", meta_to_json(q.meta))
     neuron = _group(root, "neuron")
-    for key, value in NEURON.items():
+    for key, value in neuron_record(target).items():
         _put(neuron, key, value)
     _write_input(_group(root, "input"), q.input)
     layers = _group(root, "layers")
@@ -343,9 +343,10 @@ def _read_graph(f: h5py.File) -> QuantGraph:
     fmt, version = _str(root, "format"), _int(root, "version")
     if fmt != FORMAT or version != VERSION:
         raise InputError(f"ftbc/format is {fmt!r} v{version}, expected {FORMAT!r} v{VERSION}")
-    _check_neuron(_need_group(root, "neuron"))
-    if _int(root, "payload_bits") != PAYLOAD_BITS:
-        raise InputError(f"ftbc/payload_bits must be {PAYLOAD_BITS}")
+    target = get_target(_str(root, "target"))
+    _check_neuron(_need_group(root, "neuron"), target)
+    if _int(root, "payload_bits") != target.input_payload_bits:
+        raise InputError(f"ftbc/payload_bits must be {target.input_payload_bits}")
     layers_g = _need_group(root, "layers")
     layers = tuple(_read_layer(_need_group(layers_g, str(i)), f"ftbc/layers/{i}")
                    for i in range(len(layers_g)))
@@ -354,8 +355,14 @@ def _read_graph(f: h5py.File) -> QuantGraph:
                       meta=meta_from_json(_str(root, "meta")))
 
 
-def _check_neuron(g: h5py.Group) -> None:
-    for key, want in NEURON.items():
+def neuron_record(target: Target) -> dict:
+    """The neuron the file promises (``sims.reference``), widths and shift from the target."""
+    return {"kind": "integrate-and-fire", "reset": "subtract", "compare": ">=",
+            "input_shift": target.input_shift, "state_bits": target.state_bits}
+
+
+def _check_neuron(g: h5py.Group, target: Target) -> None:
+    for key, want in neuron_record(target).items():
         got = _str(g, key) if isinstance(want, str) else _int(g, key)
         if got != want:
             raise InputError(f"ftbc/neuron/{key} is {got!r}; this toolchain implements {want!r}")
@@ -486,6 +493,7 @@ def _pair(g: h5py.Group, key: str) -> tuple[int, int]:
 
 def validate_graph(q: QuantGraph) -> list[str]:
     """Every structural problem of ``q`` (shapes, ranges, sources), one line each."""
+    target = get_target(q.target)
     problems = _check_input(q.input)
     if q.timesteps < 1:
         problems.append(f"timesteps is {q.timesteps}, must be >= 1")
@@ -493,10 +501,11 @@ def validate_graph(q: QuantGraph) -> list[str]:
     for layer in q.layers:
         if layer.name in shapes:
             problems.append(f"layer name {layer.name!r} is used twice (or is 'input')")
-        problems += [f"layer {layer.name}: {p}" for p in _check_layer(layer, q.timesteps)]
+        problems += [f"layer {layer.name}: {p}"
+                     for p in _check_layer(layer, q.timesteps, target)]
         for k, syn in enumerate(layer.synapses):
             problems += [f"layer {layer.name} synapse {k}: {p}"
-                         for p in _check_synapse(syn, shapes, tuple(layer.shape))]
+                         for p in _check_synapse(syn, shapes, tuple(layer.shape), target)]
         shapes[layer.name] = tuple(layer.shape)
     if not q.layers:
         problems.append("the graph has no layers")
@@ -517,11 +526,12 @@ def _check_input(qin: QInput) -> list[str]:
     return problems
 
 
-def _check_layer(layer: QLayer, steps: int) -> list[str]:
+def _check_layer(layer: QLayer, steps: int, target: Target) -> list[str]:
     problems = []
     if len(layer.shape) not in (1, 3) or min(layer.shape, default=0) < 1:
         return [f"shape {layer.shape} must be (C, H, W) or (F,), all >= 1"]
-    chans, lim = layer.shape[0], 1 << (STATE_BITS - 1)
+    chans, bits = layer.shape[0], target.state_bits
+    lim = 1 << (bits - 1)
     if layer.bias_mant.shape != (steps, chans):
         problems.append(f"bias_mant has shape {layer.bias_mant.shape}, expected ({steps}, {chans})")
     if layer.v_init.shape != (chans,):
@@ -530,14 +540,14 @@ def _check_layer(layer: QLayer, steps: int) -> list[str]:
         problems.append(f"vth has shape {layer.vth.shape}, expected ({chans},)")
     elif not (np.all((0 <= layer.vth) & (layer.vth < lim)) if layer.readout
               else np.all((0 < layer.vth) & (layer.vth < lim))):
-        problems.append(f"vth {layer.vth.min()}..{layer.vth.max()} outside {int(layer.readout) ^ 1}..{lim - 1} "
-                        f"(24-bit state)")
-    if not 0 <= layer.bias_exp <= STATE_BITS:
-        problems.append(f"bias_exp {layer.bias_exp} outside 0..{STATE_BITS}")
+        problems.append(f"vth {layer.vth.min()}..{layer.vth.max()} outside "
+                        f"{int(layer.readout) ^ 1}..{lim - 1} ({bits}-bit state)")
+    if not 0 <= layer.bias_exp <= bits:
+        problems.append(f"bias_exp {layer.bias_exp} outside 0..{bits}")
     if layer.bias_mant.size and np.abs(layer.bias_mant).max() >= lim:
         problems.append("bias_mant magnitude reaches 2**23")
     if layer.v_init.size and not (-lim <= layer.v_init.min() and layer.v_init.max() < lim):
-        problems.append("v_init outside the 24-bit state range")
+        problems.append(f"v_init outside the {bits}-bit state range")
     if layer.delay < 1:
         problems.append(f"delay {layer.delay} must be >= 1 (one hop per synapse)")
     if np.shape(layer.scale) != (chans,) or not np.all(np.isfinite(layer.scale)):
@@ -548,16 +558,18 @@ def _check_layer(layer: QLayer, steps: int) -> list[str]:
 
 
 def _check_synapse(syn: QSynapse, shapes: Mapping[str, tuple[int, ...]],
-                   out_shape: tuple[int, ...]) -> list[str]:
+                   out_shape: tuple[int, ...], target: Target) -> list[str]:
     if syn.source not in shapes:
         return [f"source {syn.source!r} is not the input or an earlier layer"]
     src = shapes[syn.source]
     w = syn.weight
     problems = []
-    if w.size and (w.min() < WEIGHT_MIN or w.max() > WEIGHT_MAX):
-        problems.append(f"weights outside [{WEIGHT_MIN}, {WEIGHT_MAX}] (8-bit mixed sign)")
-    if not -16 <= syn.weight_exp <= 16:
-        problems.append(f"weight_exp {syn.weight_exp} outside -16..16")
+    if w.size and (w.min() < target.weight_min or w.max() > target.weight_max):
+        problems.append(f"weights outside [{target.weight_min}, {target.weight_max}] "
+                        f"({target.weight_bits}-bit mixed sign)")
+    if not target.weight_exp_min <= syn.weight_exp <= target.weight_exp_max:
+        problems.append(f"weight_exp {syn.weight_exp} outside "
+                        f"{target.weight_exp_min}..{target.weight_exp_max}")
     if syn.kind == "dense":
         if w.size and np.any(w % 2):
             problems.append("dense weights must be even (Lava's 8-bit mixed-sign Dense "

@@ -175,3 +175,18 @@ def test_exporter_imports_neither_torch_nor_sims():
     code = ("import sys, exporters.netx; bad = [m for m in sys.modules if m == 'torch' or "
             "m.startswith(('torch.', 'sims', 'lava'))]; print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_limits_are_the_targets():
+    """The weight exponent range is the target's (-8..7 for Loihi 2), not a format guess."""
+    from hw_targets import get_target
+    q = dense_chain()
+    t = get_target(q.target)
+    layer = q.layers[1]
+    for exp, ok in ((t.weight_exp_max, True), (t.weight_exp_max + 1, False),
+                    (t.weight_exp_min, True), (t.weight_exp_min - 1, False)):
+        syn = replace(layer.synapses[0], weight_exp=exp)
+        problems = validate_graph(replace(q, layers=(q.layers[0], replace(layer, synapses=(syn,)))
+                                          + q.layers[2:]))
+        assert (not any("weight_exp" in p for p in problems)) == ok, (exp, problems)
+    assert any(f"outside {t.weight_exp_min}..{t.weight_exp_max}" in p for p in problems)
