@@ -358,7 +358,8 @@ def _read_graph(f: h5py.File) -> QuantGraph:
 def neuron_record(target: Target) -> dict:
     """The neuron the file promises (``sims.reference``), widths and shift from the target."""
     return {"kind": "integrate-and-fire", "reset": "subtract", "compare": ">=",
-            "input_shift": target.input_shift, "state_bits": target.state_bits}
+            "input_shift": target.act_shift,  # (the file's key)
+            "state_bits": target.state_bits}
 
 
 def _check_neuron(g: h5py.Group, target: Target) -> None:

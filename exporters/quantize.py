@@ -93,8 +93,8 @@ def quantize_input(spec: InputSpec, target: Target, scale_exp: int | None,
 # --------------------------------------------------------------------------- scales
 
 def unit_factor(target: Target) -> int:
-    """State units per (mantissa x source unit): weight_step * 2**input_shift = 128."""
-    return target.weight_step << target.input_shift
+    """State units per (mantissa x source unit): weight_step * 2**act_shift = 128."""
+    return target.weight_step << target.act_shift
 
 
 def rows(weight: np.ndarray) -> np.ndarray:
@@ -239,7 +239,7 @@ def layer_stats(layer: NeuronLayer, q: QLayer, sigma: Mapping[str, float], b: np
     array's max |value|)."""
     unit = unit_factor(target)
     w_err = [relative_errors(qs.weight * (sigma[s.source] * 2.0 ** qs.weight_exp
-                                          * (1 << target.input_shift))
+                                          * (1 << target.act_shift))
                              / per_row(q.scale, qs.weight.ndim), s.weight)
              for s, qs in zip(layer.synapses, q.synapses)]
     b_err = relative_errors(q.bias_mant * 2.0 ** q.bias_exp / q.scale[None, :], b)

@@ -65,8 +65,9 @@ class Target:
     # Membrane/current state: 24-bit signed (AbstractPyLifModelFixed.uv_bitwidth = 24).
     state_bits: int = 24
     # Synaptic input and threshold enter the state shifted left by 6 (act_shift = vth_shift
-    # = 6 in AbstractPyLifModelFixed); sims/reference.py INPUT_SHIFT.
-    input_shift: int = 6
+    # = 6 in AbstractPyLifModelFixed); sims/reference.py ACT_SHIFT. (Lava's name: not to be
+    # confused with convert's ``input_shift`` option, the theta/(2T) added to the input.)
+    act_shift: int = 6
     # Threshold in state units. Stock LIF: vth unsigned 17-bit << 6, i.e. < 2**23
     # (PyLifModelBitAcc docstring). We cap at 2**22 so v can reach ~2 vth in 24 bits.
     vth_max: int = 1 << 22

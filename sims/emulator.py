@@ -74,7 +74,7 @@ def chunk_steps(plans: tuple[LayerPlan, ...], steps: int, batch: int) -> int:
 
 def step_drive(lp: LayerPlan, const: torch.Tensor | None, a: torch.Tensor, t0: int,
                steps: int) -> torch.Tensor:
-    """(steps, B, n) ``(a << input_shift) + bias`` for a chunk with spike inputs (in place)."""
+    """(steps, B, n) ``(a << act_shift) + bias`` for a chunk with spike inputs (in place)."""
     if const is not None:
         a = a.add_(const)
     batch = a.shape[1]

@@ -90,8 +90,8 @@ class IntegerArithmetic:
 
     @property
     def shift(self) -> float:
-        """The synaptic input shift (``<< input_shift``) as an exact float multiply."""
-        return float(1 << self.target.input_shift)
+        """The synaptic input shift (``<< act_shift``) as an exact float multiply."""
+        return float(1 << self.target.act_shift)
 
     @property
     def payload_bits(self) -> int:
@@ -192,7 +192,7 @@ class LayerPlan:
     bias schedule; integer: ``bias_mant << bias_exp``); ``bias`` (C, 1) the float graph's
     static bias (None for the integer arithmetic); ``vth`` (n,) per neuron; ``v_init`` (C,) the
     membrane at t = 0 in state units; ``limits`` the state range (None: no clamp);
-    ``shift`` the input shift as a multiplier (integer: ``1 << input_shift``)."""
+    ``shift`` the input shift as a multiplier (integer: ``1 << act_shift``)."""
     name: str
     shape: tuple[int, ...]
     n: int
@@ -377,7 +377,7 @@ def membrane_dtype(layer: QLayer, syns: tuple[SynPlan, ...], bias: np.ndarray,
     if (a_max <= F32_EXACT and b_max < lim and v_max <= lim
             and (layer.readout or (0 < vth_max <= lim and np.all(layer.vth > 0)))):
         return torch.float32
-    bound = max(v_max, lim) + math.ldexp(a_max, arith.target.input_shift) + b_max + vth_max
+    bound = max(v_max, lim) + math.ldexp(a_max, arith.target.act_shift) + b_max + vth_max
     return exact_dtype(bound, f"layer {layer.name} membrane")
 
 

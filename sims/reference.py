@@ -38,7 +38,7 @@ from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 
 STATE_BITS = 24
 STATE_MIN, STATE_MAX = -(1 << (STATE_BITS - 1)), (1 << (STATE_BITS - 1)) - 1
-INPUT_SHIFT = 6  # synaptic input enters the membrane shifted left by 6 (Loihi convention)
+ACT_SHIFT = 6  # synaptic input enters the membrane shifted left by 6 (Lava's act_shift)
 
 
 def encode_input(qin: QInput, x: np.ndarray, payload_bits: int = 8) -> np.ndarray:
@@ -98,7 +98,7 @@ def run_layer(layer: QLayer, currents: np.ndarray) -> np.ndarray:
     out = np.zeros((steps, n), dtype=np.int64)
     for t in range(steps):
         bias = np.repeat(layer.bias_mant[t].astype(np.int64) << layer.bias_exp, per_channel)
-        v = np.clip(v + (currents[t] << INPUT_SHIFT) + bias, STATE_MIN, STATE_MAX)
+        v = np.clip(v + (currents[t] << ACT_SHIFT) + bias, STATE_MIN, STATE_MAX)
         if layer.readout:
             out[t] = v
             continue

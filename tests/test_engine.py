@@ -128,4 +128,4 @@ def test_integer_arithmetic_reads_the_target():
     t = get_target("loihi2")
     arith = engine.IntegerArithmetic(t)
     assert (arith.state_min, arith.state_max) == (t.state_min, t.state_max)
-    assert arith.shift == float(1 << t.input_shift) and arith.payload_bits == 8
+    assert arith.shift == float(1 << t.act_shift) and arith.payload_bits == 8

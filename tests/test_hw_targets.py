@@ -69,7 +69,7 @@ def test_state_shift_and_bias_match_lava_lif():
     src = _lava_source("proc/lif/models.py")
     t = get_target("loihi2")
     assert f"self.uv_bitwidth = {t.state_bits}" in src
-    assert f"self.act_shift = {t.input_shift}" in src
+    assert f"self.act_shift = {t.act_shift}" in src
     assert f"signed 13-bit integer ({t.bias_mant_min} to {t.bias_mant_max})" in src
     assert f"unsigned 3-bit integer ({t.bias_exp_min} to {t.bias_exp_max})" in src
 

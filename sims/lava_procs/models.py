@@ -23,7 +23,7 @@ from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
 from sims.lava_procs.process import PACK_BITS, IFBiasSchedule
-from sims.reference import INPUT_SHIFT, STATE_MAX, STATE_MIN  # one definition of the arithmetic
+from sims.reference import ACT_SHIFT, STATE_MAX, STATE_MIN  # one definition of the arithmetic
 _PACK_WEIGHTS = np.left_shift(np.int64(1), np.arange(PACK_BITS, dtype=np.int64))
 
 
@@ -83,7 +83,7 @@ class PyIFBiasScheduleFixed(AbstractIFBiasScheduleModel):
 
     def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
         bias = self.bias[t - 1].astype(np.int64) << self.bias_exp
-        v = self.v.astype(np.int64) + (a_in.astype(np.int64) << INPUT_SHIFT) + bias
+        v = self.v.astype(np.int64) + (a_in.astype(np.int64) << ACT_SHIFT) + bias
         v = np.clip(v, STATE_MIN, STATE_MAX)
         spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
         self.v[:] = v - spikes * self.vth.astype(np.int64)
@@ -109,7 +109,7 @@ class PyIFBiasScheduleFloat(AbstractIFBiasScheduleModel):
 
     def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
         bias = self.bias[t - 1] * float(2 ** self.bias_exp)
-        v = np.clip(self.v + a_in * float(1 << INPUT_SHIFT) + bias, STATE_MIN, STATE_MAX)
+        v = np.clip(self.v + a_in * float(1 << ACT_SHIFT) + bias, STATE_MIN, STATE_MAX)
         spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
         self.v[:] = v - spikes * self.vth
         return spikes
