@@ -339,7 +339,7 @@ def layer_record(layer: QLayer, conns, fan_out: np.ndarray, cores: list, bits) -
     fan_in = np.sum([c.fan_in for c in conns], axis=0)
     return {"name": layer.name, "origin": layer.origin,
             "kind": "readout" if layer.readout else "if", "shape": list(layer.shape),
-            "neurons": int(np.prod(layer.shape)), "delay": int(layer.delay),
+            "neurons": int(np.prod(layer.shape)), "delay": int(layer.depth),
             "vth": {"min": int(np.min(layer.vth)), "max": int(np.max(layer.vth))},
             "synapses": [synapse_record(s, c, bits["weight"]) for s, c in zip(layer.synapses, conns)],
             "connections": int(fan_in.sum()), "fan_in": stats(fan_in), "fan_out": stats(fan_out),

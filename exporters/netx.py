@@ -150,7 +150,7 @@ def _write_layer(g: h5py.Group, layer: QLayer) -> None:
     _put(g, "bias_mant", layer.bias_mant)
     _put(g, "bias_exp", int(layer.bias_exp))
     _put(g, "v_init", layer.v_init)
-    _put(g, "delay", int(layer.delay))
+    _put(g, "delay", int(layer.depth))  # (the file's key for the depth)
     _put(g, "scale", np.asarray(layer.scale, dtype=np.float64))
     _put(g, "readout", bool(layer.readout))
     syns = _group(g, "synapses")
@@ -208,7 +208,7 @@ def _write_netx_view(f: h5py.File, q: QuantGraph, chain: list[QLayer],
         index, prev_shape = index + 1, tuple(layer.shape)
     sim = _group(f, "simulation")
     _put(sim, "Ts", 1)
-    _put(sim, "tSample", q.timesteps + max((lay.delay for lay in q.layers), default=0))
+    _put(sim, "tSample", q.timesteps + max((lay.depth for lay in q.layers), default=0))
 
 
 def _write_netx_layer(g: h5py.Group, layer: QLayer, src_shape: tuple[int, ...],
@@ -382,7 +382,7 @@ def _read_layer(g: h5py.Group, where: str) -> QLayer:
     return QLayer(name=_str(g, "name"), shape=_shape(g, "shape"), synapses=synapses,
                   vth=_int_array(g, "vth", 1), bias_mant=_int_array(g, "bias_mant", 2),
                   bias_exp=_int(g, "bias_exp"), v_init=_int_array(g, "v_init", 1),
-                  delay=_int(g, "delay"), scale=_float_array(g, "scale"),
+                  depth=_int(g, "delay"), scale=_float_array(g, "scale"),
                   readout=bool(_int(g, "readout")), origin=_str(g, "origin"))
 
 
@@ -549,8 +549,8 @@ def _check_layer(layer: QLayer, steps: int, target: Target) -> list[str]:
         problems.append("bias_mant magnitude reaches 2**23")
     if layer.v_init.size and not (-lim <= layer.v_init.min() and layer.v_init.max() < lim):
         problems.append(f"v_init outside the {bits}-bit state range")
-    if layer.delay < 1:
-        problems.append(f"delay {layer.delay} must be >= 1 (one hop per synapse)")
+    if layer.depth < 1:
+        problems.append(f"depth {layer.depth} must be >= 1 (one hop per synapse)")
     if np.shape(layer.scale) != (chans,) or not np.all(np.isfinite(layer.scale)):
         problems.append("scale is not finite")
     if not layer.synapses:

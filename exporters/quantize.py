@@ -249,7 +249,7 @@ def layer_stats(layer: NeuronLayer, q: QLayer, sigma: Mapping[str, float], b: np
             "scale_limited_by": dict(limit), "weight_error": error_stats(w_err),
             "bias_error": error_stats([b_err]), "bias_exp": int(q.bias_exp),
             "weight_exp": [int(s.weight_exp) for s in q.synapses],
-            "max_abs_mantissa": mant, "delay": int(q.delay), "vth": min_max(q.vth)}
+            "max_abs_mantissa": mant, "delay": int(q.depth), "vth": min_max(q.vth)}
 
 
 # --------------------------------------------------------------------------- graph
@@ -263,7 +263,7 @@ def require_normalised(snn: SnnGraph) -> None:
                          f"toolchain.normalize first. Layers with other thresholds: {bad}")
 
 
-def layer_delays(layers: Iterable[NeuronLayer | QLayer]) -> dict[str, int]:
+def layer_depths(layers: Iterable[NeuronLayer | QLayer]) -> dict[str, int]:
     """Synaptic hops from the input: 1 + max over sources (the input has depth 0)."""
     depth: dict[str, int] = {INPUT: 0}
     for layer in layers:
@@ -282,7 +282,7 @@ def source_units(snn: SnnGraph, qin: QInput, input_range: tuple[float, float]
 
 
 def quantize_layer(layer: NeuronLayer, sigma: Mapping[str, float], peak: Mapping[str, float],
-                   timesteps: int, delay: int, target: Target,
+                   timesteps: int, depth: int, target: Target,
                    readout_bound: float | None) -> tuple[QLayer, dict[str, Any]]:
     """One ``NeuronLayer`` -> ``QLayer`` plus its statistics."""
     b = bias_float(layer, timesteps)
@@ -296,7 +296,7 @@ def quantize_layer(layer: NeuronLayer, sigma: Mapping[str, float], peak: Mapping
                synapses=tuple(quantize_synapse(s, scale, sigma[s.source], target)
                               for s in layer.synapses),
                vth=frozen_array(vth, np.int64), bias_mant=frozen_array(bias_mant, np.int64),
-               bias_exp=bias_exp, v_init=frozen_array(v_init, np.int64), delay=delay,
+               bias_exp=bias_exp, v_init=frozen_array(v_init, np.int64), depth=depth,
                scale=frozen_array(scale, np.float64), readout=layer.readout,
                origin=layer.origin)
     stats = layer_stats(layer, q, sigma, b, limit, target)
@@ -318,11 +318,11 @@ def quantize(snn: SnnGraph, target: Target, *, input_scale_exp: int | None = Non
     require_normalised(snn)
     qin = quantize_input(snn.input, target, input_scale_exp, input_range)
     sigma, peak = source_units(snn, qin, input_range)
-    delays = layer_delays(snn.layers)
+    depths = layer_depths(snn.layers)
     layers, stats = [], {}
     for layer in snn.layers:
         q, stats[layer.name] = quantize_layer(layer, sigma, peak, snn.timesteps,
-                                              delays[layer.name], target, readout_bound)
+                                              depths[layer.name], target, readout_bound)
         layers.append(q)
     meta = {"input_range": [float(v) for v in input_range], "quantization": stats,
             "source": dict(snn.meta)}
@@ -406,10 +406,10 @@ def threshold_violations(layer: QLayer, target: Target) -> list[Violation]:
 
 def delay_violations(q: QuantGraph, target: Target) -> list[Violation]:
     """Layer depth bookkeeping and sources reaching a layer at different depths."""
-    depth, out = layer_delays(q.layers), []
+    depth, out = layer_depths(q.layers), []
     for layer in q.layers:
-        if layer.delay != depth[layer.name]:
-            out.append(_v(layer.name, "delay", layer.delay, f"== depth {depth[layer.name]}"))
+        if layer.depth != depth[layer.name]:
+            out.append(_v(layer.name, "depth", layer.depth, f"== {depth[layer.name]} hops"))
         src = [depth[s.source] for s in layer.synapses]
         if max(src) - min(src) > target.max_synaptic_delay:
             out.append(_v(layer.name, "source depth mismatch", max(src) - min(src),
@@ -447,7 +447,7 @@ def quantization_report(q: QuantGraph) -> dict[str, Any]:
     layers = {}
     for layer in q.layers:
         entry = {"vth": min_max(layer.vth), "scale": min_max(layer.scale),
-                 "bias_exp": int(layer.bias_exp), "delay": int(layer.delay),
+                 "bias_exp": int(layer.bias_exp), "delay": int(layer.depth),
                  "readout": bool(layer.readout),
                  "weight_exp": [int(s.weight_exp) for s in layer.synapses]}
         layers[layer.name] = {**entry, **stats.get(layer.name, {})}

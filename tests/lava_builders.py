@@ -19,7 +19,7 @@ def even_weights(rng: np.random.Generator, shape: tuple[int, ...], amp: int,
 
 
 def layer(rng: np.random.Generator, name: str, shape: tuple[int, ...],
-          synapses: tuple[QSynapse, ...], steps: int, delay: int, vth: int,
+          synapses: tuple[QSynapse, ...], steps: int, depth: int, vth: int,
           readout: bool = False, bias_amp: int = 40, bias_exp: int = 6) -> QLayer:
     """A QLayer with per-channel thresholds in [vth, 1.5 vth) (the readout's stay 0), a
     random (T, C) bias schedule and random v_init (both signs)."""
@@ -32,7 +32,7 @@ def layer(rng: np.random.Generator, name: str, shape: tuple[int, ...],
                   bias_exp=bias_exp,
                   v_init=frozen_array(rng.integers(-vth // 2, vth // 2 + 1, size=chans),
                                       np.int32),
-                  delay=delay, scale=frozen_array(np.maximum(vths, 1), np.float64),
+                  depth=depth, scale=frozen_array(np.maximum(vths, 1), np.float64),
                   readout=readout, origin=f"test.{name}")
 
 
@@ -63,7 +63,7 @@ def dense_chain(seed: int = 0, sizes: tuple[int, ...] = (12, 16, 10, 5),
         first = prev == INPUT
         syn = dense(prev, even_weights(rng, (n_out, n_in), 12 if first else 120,
                                        bias=0 if first else 8))
-        layers.append(layer(rng, name, (n_out,), (syn,), steps, delay=i + 1,
+        layers.append(layer(rng, name, (n_out,), (syn,), steps, depth=i + 1,
                             vth=64 * (1200 if first else 200), readout=last))
         prev = name
     m = meta(seed)
@@ -104,7 +104,7 @@ def residual_net(seed: int = 0, steps: int = 4, same_depth: bool = True) -> Quan
     b = layer(rng, "b", (8,), (dense(b_src, even_weights(rng, (8, b_n), 12 if same_depth
                                                          else 120)),),
               steps, 1 if same_depth else 2, vth=64 * (800 if same_depth else 200))
-    depth = b.delay + 1
+    depth = b.depth + 1
     c = layer(rng, "c", (5,), (dense("a", even_weights(rng, (5, 8), 120, 20)),
                                dense("b", even_weights(rng, (5, 8), 120, 20))),
               steps, depth, vth=64 * 100)
@@ -151,11 +151,11 @@ def threshold_net(steps: int = 4) -> QuantGraph:
     l1 = QLayer(name="fc1", shape=(2,),
                 synapses=(dense(INPUT, frozen_array([[2, 0], [0, 2]], np.int32)),),
                 vth=frozen_array([12800, 12800], np.int64), bias_mant=zero, bias_exp=0,
-                v_init=frozen_array([0, 0], np.int32), delay=1,
+                v_init=frozen_array([0, 0], np.int32), depth=1,
                 scale=frozen_array([1.0, 1.0]))
     out = QLayer(name="out", shape=(2,),
                  synapses=(dense("fc1", frozen_array([[2, 0], [0, 2]], np.int32)),),
                  vth=frozen_array([0, 0], np.int64), bias_mant=zero, bias_exp=0, v_init=frozen_array([0, 0], np.int32),
-                 delay=2, scale=frozen_array([1.0, 1.0]), readout=True)
+                 depth=2, scale=frozen_array([1.0, 1.0]), readout=True)
     return QuantGraph(input=QInput(shape=(2,), scale_exp=0), layers=(l1, out),
                       timesteps=steps, target="loihi2-sim", meta={})

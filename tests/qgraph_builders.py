@@ -153,7 +153,7 @@ def _stress_layer(rng: np.random.Generator, g: _Layer, timesteps: int,
                   vth=frozen_array(vth, np.int64),
                   bias_mant=frozen_array(rng.integers(-4096, 4096, (timesteps, c)), np.int64),
                   bias_exp=int(rng.integers(0, 8)), v_init=frozen_array(v_init, np.int64),
-                  delay=delays[g.name], scale=frozen_array(np.maximum(vth, 1), np.float64),
+                  depth=delays[g.name], scale=frozen_array(np.maximum(vth, 1), np.float64),
                   readout=g.readout)
 
 

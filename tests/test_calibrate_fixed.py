@@ -125,7 +125,7 @@ def test_fixed_ftbc_step_matches_float_update():
     layer = QLayer(name="l", shape=(1,), synapses=(QSynapse("input", "dense",
                                                             frozen_array([[0]], np.int32)),),
                    vth=frozen_array([1000], np.int64), bias_mant=frozen_array([[0]], np.int64),
-                   bias_exp=2, v_init=frozen_array([0], np.int64), delay=1,
+                   bias_exp=2, v_init=frozen_array([0], np.int64), depth=1,
                    scale=frozen_array([1000.0]))
     from sims import engine
     lp = engine.plan_integer_layer(layer, {"input": (1,)}, engine.IntegerArithmetic(TARGET),

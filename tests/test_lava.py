@@ -138,7 +138,7 @@ def test_skip_connection_across_depths_is_refused(q, tmp_path):
 def test_what_lava_cannot_run_is_named():
     q = conv_net()
     conv2 = q.layers[1]
-    shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),), delay=3)
+    shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),), depth=3)
     problems = lava_problems(replace(q, layers=(q.layers[0], shifted) + q.layers[2:]))
     assert any("conv2: conv weight_exp 1" in p for p in problems)
     assert any("conv2: delay 3" in p for p in problems)

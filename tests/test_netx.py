@@ -164,11 +164,12 @@ def test_validate_graph_names_each_problem():
     layer = q.layers[1]
     odd = np.array(layer.synapses[0].weight)
     odd[0, 0] = 3
-    bad = replace(layer, synapses=(replace(layer.synapses[0], weight=odd),), vth=np.zeros_like(layer.vth), delay=0)
+    bad = replace(layer, synapses=(replace(layer.synapses[0], weight=odd),), vth=np.zeros_like(layer.vth),
+                  depth=0)
     problems = validate_graph(replace(q, layers=(q.layers[0], bad) + q.layers[2:]))
     assert any("must be even" in p for p in problems)
     assert any("vth 0..0" in p for p in problems)
-    assert any("delay 0" in p for p in problems)
+    assert any("depth 0" in p for p in problems)
 
 
 def test_exporter_imports_neither_torch_nor_sims():

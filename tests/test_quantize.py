@@ -49,7 +49,7 @@ def test_random_graphs_fit_loihi2(seed, conv, topology):
 
 def test_delays_are_depths():
     q = random_qgraph(0, topology="branch")
-    assert [(l.name, l.delay) for l in q.layers] == [
+    assert [(l.name, l.depth) for l in q.layers] == [
         ("l1", 1), ("l2", 2), ("l2b", 2), ("l3", 3), ("out", 4)]
 
 

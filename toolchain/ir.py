@@ -243,8 +243,9 @@ class QLayer:
     """Integer neuron layer. ``vth`` (C,) int per-channel threshold in state units (one weight
     scale per output channel keeps every row's weights at full 8-bit resolution even when the
     float thresholds of a layer differ by orders of magnitude); ``bias_mant`` (T, C)
-    int, effective bias ``bias_mant << bias_exp``; ``v_init`` (C,) int; ``delay`` is the
-    layer's depth (number of synaptic hops from the input) = its step offset in Lava;
+    int, effective bias ``bias_mant << bias_exp``; ``v_init`` (C,) int; ``depth`` is the
+    number of synaptic hops from the input (= its step offset in Lava, where every hop
+    delivers one step late; stored as "delay" in the exported files);
     ``scale`` (C,) float is state units per unit of the normalised float threshold (for
     reports and dequantization)."""
     name: str
@@ -254,10 +255,16 @@ class QLayer:
     bias_mant: np.ndarray
     bias_exp: int
     v_init: np.ndarray
-    delay: int
+    depth: int
     scale: np.ndarray
     readout: bool = False
     origin: str = ""
+
+    @property
+    def delay(self) -> int:
+        """Transitional alias of ``depth`` for code written before the rename (the Lava
+        runner); remove once no reader is left."""
+        return self.depth
 
 
 @dataclass(frozen=True, eq=False)
