@@ -557,8 +557,8 @@ def settle(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor | None, out: tor
 def probe(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor, out: torch.Tensor,
           scratch: torch.Tensor) -> torch.Tensor:
     """The spikes ``settle`` would give with ``bias_t``, into ``out``; v is not changed."""
-    out.copy_(v)
-    add_channel_bias(lp, out, bias_t)
+    per_channel = (v.shape[0], lp.channels, -1)
+    torch.add(v.view(per_channel), bias_t.view(lp.channels, 1), out=out.view(per_channel))
     if lp.limits is not None:
         clamp_state(lp, out, scratch)
     return torch.ge(out, lp.vth, out=out)

@@ -10,7 +10,7 @@ import toolchain.calibrate_fixed as cf
 from exporters.quantize import quantize, validate
 from hw_targets import get_target
 from sims.emulator import emulate
-from sims.engine import compile as plan_graph_of
+from sims import engine
 from sims.reference import encode_input, reference_run
 from tests.ann_builders import train_digits_cnn
 from toolchain.calibrate import calibrate, split_calibration
@@ -127,7 +127,6 @@ def test_fixed_ftbc_step_matches_float_update():
                    vth=frozen_array([1000], np.int64), bias_mant=frozen_array([[0]], np.int64),
                    bias_exp=2, v_init=frozen_array([0], np.int64), depth=1,
                    scale=frozen_array([1000.0]))
-    from sims import engine
     lp = engine.plan_integer_layer(layer, {"input": (1,)}, engine.IntegerArithmetic(TARGET),
                                    torch.device("cpu"))
     mant = torch.zeros((1, 1), dtype=torch.float64)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from exporters.quantize import quantize
 from hw_targets import get_target
 from sims.emulator import emulate
-from sims.engine import compile as plan_graph_of
+from sims import engine
 from sims.reference import encode_input, reference_run
 from tests.qgraph_builders import (fold_avgpool_conv, fold_avgpool_dense, random_inputs,
                                    random_qgraph)
@@ -75,7 +75,7 @@ def test_synaptic_clamp_is_counted_and_exact():
 def test_float64_path_is_used_and_exact():
     seeds = [s for s in range(40)
              if any(p.dtype == torch.float64
-                    for lp in plan_graph_of(random_qgraph(s, stress=True)).layers
+                    for lp in engine.compile(random_qgraph(s, stress=True)).layers
                     for p in lp.synapses)]
     assert seeds, "no stress graph needed float64"
     q = random_qgraph(seeds[0], stress=True)
@@ -104,7 +104,7 @@ def _pooled_snn() -> SnnGraph:
 
 def test_folded_pooling_is_factored_and_exact():
     q = quantize(_pooled_snn(), get_target("loihi2"))
-    pools = {lp.name: lp.synapses[0].pool for lp in plan_graph_of(q).layers}
+    pools = {lp.name: lp.synapses[0].pool for lp in engine.compile(q).layers}
     assert pools == {"c1": 1, "c2": 2, "fc": 2, "out": 1}
     assert_matches_reference(q, np.random.default_rng(0).random((4, 1, 8, 8)))
 

@@ -18,7 +18,7 @@ of one layer (``LayerFit``), how a kept candidate is stored, and the resulting g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 import numpy as np
@@ -66,15 +66,6 @@ class CalibrationOptions:
             problems.append("calibration needs at least 2 training samples")
         if problems:
             raise InputError("; ".join(problems))
-
-
-def options_from(**kwargs: Any) -> CalibrationOptions:
-    """A ``CalibrationOptions`` from keyword arguments (unknown names are a TypeError)."""
-    names = {f.name for f in fields(CalibrationOptions)}
-    unknown = set(kwargs) - names
-    if unknown:
-        raise TypeError(f"unknown calibration options: {sorted(unknown)}")
-    return CalibrationOptions(**kwargs)
 
 
 @dataclass(frozen=True, eq=False)
