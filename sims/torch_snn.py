@@ -91,22 +91,35 @@ def layer_drive(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.T
 
 
 def layer_output(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.Tensor],
-                 steps: int) -> torch.Tensor:
+                 steps: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """All T steps of one planned float layer given its sources' spike trains: (T, B, *shape)
-    bool spikes, or the readout's membrane after each step (float)."""
+    bool spikes, or the readout's membrane after each step (float). ``buffer``: a flat
+    scratch tensor of at least ``chunk_elements(lp, ...)`` values in the layer's dtype, reused
+    across chunks and layers (a fresh tens-of-MB buffer per chunk would be page-faulted in
+    every time)."""
     batch = x_enc.shape[0]
     v = engine.initial_state(lp, batch)
     scratch = torch.empty_like(v)
     steady = engine.input_current(lp, x_enc)
     k = engine.float_chunk_steps(lp, steps, batch)
-    outs = []
+    result = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.bool,
+                         device=v.device)
+    if not lp.readout and buffer is None:
+        buffer = torch.empty(chunk_elements(lp, steps, batch), dtype=lp.dtype, device=v.device)
     for t0 in range(0, steps, k):
         t1 = min(t0 + k, steps)
-        out = torch.empty((t1 - t0, batch, lp.n), dtype=lp.dtype, device=v.device)
+        out = (result[t0:t1] if lp.readout
+               else buffer[:(t1 - t0) * batch * lp.n].view(t1 - t0, batch, lp.n))
         engine.run_steps(lp, layer_drive(lp, x_enc, spikes, t0, t1, steady), v, t0, out,
                          scratch)
-        outs.append(out if lp.readout else out.bool())
-    return torch.cat(outs).reshape((steps, batch) + lp.shape)
+        if not lp.readout:
+            result[t0:t1].copy_(out)  # 0.0 / 1.0 -> bool
+    return result.reshape((steps, batch) + lp.shape)
+
+
+def chunk_elements(lp: LayerPlan, steps: int, batch: int) -> int:
+    """Values in one time chunk of ``layer_output``'s spike buffer."""
+    return engine.float_chunk_steps(lp, steps, batch) * batch * lp.n
 
 
 @torch.no_grad()
@@ -122,8 +135,10 @@ def run_network(snn: SnnGraph, x: np.ndarray | torch.Tensor, *,
     spikes: dict[str, torch.Tensor] = {}
     totals: dict[str, float] = {}
     readout = None
+    size = max(chunk_elements(lp, snn.timesteps, x_enc.shape[0]) for lp in plan.layers)
+    buffer = torch.empty(size, dtype=plan.arithmetic.dtype, device=plan.device)
     for i, lp in enumerate(plan.layers):
-        out = layer_output(lp, x_enc, spikes, snn.timesteps)
+        out = layer_output(lp, x_enc, spikes, snn.timesteps, buffer)
         if lp.readout:
             readout = out
             continue
