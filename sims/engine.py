@@ -549,9 +549,26 @@ def settle(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor | None, out: tor
     if lp.readout:
         out.copy_(v)
     else:
-        torch.ge(v, lp.vth, out=out)
-        v.addcmul_(out, lp.vth, value=-1)
+        v_, out_, vth = compare_views(lp, v, out)
+        torch.ge(v_, vth, out=out_)
+        v_.addcmul_(out_, vth, value=-1)
     return saturated
+
+
+def channel_thresholds(lp: LayerPlan) -> torch.Tensor:
+    """(C, 1) thresholds: every channel's neurons share one (``vth`` repeats it)."""
+    return lp.vth.view(lp.channels, -1)[:, :1]
+
+
+def compare_views(lp: LayerPlan, v: torch.Tensor, out: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v, out, vth) shaped for the compare: per channel (B, C, n/C) against (C, 1) for maps
+    (~25 % faster on CPU than a per-neuron (n,) vector), flat for dense layers (where the
+    per-channel view is the slower one)."""
+    if lp.n == lp.channels:
+        return v, out, lp.vth
+    per_channel = (v.shape[0], lp.channels, -1)
+    return v.view(per_channel), out.view(per_channel), channel_thresholds(lp)
 
 
 def probe(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor, out: torch.Tensor,
@@ -561,7 +578,9 @@ def probe(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor, out: torch.Tenso
     torch.add(v.view(per_channel), bias_t.view(lp.channels, 1), out=out.view(per_channel))
     if lp.limits is not None:
         clamp_state(lp, out, scratch)
-    return torch.ge(out, lp.vth, out=out)
+    _, out_, vth = compare_views(lp, out, out)
+    torch.ge(out_, vth, out=out_)
+    return out
 
 
 def run_steps(lp: LayerPlan, drive: torch.Tensor, v: torch.Tensor, t0: int,

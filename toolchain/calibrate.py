@@ -243,7 +243,7 @@ def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
 
 def _theta(p: LayerPlan) -> torch.Tensor:
     """(C, 1) per-channel thresholds of a float layer plan."""
-    return p.vth.view(p.channels, -1)[:, :1]
+    return engine.channel_thresholds(p)
 
 
 # --------------------------------------------------------------------------- output
