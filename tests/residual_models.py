@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.train_cifar import ShortcutA  # the benchmark ResNet-20's own option-A shortcut
 from tests.models import randomize_bn
 
 SHAPE = (3, 8, 8)
@@ -29,17 +30,6 @@ def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
                          nn.BatchNorm2d(cout))
-
-
-class ShortcutA(nn.Module):
-    """He et al.'s option A: subsample by 2, zero-pad the new channels."""
-
-    def __init__(self, pad: int) -> None:
-        super().__init__()
-        self.pad = pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
 class Block(nn.Module):

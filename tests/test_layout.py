@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from exporters.quantize import quantize, validate
 from hw_targets import get_target
 from sims.torch_snn import run_network
-from tests.residual_models import (LAYOUT_ZOO, RESIDUAL_MODELS, SHAPE, ShortcutA, conv_bn)
+from tests.residual_models import LAYOUT_ZOO, RESIDUAL_MODELS, SHAPE
 from tests.test_convert import _pre_activation_check
 from tests.test_emulator import assert_matches_reference
 from tests.test_onnx import assert_same, onnx_graph, to_onnx

@@ -77,14 +77,14 @@ def _slice(node: SliceNode, xs: list[torch.Tensor]) -> torch.Tensor:
     return xs[0][index]
 
 
-def torch_pads(pads: tuple[tuple[int, int], ...]) -> list[int]:
+def _torch_pads(pads: tuple[tuple[int, int], ...]) -> list[int]:
     """Per-axis (before, after) from axis 1 on -> F.pad's flat list (last axis first)."""
     return [int(v) for pair in reversed(pads) for v in pair]
 
 
 @evaluates(PadNode)
 def _pad(node: PadNode, xs: list[torch.Tensor]) -> torch.Tensor:
-    return F.pad(xs[0], torch_pads(node.pads))
+    return F.pad(xs[0], _torch_pads(node.pads))
 
 
 @evaluates(ConcatNode)

@@ -13,7 +13,8 @@ std``, clip merging, node naming and the all-at-once ``UnsupportedModelError`` a
 code as for PyTorch models. Supported: Conv, Gemm, MatMul (+ Add), BatchNormalization, Relu,
 Clip, AveragePool, GlobalAveragePool, ReduceMean over (H, W), Flatten, Reshape, Squeeze,
 Add, Sub, Mul, Div, Identity, Dropout, Cast (to the same type), and the layout ops Slice
-(positive steps), Pad (constant 0) and Concat; Shape, Size and Constant only make constants. Any other node is reported with its name, op type, why and what to do.
+(positive steps), Pad (constant 0) and Concat; Shape, Size and Constant only make
+constants. Any other node is reported with its name, op type, why and what to do.
 """
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def _div(b: Builder, op: OnnxOp) -> Act:
 
 # --------------------------------------------------------------------------- layout ops
 
-def _ints(op: OnnxOp, value: Any, what: str) -> list[int] | None:
+def _ints(value: Any, what: str) -> list[int] | None:
     """A constant integer list (an attribute or an input); None when absent."""
     if value is None:
         return None
@@ -246,9 +247,9 @@ def _slice(b: Builder, op: OnnxOp) -> Act:
     slice per axis, each with its own example value."""
     source = op.attrs if "starts" in op.attrs else dict(zip(
         ("starts", "ends", "axes", "steps"), [_arg(op, i) for i in range(1, 5)]))
-    starts, ends = _ints(op, source["starts"], "starts"), _ints(op, source["ends"], "ends")
-    axes = _ints(op, source.get("axes"), "axes") or list(range(len(starts)))
-    steps = _ints(op, source.get("steps"), "steps") or [1] * len(starts)
+    starts, ends = _ints(source["starts"], "starts"), _ints(source["ends"], "ends")
+    axes = _ints(source.get("axes"), "axes") or list(range(len(starts)))
+    steps = _ints(source.get("steps"), "steps") or [1] * len(starts)
     x = _act(op)
     for axis, start, end, step in zip(axes, starts, ends, steps):
         if step < 1:
@@ -268,10 +269,10 @@ def _pad(b: Builder, op: OnnxOp) -> Act:
     if "pads" in op.attrs:
         pads, value, axes = list(op.attrs["pads"]), op.attrs.get("value", 0.0), None
     else:
-        pads, value, axes = _ints(op, _arg(op, 1), "pads"), _arg(op, 2), _arg(op, 3)
+        pads, value, axes = _ints(_arg(op, 1), "pads"), _arg(op, 2), _arg(op, 3)
     if isinstance(value, Act):
         raise Refuse("takes its pad value from activations", "pad with the constant 0")
-    axes = [a % ndim for a in (_ints(op, axes, "axes") or range(ndim))]
+    axes = [a % ndim for a in (_ints(axes, "axes") or range(ndim))]
     begin = dict(zip(axes, pads[:len(axes)]))
     end = dict(zip(axes, pads[len(axes):]))
     flat = [v for a in reversed(range(ndim)) for v in (begin.get(a, 0), end.get(a, 0))]
