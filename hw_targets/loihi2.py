@@ -12,7 +12,8 @@ def loihi2() -> Target:
     aligned. The emulator runs them aligned; the netx file records every synapse's source
     and every layer's depth (``ftbc/``), from which each delay follows."""
     return Target(name="loihi2", max_synaptic_delay=63,
-                  description="Intel Loihi 2 (fixed point: 8-bit weights, 24-bit state)")
+                  description="Intel Loihi 2 (fixed point: 8-bit weights, 24-bit state, "
+                              "0..63-step synaptic delays align residual inputs)")
 
 
 @registered
@@ -21,4 +22,5 @@ def loihi2_sim() -> Target:
     have no delays, so residual layers are refused); also verified in Lava's CPU simulation
     (fixed_pt)."""
     return Target(name="loihi2-sim", simulated=True,
-                  description="Loihi 2 fixed point, verified in Lava's CPU simulation")
+                  description="Loihi 2 fixed point, verified in Lava's CPU simulation (no "
+                              "synaptic delays yet: residual layers are refused)")
