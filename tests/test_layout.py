@@ -29,7 +29,6 @@ from toolchain.ann import ann_forward
 from toolchain.cli import main
 from toolchain.convert import convert
 from toolchain.errors import UnsupportedModelError
-from toolchain.ir import INPUT
 from toolchain.normalize import normalize
 from toolchain.trace import trace
 
