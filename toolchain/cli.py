@@ -129,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default on)")
     g = p.add_argument_group("evaluation and verification")
     g.add_argument("--eval-samples", type=_positive(int),
-                   help="evaluate on the first N test samples (default: all)")
+                   help="evaluate on N test samples drawn by a fixed seed, the same N in "
+                        "every run (default: all)")
     g.add_argument("--verify-samples", type=_positive(int, zero=True), default=100,
-                   help="samples run in Lava and compared spike for spike (default 100; "
-                        "0 skips)")
+                   help="test samples (drawn by a fixed seed) run in Lava and compared spike "
+                        "for spike (default 100; 0 skips)")
     g.add_argument("--seed", type=_positive(int, zero=True), default=0,
                    help="random seed, >= 0 (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
