@@ -2,9 +2,10 @@
 
 Structure
     Every ``ReluNode`` and ``QcfsNode`` becomes a ``NeuronLayer`` of integrate-and-fire neurons
-    with reset by subtraction (same name and origin); the model output (the final ``LinearNode``) becomes
-    the non-spiking readout layer. A layer's input current is the ANN pre-activation, written
-    as a sum of ``Synapse`` maps from upstream populations (or ``ir.INPUT``)::
+    with reset by subtraction (same name and origin); the model output (the final
+    ``LinearNode``) becomes the non-spiking readout layer. A layer's input current is the ANN
+    pre-activation, written as a sum of ``Synapse`` maps from upstream populations (or
+    ``ir.INPUT``)::
 
         z_l = sum_paths  L_path(out_src) + b_l        (b_l per channel -> NeuronLayer.bias)
 
@@ -34,11 +35,11 @@ Thresholds (per channel, from ``x_calib`` = training data only)
 
     (``shift`` = 1/2 when ``input_shift``): the spike count after T steps of an IF neuron with
     constant input a, v0 = v_init * theta and reset by subtraction. So thresholds depend on T.
-    Clipped ReLUs use their clip for all channels. QCFS activations (``QcfsNode``) keep
-    their learned threshold, per channel, with v_init = 1/2 and no input shift whatever the
-    options say (QCFS's conversion; the IF neuron then equals the activation after T = L
-    steps); they are listed in ``meta["learned_thresholds"]``. Fallbacks: a channel whose activation is 0
-    on all calibration data gets the layer's largest threshold (1.0 when the whole layer is
+    Clipped ReLUs use their clip for all channels. QCFS activations (``QcfsNode``) keep their
+    learned threshold, per channel, with v_init = 1/2 and no input shift whatever the options
+    say (QCFS's conversion; the IF neuron then equals the activation after T = L steps); they
+    are listed in ``meta["learned_thresholds"]``. Fallbacks: a channel whose activation is 0 on
+    all calibration data gets the layer's largest threshold (1.0 when the whole layer is
     silent), recorded in ``meta["fallback_channels"]``; a channel whose percentile/mse
     threshold is 0 while its max is not gets its max (not recorded: its threshold still comes
     from its own data). Never a threshold of 0.
