@@ -371,3 +371,15 @@ def qcfs_net(**kwargs) -> nn.Module:
     """A seeded ``QcfsNet`` with randomised BatchNorm, in eval mode."""
     torch.manual_seed(0)
     return randomize_bn(QcfsNet(**kwargs))
+
+
+def qcfs_residual_net(levels: int = 4) -> nn.Module:
+    """``ResidualNet`` with every ReLU a QCFS (the blocks' second one acts on the residual
+    sum, as in QCFS's ResNets)."""
+    torch.manual_seed(0)
+    model = ResidualNet()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, QCFS(up=1.5, t=levels))
+    return randomize_bn(model)

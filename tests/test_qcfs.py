@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from sims.torch_snn import run_network
-from tests.models import IMG, QCFS, head, qcfs_net
+from tests.models import IMG, QCFS, head, qcfs_net, qcfs_residual_net
 from tests.test_cli import FAST, run_cli
 from tests.test_onnx import onnx_graph, to_onnx
-from tests.test_trace import TOL, as_form
+from tests.test_trace import TOL, as_form, assert_equivalent
 from toolchain.ann import ann_forward
 from toolchain.cli import main
 from toolchain.convert import convert
@@ -71,6 +71,19 @@ def test_recognised_from_every_front_end(variant: str, form: str) -> None:
     with torch.no_grad():
         want = model(x)
     assert (ann_forward(graph, x) - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("form", ["module", "export"])
+def test_qcfs_after_a_residual_sum(form: str) -> None:
+    """QCFS's ResNets apply the activation to the residual sum: nothing to fold its scale
+    into, and nothing needed (x / theta * L + 1/2, floor, / L * theta has identity input)."""
+    graph = assert_equivalent(qcfs_residual_net(), (1, 8, 8), form)
+    acts = [n for n in graph.nodes if isinstance(n, QcfsNode)]
+    assert [a.name for a in acts] == ["stem.2", "layer1.0.relu", "layer1.0.relu_1",
+                                      "layer1.1.relu", "layer1.1.relu_1"]
+    assert [graph.node(a.inputs[0]).__class__.__name__ for a in acts][2::2] == ["AddNode"] * 2
+    snn = convert(graph, np.random.default_rng(0).random((16, 1, 8, 8)), timesteps=4)
+    assert [len(layer.synapses) for layer in snn.layers] == [1, 1, 2, 1, 2, 1]
 
 
 def test_state_dict_with_arch(tmp_path: Path) -> None:

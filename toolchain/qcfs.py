@@ -14,14 +14,16 @@ matched here, on the ops, not on one spelling:
   layer's output);
 * ``floor`` starts a *chain*: the per-channel elementwise steps (positive affine maps and
   clamps) applied to ``u`` since the layer (a clamp before the floor, e.g. a clipped ReLU,
-  starts the chain there). Every later affine/clamp op on the chain extends it;
+  starts the chain there; so does an affine op the tracer cannot fold, e.g. ``/ up`` after
+  a residual sum). Every later affine/clamp op on the chain extends it;
 * after each step the chain is reduced to ``y = c2 + s2 * clip(floor(s1 u + c1), A, B)``
   (positive affine maps and clamps compose into one clipped affine map, and floor commutes
   with a clamp). When the lowest level is 0 (``c2 + s2 A = 0``) that is exactly::
 
       y = QCFS(z; theta = s2 (B - A), L = B - A),   z = s2 s1 u + s2 (c1 - A - 1/2)
 
-  so the layer is re-emitted with that affine map folded in and a ``QcfsNode`` follows it.
+  so the layer is re-emitted with that affine map folded in and a ``QcfsNode`` follows it
+  (after a residual sum the map must be the identity, as it is for QCFS written as above).
   A chain that never reaches this form (any other use of floor, a negative scale, a floor
   after a residual sum) is an ``Unresolved`` value: if the output depends on it, it is
   reported with the other unsupported ops.
@@ -35,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolchain.ir import ConvNode, LinearNode, QcfsNode, ReluNode
+from toolchain.ir import ConvNode, InputNode, LinearNode, QcfsNode, ReluNode
 from toolchain.trace import (HANDLERS, Act, Builder, Op, Refuse, Unresolved, advice, handles,
                              per_channel, scalar)
 
@@ -47,6 +49,7 @@ NOT_AFTER_LAYER = ("is a QCFS activation on a value that is not a Conv2d/Linear 
                    "residual sum), which cannot absorb its input scale and shift",
                    "place the QCFS activation right after a Conv2d/Linear (+ BatchNorm)")
 LEVEL_RTOL = 1e-6  # how close the lowest level must be to 0 (float32 constants)
+IDENTITY_TOL = 1e-12  # float64 rounding of theta / L * L / theta: far below float32's
 
 
 @dataclass(frozen=True)
@@ -107,18 +110,19 @@ def _channels(act: Act) -> int:
 
 
 def _start(b: Builder, act: Act, refusal: Refuse | None = None) -> Chain | None:
-    """The chain ``act`` ends: its own, or a new one from a (clipped) ReLU or a Conv/Linear
-    output; None for anything else. ``refusal``: what the tracer said about the op."""
+    """The chain ``act`` ends: its own, or a new one on a layer's output (a ReLU's: from its
+    input, with the ReLU's clamp); None on the model input (its transform is elsewhere).
+    ``refusal``: what the tracer said about the op (reported if no QCFS comes of it)."""
     if act.key in b.chains:
         return b.chains[act.key]
     prod = b.producer(act)
-    if prod is not None and prod.cls is ReluNode:
+    if prod is None or prod.cls is InputNode:
+        return None
+    if prod.cls is ReluNode:
         n, clip = _channels(act), prod.fields.get("clip")
         step = ("clamp", np.zeros(n), np.full(n, np.inf if clip is None else clip))
         return Chain(prod.inputs[0], (step,), refusal)
-    if prod is not None and prod.cls in (ConvNode, LinearNode):
-        return Chain(act.key, (), refusal)
-    return None
+    return Chain(act.key, (), refusal)
 
 
 def _extend(b: Builder, op: Op, act: Act, chain: Chain, step: tuple) -> Act:
@@ -149,8 +153,9 @@ def _emit_qcfs(b: Builder, op: Op, src: Act, scale: np.ndarray, shift: np.ndarra
     """The source with ``scale * u + shift`` folded in, then a QcfsNode; None when the
     source is not a Conv/Linear to fold it into (and the map is not the identity)."""
     prod = b.producer(src)
-    if np.all(scale == 1) and np.all(shift == 0):
-        pre = src
+    if np.all(np.abs(scale - 1) <= IDENTITY_TOL) and np.all(np.abs(shift) <= IDENTITY_TOL *
+                                                             threshold):
+        pre = src  # e.g. QCFS after a residual sum: (x / theta * L + 1/2 - 1/2) * theta / L
     elif prod.cls in (ConvNode, LinearNode):
         w = prod.fields["weight"]
         pre = b.refold(op, src, weight=w * scale.reshape((-1,) + (1,) * (w.ndim - 1)),
@@ -213,21 +218,22 @@ def _clamp_step(op: Op, act: Act) -> tuple:
 
 
 def _chained(kind: str, step_of: Callable[[Op, Act], tuple]) -> None:
-    """Wrap the tracer's handler of ``kind``: the op on a chain (or on a ReLU's output, where
-    the tracer refuses it) extends the chain; anything else stays the tracer's."""
+    """Wrap the tracer's handler of ``kind``: the op on a chain, or one the tracer refuses
+    (a scale after a ReLU or a residual sum), extends a chain; anything else is the
+    tracer's."""
     base = HANDLERS[kind]
 
     def handler(b: Builder, op: Op) -> Any:
         act = next((a for a in op.args[:2] if isinstance(a, Act)), None)
         if act is not None and act.key in b.chains:
             return _extend(b, op, act, b.chains[act.key], step_of(op, act))
-        prod = b.producer(act) if act is not None else None
-        if prod is None or prod.cls is not ReluNode:
-            return base(b, op)
         try:
             return base(b, op)
         except Refuse as err:
-            return _extend(b, op, act, _start(b, act, err), step_of(op, act))
+            chain = _start(b, act, err) if act is not None else None
+            if chain is None:
+                raise
+            return _extend(b, op, act, chain, step_of(op, act))
     handler.__doc__ = base.__doc__
     HANDLERS[kind] = handler
 
