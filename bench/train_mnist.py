@@ -11,8 +11,9 @@ AvgPool2, Flatten, Linear(1568->128)-ReLU, Linear(128->10); 3 epochs of Adam.
 (each conv-BN-ReLU), Flatten, Linear(1568->128)-ReLU, Linear(128->10); 2 epochs (about 3.5x
 the compute of ``cnn`` per image; two epochs keep it within ~10 min on one thread).
 ``--act qcfs --levels L``: every ReLU replaced by the quantization-clip-floor-shift
-activation of QCFS (Bu et al., ICLR 2022), written as its public code writes it (``QCFS``
-below: learned threshold ``up``, L levels, floor with a straight-through gradient), trained
+activation of QCFS (Bu et al., ICLR 2022), written as its public code writes it
+(``examples/qcfs.py``: learned threshold ``up``, initial value 4, L levels, floor with a
+straight-through gradient), trained
 the same way from scratch and saved with ``torch.export`` (TorchScript cannot script an
 autograd.Function). The model is ``MnistNet`` / ``MnistDeep`` with that activation.
 Seeded and deterministic; one CPU thread by default (the machine is shared).
@@ -24,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -33,52 +33,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 from toolchain.data import load_data  # noqa: E402
+from qcfs import QCFS, save_export, with_qcfs  # noqa: E402
 from train_digits import accuracy, fit, save_torchscript, seed_everything  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-QCFS_INIT_UP = 4.0  # initial threshold (QCFS's code: 8; MNIST's BN'd activations are smaller)
-
-
-class GradFloor(torch.autograd.Function):
-    """floor with a straight-through gradient (QCFS's ``GradFloor``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.floor()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-class QCFS(nn.Module):
-    """QCFS's activation (its code calls it ``MyFloor``): learned threshold ``up``, ``t`` = L
-    quantization levels; theta * clip(floor(x L / theta + 1/2) / L, 0, 1)."""
-
-    def __init__(self, up: float = QCFS_INIT_UP, t: int = 8) -> None:
-        super().__init__()
-        self.up = nn.Parameter(torch.tensor([up]), requires_grad=True)
-        self.t = t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / self.up
-        x = GradFloor.apply(x * self.t + 0.5) / self.t
-        x = torch.clamp(x, 0, 1)
-        return x * self.up
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-
-
-def with_qcfs(model: nn.Module, levels: int) -> nn.Module:
-    """``model`` with every nn.ReLU replaced by a QCFS activation of ``levels`` levels."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(model, name, QCFS(t=levels))
-        else:
-            with_qcfs(child, levels)
-    return model
 
 
 class Normalized(nn.Module):
@@ -129,13 +91,6 @@ class MnistQcfs(MnistNet):
 ARCHS = {"cnn": (MnistNet, 3, "mnist_cnn.pt"), "deep": (MnistDeep, 2, "mnist_deep.pt")}
 
 
-def save_export(model: nn.Module, path: Path, example: np.ndarray) -> None:
-    """torch.export the eval-mode model on an example batch and save it (.pt2)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program = torch.export.export(model.eval(), (torch.from_numpy(np.array(example)),))
-    torch.export.save(program, str(path))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="cnn")
@@ -162,7 +117,7 @@ def main() -> None:
     if args.act == "relu":
         save_torchscript(model, out)
     else:
-        save_export(model, out, data.x_test[:2])
+        save_export(model, out, torch.from_numpy(data.x_test[:2].copy()))
     if args.act == "qcfs":
         ups = [round(m.up.item(), 3) for m in model.modules() if isinstance(m, QCFS)]
         print(f"{args.arch} qcfs L={args.levels}: learned thresholds {ups}")
