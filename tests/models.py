@@ -307,8 +307,8 @@ class QCFS(nn.Module):
     """QCFS's activation as its public code writes it (``MyFloor``: learned threshold ``up``,
     ``t`` levels, x / up, floor(x t + 0.5) / t, clamp(0, 1), * up), and the variants a user
     writes: ``channels`` > 0 (one threshold per channel, ``dims`` 4 or 2), ``clamp_first``
-    (clamp(x / up, 0, 1) before the floor), ``up_as`` "param" / "tensor" (a tensor constant)
-    / "float" (a Python number, per layer only)."""
+    (clamp(x / up, 0, 1) before the floor), ``up_as`` "param" / "buffer" / "tensor" (a tensor
+    constant) / "float" (a Python number, per layer only)."""
 
     def __init__(self, up: float = 1.0, t: int = 4, channels: int = 0, dims: int = 4,
                  clamp_first: bool = False, up_as: str = "param") -> None:
@@ -319,6 +319,8 @@ class QCFS(nn.Module):
             torch.tensor([up])
         if up_as == "param":
             self.up = nn.Parameter(value)
+        elif up_as == "buffer":
+            self.register_buffer("up", value)
         else:
             self.up = float(value.item()) if up_as == "float" else value
         self.t = t

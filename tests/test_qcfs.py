@@ -31,6 +31,7 @@ VARIANTS = {  # QcfsNet keyword arguments: the spellings a user's model may use
     "clamp_first": {"clamp_first": True, "levels": 8},
     "tensor_constant": {"per_channel": True, "up_as": "tensor"},
     "float_constant": {"up_as": "float", "levels": 2},
+    "buffer": {"up_as": "buffer", "levels": 3},
 }
 
 
@@ -59,9 +60,9 @@ def _assert_learned(graph: AnnGraph, model: nn.Module) -> None:
 @pytest.mark.parametrize("form", ["module", "export", "scripted", "onnx"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_recognised_from_every_front_end(variant: str, form: str) -> None:
-    """The IR's ANN equals torch; thresholds and levels are the model's own. TorchScript and
-    ONNX cannot save the straight-through autograd.Function: their models use torch.floor."""
-    model = qcfs_net(plain=form in ("scripted", "onnx"), **VARIANTS[variant])
+    """The IR's ANN equals torch; thresholds and levels are the model's own. TorchScript cannot
+    save the straight-through autograd.Function: its models use torch.floor."""
+    model = qcfs_net(plain=form == "scripted", **VARIANTS[variant])
     graph = _graph(model, form)
     assert [type(n).__name__ for n in graph.nodes] == [
         "InputNode", "ConvNode", "QcfsNode", "AvgPoolNode", "ConvNode", "QcfsNode",
