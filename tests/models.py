@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from examples.qcfs import GradFloor
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine parameters; eval mode."""
@@ -291,22 +293,10 @@ LAYER_CASES["matmul_add_addmm"] = (_seeded(MatmulAdd), (6,))
 
 # --------------------------------------------------------------------------- QCFS
 
-class GradFloor(torch.autograd.Function):
-    """floor with a straight-through gradient, as QCFS's code writes it (``GradFloor``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.floor()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
 class QCFS(nn.Module):
-    """QCFS's activation as its public code writes it (``MyFloor``: learned threshold ``up``,
-    ``t`` levels, x / up, floor(x t + 0.5) / t, clamp(0, 1), * up), and the variants a user
-    writes: ``channels`` > 0 (one threshold per channel, ``dims`` 4 or 2), ``clamp_first``
+    """QCFS's activation as its public code writes it (``MyFloor``, ``examples/qcfs.py``:
+    learned threshold ``up``, ``t`` levels, x / up, floor(x t + 0.5) / t, clamp(0, 1), * up),
+    and the variants a user writes: ``channels`` > 0 (one threshold per channel, ``dims`` 4 or 2), ``clamp_first``
     (clamp(x / up, 0, 1) before the floor), ``up_as`` "param" / "buffer" / "tensor" (a tensor
     constant) / "float" (a Python number, per layer only)."""
 
