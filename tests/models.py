@@ -296,9 +296,9 @@ LAYER_CASES["matmul_add_addmm"] = (_seeded(MatmulAdd), (6,))
 class QCFS(nn.Module):
     """QCFS's activation as its public code writes it (``MyFloor``, ``examples/qcfs.py``:
     learned threshold ``up``, ``t`` levels, x / up, floor(x t + 0.5) / t, clamp(0, 1), * up),
-    and the variants a user writes: ``channels`` > 0 (one threshold per channel, ``dims`` 4 or 2), ``clamp_first``
-    (clamp(x / up, 0, 1) before the floor), ``up_as`` "param" / "buffer" / "tensor" (a tensor
-    constant) / "float" (a Python number, per layer only)."""
+    and the variants a user writes: ``channels`` > 0 (one threshold per channel, ``dims`` 4 or
+    2), ``clamp_first`` (clamp(x / up, 0, 1) before the floor), ``up_as`` "param" / "buffer" /
+    "tensor" (a tensor constant) / "float" (a Python number, per layer only)."""
 
     def __init__(self, up: float = 1.0, t: int = 4, channels: int = 0, dims: int = 4,
                  clamp_first: bool = False, up_as: str = "param") -> None:
