@@ -24,9 +24,10 @@ matched here, on the ops, not on one spelling:
 
   so the layer is re-emitted with that affine map folded in and a ``QcfsNode`` follows it
   (after a residual sum the map must be the identity, as it is for QCFS written as above).
-  A chain that never reaches this form (any other use of floor, a negative scale, a floor
-  after a residual sum) is an ``Unresolved`` value: if the output depends on it, it is
-  reported with the other unsupported ops.
+  A chain that never reaches this form (any other use of floor, a negative scale, a
+  non-identity map after a residual sum) is an ``Unresolved`` value: if the output depends
+  on it, it is reported with the other unsupported ops (a chain without a floor keeps the
+  tracer's own refusal of its first op).
 
 Importing this module registers its handlers (``toolchain.trace`` imports it last).
 """
@@ -233,7 +234,11 @@ def _chained(kind: str, step_of: Callable[[Op, Act], tuple]) -> None:
             chain = _start(b, act, err) if act is not None else None
             if chain is None:
                 raise
-            return _extend(b, op, act, chain, step_of(op, act))
+            try:
+                step = step_of(op, act)
+            except Refuse:
+                raise err from None  # not elementwise either: the tracer's reason stands
+            return _extend(b, op, act, chain, step)
     handler.__doc__ = base.__doc__
     HANDLERS[kind] = handler
 
