@@ -52,8 +52,9 @@ def _assert_learned(graph: AnnGraph, model: nn.Module) -> None:
     assert len(nodes) == len(mods) == 3
     for node, mod in zip(nodes, mods):
         up = torch.as_tensor(mod.up).detach().double().reshape(-1).numpy()
-        np.testing.assert_array_equal(node.threshold,
-                                      np.broadcast_to(up, node.threshold.shape))
+        # theta = (up / L) * L in float64: the model's float32 value to ~1 ulp of float64
+        np.testing.assert_allclose(node.threshold, np.broadcast_to(up, node.threshold.shape),
+                                   rtol=1e-14)
         assert node.levels == mod.t
 
 
@@ -224,7 +225,8 @@ def test_export_program_through_cli_is_spike_exact_in_lava(tmp_path: Path) -> No
     learned = report["conversion"]["learned_thresholds"]
     assert list(learned) == ["features.2", "features.6", "classifier.2"]
     for name, mod in zip(learned, _qcfs_modules(model)):
-        assert learned[name]["threshold"] == [float(v) for v in mod.up.detach().reshape(-1)]
+        want = [float(v) for v in mod.up.detach().reshape(-1)]
+        assert learned[name]["threshold"] == pytest.approx(want, rel=1e-14)
     assert set(report["snn_accuracy"]) == {"none", "lp", "ftbc"}
     assert len(report["fixed_accuracy"]) == 4 and (out / "netlist.json").stat().st_size > 0
 
