@@ -43,8 +43,9 @@ succeeded: a failed or interrupted run leaves the previous outputs as they were.
 EPILOG = """model formats: TorchScript (torch.jit.save), torch.export programs (.pt2),
 state_dict files with --arch; pickled whole modules only with --trust-pickle.
 data: digits (built in, scikit-learn's 8x8 digits, seeded 80/20 split) | mnist:DIR
-(DIR/mnist_{train,test}.npz, uint8 x, y) | npz:TRAIN.npz,TEST.npz (float x as the model
-expects it, integer y). Calibration uses the training split only.
+(DIR/mnist_{train,test}.npz, uint8 x, y) | cifar10:DIR (DIR/cifar10_{train,test}.npz, uint8
+x (N, 32, 32, 3) RGB -> (N, 3, 32, 32) in [0, 1]) | npz:TRAIN.npz,TEST.npz (float x as the
+model expects it, integer y). Calibration uses the training split only.
 
 data-parallel: torchrun --nproc-per-node N [--nnodes M ...] -m toolchain.cli MODEL ...
 shards threshold statistics, FTBC calibration and evaluation over the ranks (gloo);
