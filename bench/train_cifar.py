@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_cifar.py --arch resnet20    # -> bench/models/cifar_resnet20.pt
     .venv/bin/python bench/train_cifar.py --arch vgg16       # -> bench/models/cifar_vgg16.pt
+    .venv/bin/python bench/train_cifar.py --act qcfs --levels 4  # -> ..._resnet20_qcfs_l4.pt2
 
 ``resnet20``: He et al.'s CIFAR ResNet-20 (16-32-64 channels, 3 x 3 basic blocks, BatchNorm,
 option-A shortcuts: ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))`` where the width doubles),
@@ -13,6 +14,8 @@ sees x in [0, 1]. SGD with momentum 0.9, Nesterov, cosine learning rate, weight 
 crop (pad 4) and horizontal flip; seeded. Training state is checkpointed after every epoch in
 ``--checkpoint`` (default bench/models/<arch>.ckpt) and resumed from it, so a run that is
 stopped continues where it was; the TorchScript model is written after the last epoch.
+``--act qcfs --levels L``: every ReLU a QCFS activation (``examples/qcfs.py``), saved with
+torch.export (``.pt2``); its checkpoint is ``<arch>_qcfs_l<L>.ckpt``.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+from qcfs import save_export, with_qcfs  # noqa: E402
 from train_digits import accuracy, save_torchscript  # noqa: E402
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -141,14 +145,16 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train(args: argparse.Namespace) -> None:
     cls, default_epochs, wd = ARCHS[args.arch]
     epochs = args.epochs or default_epochs
-    ckpt = args.checkpoint or ROOT / "bench" / "models" / f"{args.arch}.ckpt"
-    out = args.out or ROOT / "bench" / "models" / f"cifar_{args.arch}.pt"
+    name = args.arch if args.act == "relu" else f"{args.arch}_qcfs_l{args.levels}"
+    ckpt = args.checkpoint or ROOT / "bench" / "models" / f"{name}.ckpt"
+    out = args.out or ROOT / "bench" / "models" / (
+        f"cifar_{name}.pt" if args.act == "relu" else f"cifar_{name}.pt2")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     x_train, y_train = load_npz(args.data / "cifar10_train.npz")
     x_test, y_test = load_npz(args.data / "cifar10_test.npz")
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    model = cls()
+    model = cls() if args.act == "relu" else with_qcfs(cls(), args.levels)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=wd)
     steps_per_epoch = math.ceil(len(xt) / args.batch_size)
@@ -187,8 +193,11 @@ def train(args: argparse.Namespace) -> None:
                     "arch": args.arch, "epochs": epochs}, tmp)
         tmp.replace(ckpt)
     acc = accuracy(model, x_test, y_test, 500)
-    save_torchscript(model, out)
-    print(f"{args.arch}: CIFAR-10 test accuracy {acc:.2f} % ({len(x_test)} images), "
+    if args.act == "relu":
+        save_torchscript(model, out)
+    else:
+        save_export(model, out, torch.from_numpy(x_test[:2]))
+    print(f"{name}: CIFAR-10 test accuracy {acc:.2f} % ({len(x_test)} images), "
           f"saved {out}", flush=True)
 
 
@@ -196,6 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="resnet20")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--act", choices=("relu", "qcfs"), default="relu",
+                        help="qcfs: QCFS activations, saved with torch.export (.pt2)")
+    parser.add_argument("--levels", type=int, default=4, help="QCFS quantization levels L")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from examples.qcfs import GradFloor
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine parameters; eval mode."""
@@ -287,3 +289,89 @@ class MatmulAdd(nn.Module):
 
 
 LAYER_CASES["matmul_add_addmm"] = (_seeded(MatmulAdd), (6,))
+
+
+# --------------------------------------------------------------------------- QCFS
+
+class QCFS(nn.Module):
+    """QCFS's activation as its public code writes it (``MyFloor``, ``examples/qcfs.py``:
+    learned threshold ``up``, ``t`` levels, x / up, floor(x t + 0.5) / t, clamp(0, 1), * up),
+    and the variants a user writes: ``channels`` > 0 (one threshold per channel, ``dims`` 4 or
+    2), ``clamp_first`` (clamp(x / up, 0, 1) before the floor), ``up_as`` "param" / "buffer" /
+    "tensor" (a tensor constant) / "float" (a Python number, per layer only)."""
+
+    def __init__(self, up: float = 1.0, t: int = 4, channels: int = 0, dims: int = 4,
+                 clamp_first: bool = False, up_as: str = "param") -> None:
+        super().__init__()
+        shape = (1, channels) + (1,) * (dims - 2) if channels else (1,)
+        gen = torch.Generator().manual_seed(channels + 7 * t)
+        value = up * (0.6 + 0.8 * torch.rand(shape, generator=gen)) if channels else \
+            torch.tensor([up])
+        if up_as == "param":
+            self.up = nn.Parameter(value)
+        elif up_as == "buffer":
+            self.register_buffer("up", value)
+        else:
+            self.up = float(value.item()) if up_as == "float" else value
+        self.t = t
+        self.clamp_first = clamp_first
+
+    def floor(self, x: torch.Tensor) -> torch.Tensor:
+        return GradFloor.apply(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x / self.up
+        if self.clamp_first:
+            x = torch.clamp(x, 0, 1)
+            return self.floor(x * self.t + 0.5) / self.t * self.up
+        x = self.floor(x * self.t + 0.5) / self.t
+        x = torch.clamp(x, 0, 1)
+        return x * self.up
+
+
+class PlainQCFS(QCFS):
+    """QCFS with a plain ``torch.floor``: what TorchScript and ONNX can save."""
+
+    def floor(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.floor(x)
+
+
+class QcfsNet(nn.Module):
+    """conv-BN-QCFS-AvgPool2, conv-BN-QCFS, Flatten, Linear-QCFS, Linear on (C, H, W) inputs
+    (H, W even); ``act`` keyword arguments go to every QCFS (``per_channel``: one threshold
+    per channel). Usable as ``--arch tests.models:QcfsNet`` with a state_dict."""
+
+    def __init__(self, in_shape: tuple = (2, 6, 6), levels: int = 4, per_channel: bool = False,
+                 plain: bool = False, classes: int = 3, **act) -> None:
+        super().__init__()
+        cls = PlainQCFS if plain else QCFS
+
+        def qcfs(c: int, dims: int = 4) -> nn.Module:
+            return cls(t=levels, channels=c if per_channel else 0, dims=dims, **act)
+        c, h, w = in_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), qcfs(4), nn.AvgPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), qcfs(6))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(6 * (h // 2) * (w // 2), 8),
+                                        qcfs(8, 2), nn.Linear(8, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def qcfs_net(**kwargs) -> nn.Module:
+    """A seeded ``QcfsNet`` with randomised BatchNorm, in eval mode."""
+    torch.manual_seed(0)
+    return randomize_bn(QcfsNet(**kwargs))
+
+
+def qcfs_residual_net(levels: int = 4) -> nn.Module:
+    """``ResidualNet`` with every ReLU a QCFS (the blocks' second one acts on the residual
+    sum, as in QCFS's ResNets)."""
+    torch.manual_seed(0)
+    model = ResidualNet()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, QCFS(up=1.5, t=levels))
+    return randomize_bn(model)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
-                          FlattenNode, InputNode, LinearNode, PadNode, ReluNode, SliceNode)
+                          FlattenNode, InputNode, LinearNode, PadNode, QcfsNode, ReluNode,
+                          SliceNode)
 
 Evaluator = Callable[[AnnNode, list[torch.Tensor]], torch.Tensor]
 EVALUATORS: dict[type, Evaluator] = {}
@@ -54,6 +55,14 @@ def _linear(node: LinearNode, xs: list[torch.Tensor]) -> torch.Tensor:
 @evaluates(ReluNode)
 def _relu(node: ReluNode, xs: list[torch.Tensor]) -> torch.Tensor:
     return xs[0].clamp(min=0.0, max=node.clip)
+
+
+@evaluates(QcfsNode)
+def _qcfs(node: QcfsNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    x = xs[0]
+    theta = _t(node.threshold, x).reshape((1, -1) + (1,) * (x.dim() - 2))
+    steps = torch.floor(x * node.levels / theta + 0.5).clamp(0, node.levels)
+    return steps * theta / node.levels
 
 
 @evaluates(AvgPoolNode)

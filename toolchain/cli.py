@@ -31,7 +31,8 @@ EXIT_CODES = """exit codes:
 """
 
 DESCRIPTION = """Convert a trained PyTorch ANN (ReLU-like activations) into a spiking network of
-integrate-and-fire neurons, calibrate it with FTBC (forward temporal bias correction),
+integrate-and-fire neurons (QCFS-trained activations keep their learned thresholds; README,
+"Models trained for conversion"), calibrate it with FTBC (forward temporal bias correction),
 normalise thresholds to 1, quantize it for Loihi 2, export it as a lava-dl netx HDF5 file
 with time-indexed bias schedules, and prove it in Lava's bit-accurate CPU simulation.
 

@@ -1,10 +1,11 @@
 """ANN (``AnnGraph``) -> float spiking network (``SnnGraph``): structure and thresholds.
 
 Structure
-    Every ``ReluNode`` becomes a ``NeuronLayer`` of integrate-and-fire neurons with reset by
-    subtraction (same name and origin); the model output (the final ``LinearNode``) becomes
-    the non-spiking readout layer. A layer's input current is the ANN pre-activation, written
-    as a sum of ``Synapse`` maps from upstream populations (or ``ir.INPUT``)::
+    Every ``ReluNode`` and ``QcfsNode`` becomes a ``NeuronLayer`` of integrate-and-fire neurons
+    with reset by subtraction (same name and origin); the model output (the final
+    ``LinearNode``) becomes the non-spiking readout layer. A layer's input current is the ANN
+    pre-activation, written as a sum of ``Synapse`` maps from upstream populations (or
+    ``ir.INPUT``)::
 
         z_l = sum_paths  L_path(out_src) + b_l        (b_l per channel -> NeuronLayer.bias)
 
@@ -42,8 +43,11 @@ Thresholds (per channel, from ``x_calib`` = training data only)
 
     (``shift`` = 1/2 when ``input_shift``): the spike count after T steps of an IF neuron with
     constant input a, v0 = v_init * theta and reset by subtraction. So thresholds depend on T.
-    Clipped ReLUs use their clip for all channels. Fallbacks: a channel whose activation is 0
-    on all calibration data gets the layer's largest threshold (1.0 when the whole layer is
+    Clipped ReLUs use their clip for all channels. QCFS activations (``QcfsNode``) keep their
+    learned threshold, per channel, with v_init = 1/2 and no input shift whatever the options
+    say (QCFS's conversion; the IF neuron then equals the activation after T = L steps); they
+    are listed in ``meta["learned_thresholds"]``. Fallbacks: a channel whose activation is 0 on
+    all calibration data gets the layer's largest threshold (1.0 when the whole layer is
     silent), recorded in ``meta["fallback_channels"]``; a channel whose percentile/mse
     threshold is 0 while its max is not gets its max (not recorded: its threshold still comes
     from its own data). Never a threshold of 0.
@@ -75,12 +79,15 @@ from toolchain.ann import EVALUATORS, ann_forward
 from toolchain.errors import InputError, UnsupportedModelError
 from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
                           FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer, PadNode,
-                          ReluNode, SliceNode, SnnGraph, Synapse, frozen_array)
+                          QcfsNode, ReluNode, SliceNode, SnnGraph, Synapse, frozen_array)
 
 THRESHOLD_METHODS = ("max", "percentile", "mse")
 MSE_FRACTIONS = tuple(1.0 - 0.01 * i for i in range(96))  # the authors' candidate grid
 LINEAR_OPS = (ConvNode, LinearNode, AvgPoolNode, FlattenNode, SliceNode, PadNode)
 WEIGHTED_OPS = (ConvNode, LinearNode)
+ACTIVATIONS = (ReluNode, QcfsNode)
+SOURCES = ACTIVATIONS + (InputNode,)
+QCFS_V_INIT = 0.5  # QCFS's prescription: v[0] = theta / 2 makes T = L steps exact
 DEFAULT_V_INIT = 0.5
 DEFAULT_INPUT_SHIFT = False
 FOLD_RTOL = 1e-9
@@ -125,7 +132,8 @@ def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: st
     meta = {"threshold_method": threshold, "percentile": float(percentile),
             "timesteps": int(timesteps), "v_init": float(v_init),
             "input_shift": bool(input_shift), "fallback_channels": fallbacks,
-            "calib_samples": int(min(len(x_calib), calib_samples))}
+            "calib_samples": int(min(len(x_calib), calib_samples)),
+            "learned_thresholds": _learned_meta(structure)}
     return SnnGraph(input=InputSpec(tuple(node.shape), node.mean, node.std),
                     layers=tuple(layers), timesteps=int(timesteps), meta=meta)
 
@@ -137,9 +145,22 @@ def node_shapes(ann: AnnGraph) -> dict[str, tuple[int, ...]]:
     return {name: tuple(v.shape[1:]) for name, v in values.items()}
 
 
-def activation_nodes(ann: AnnGraph) -> list[ReluNode]:
-    """The ReLU nodes that become spiking layers, in topological order."""
-    return [n for n in ann.nodes if isinstance(n, ReluNode)]
+def activation_nodes(ann: AnnGraph) -> list[AnnNode]:
+    """The ReLU and QCFS nodes that become spiking layers, in topological order."""
+    return [n for n in ann.nodes if isinstance(n, ACTIVATIONS)]
+
+
+def _compact(values: np.ndarray) -> float | list[float]:
+    """One number when every channel has the same value (a per-layer threshold)."""
+    values = [float(v) for v in values]
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _learned_meta(structure: list) -> dict:
+    """QCFS layers: threshold taken from the model (no search), v_init 1/2, levels L."""
+    return {s.name: {"source": "QCFS (learned)", "levels": s.levels, "v_init": QCFS_V_INIT,
+                     "threshold": _compact(s.learned)}
+            for s in structure if s.learned is not None}
 
 
 # --------------------------------------------------------------------------- options
@@ -170,6 +191,8 @@ class _LayerSpec:
     bias: np.ndarray
     clip: float | None
     readout: bool
+    learned: np.ndarray | None = None  # QCFS: the model's own per-channel threshold
+    levels: int | None = None
 
 
 def _structure(ann: AnnGraph, shapes: dict) -> list[_LayerSpec]:
@@ -189,7 +212,7 @@ def _structure(ann: AnnGraph, shapes: dict) -> list[_LayerSpec]:
 
 def _readout_node(ann: AnnGraph) -> AnnNode:
     node = ann.node(ann.output)
-    if isinstance(node, (ReluNode, InputNode)):
+    if isinstance(node, SOURCES):
         raise UnsupportedModelError([
             f"{node.name} ({node.origin}): the model output is an activation; end the model "
             "with a Linear layer (logits) that becomes the non-spiking readout"])
@@ -213,8 +236,11 @@ def _layer_spec(ann: AnnGraph, shapes: dict, node: AnnNode, readout: bool) -> _L
     if problems:
         raise _Problem("\n".join(problems))
     bias = _channel_bias(ann, z_name, shapes, node)
-    clip = None if readout else node.clip
-    return _LayerSpec(node.name, node.origin, shape, tuple(syns), bias, clip, readout)
+    qcfs = isinstance(node, QcfsNode)
+    clip = None if readout or qcfs else node.clip
+    return _LayerSpec(node.name, node.origin, shape, tuple(syns), bias, clip, readout,
+                      np.broadcast_to(node.threshold, shape[:1]) if qcfs else None,
+                      node.levels if qcfs else None)
 
 
 def _source_name(node: AnnNode) -> str:
@@ -224,7 +250,7 @@ def _source_name(node: AnnNode) -> str:
 def _paths(ann: AnnGraph, name: str, shapes: dict) -> list[_Path]:
     """All paths of linear ops from sources (ReLUs, the input) into node ``name``."""
     node = ann.node(name)
-    if isinstance(node, (ReluNode, InputNode)):
+    if isinstance(node, SOURCES):
         return [_Path(_source_name(node), ())]
     if isinstance(node, AddNode):
         return [p for i in node.inputs for p in _paths(ann, i, shapes)]
@@ -506,7 +532,7 @@ def _offset(ann: AnnGraph, name: str, shapes: dict, memo: dict) -> torch.Tensor:
     if name in memo:
         return memo[name]
     node = ann.node(name)
-    if isinstance(node, (ReluNode, InputNode)):
+    if isinstance(node, SOURCES):
         value = torch.zeros((1,) + shapes[name], dtype=torch.float64)
     else:
         ins = [_offset(ann, i, shapes, memo) for i in node.inputs]
@@ -589,6 +615,8 @@ def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
     channels = spec.shape[0]
     if spec.readout:
         return np.ones(channels), []
+    if spec.learned is not None:
+        return np.array(spec.learned, np.float64), []
     if spec.clip is not None:
         return np.full(channels, float(spec.clip)), []
     values = channel_values(act)
@@ -602,10 +630,12 @@ def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
 
 def _neuron_layer(spec: _LayerSpec, theta: np.ndarray, v_init: float, input_shift: bool,
                   timesteps: int) -> NeuronLayer:
-    """bias = ANN bias (+ theta / (2T) with input_shift); readout: v_init 0, threshold 1."""
+    """bias = ANN bias (+ theta / (2T) with input_shift); readout: v_init 0, threshold 1;
+    QCFS: v_init 1/2 and no shift, as QCFS prescribes."""
     channels = spec.shape[0]
-    shift = theta / (2.0 * timesteps) if (input_shift and not spec.readout) else 0.0
-    v0 = 0.0 if spec.readout else v_init
+    qcfs = spec.learned is not None
+    shift = theta / (2.0 * timesteps) if (input_shift and not spec.readout and not qcfs) else 0.0
+    v0 = 0.0 if spec.readout else QCFS_V_INIT if qcfs else v_init
     return NeuronLayer(name=spec.name, shape=tuple(spec.shape), synapses=spec.synapses,
                        bias=frozen_array(spec.bias + shift), threshold=frozen_array(theta),
                        v_init=frozen_array(np.full(channels, v0)), bias_schedule=None,

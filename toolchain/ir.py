@@ -98,6 +98,20 @@ class ReluNode(AnnNode):
 
 
 @dataclass(frozen=True, eq=False)
+class QcfsNode(AnnNode):
+    """The quantization-clip-floor-shift activation of QCFS-trained networks (Bu et al., ICLR
+    2022), per channel c::
+
+        y = threshold[c] / levels * clip(floor(x * levels / threshold[c] + 1/2), 0, levels)
+
+    ``threshold`` (C,) is the learned one (one value per layer is broadcast to C). An IF
+    neuron with that threshold and v[0] = threshold / 2 computes exactly this after
+    T = ``levels`` steps, so conversion keeps it (no threshold search)."""
+    threshold: np.ndarray
+    levels: int
+
+
+@dataclass(frozen=True, eq=False)
 class AvgPoolNode(AnnNode):
     """Average pooling (count_include_pad semantics of torch's default, ceil_mode False)."""
     kernel: tuple[int, int]

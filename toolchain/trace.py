@@ -20,6 +20,9 @@ Handlers emit IR nodes; rewrites (BatchNorm / constant scale folded into the Con
 before it, clamp_max merged into the ReLU before it) re-emit the producer, and nodes nobody
 uses are pruned at the end, so a rewrite never changes a value someone else reads.
 
+QCFS activations (floor and the elementwise ops around it) are matched by ``toolchain.qcfs``,
+whose handlers wrap the affine and clamp handlers here.
+
 Every op that cannot become integrate-and-fire neurons is recorded (module path, class, why,
 what to do) and tracing goes on, so one ``UnsupportedModelError`` lists them all.
 """
@@ -214,6 +217,7 @@ class Builder:
         self.nodes: list[_Pending] = [_Pending(InputNode, (), {}, Scope(), "input", origin)]
         self.input_affine: Any = _UNSET
         self.problems: list[str] = []
+        self.chains: dict[int, Any] = {}  # elementwise chains being matched (toolchain.qcfs)
 
     def input_act(self) -> Act:
         chans = self.example.shape[1]
@@ -295,6 +299,10 @@ class Builder:
             self.problem(f"model output {self.nodes[out.key].origin}",
                          "is not produced by a Linear layer (the non-spiking readout)",
                          "end the model with a Linear layer (no activation after it)")
+        if isinstance(out, Act) and out.key is not None:
+            self.problems += [self.nodes[k].fields["problem"]
+                              for k in _reachable(self.nodes, out.key)
+                              if self.nodes[k].cls is Unresolved]
         if self.problems:
             raise UnsupportedModelError(self.problems)
         return self._graph(out.key)
@@ -347,6 +355,12 @@ def check_finite(nodes: Iterable[AnnNode]) -> None:
 
 class _Opaque:
     """Pending-node class of a refused op (never reaches the IR: its problem is raised)."""
+
+
+class Unresolved:
+    """Pending-node class of a value that is only valid as part of a larger pattern (the floor
+    of a QCFS activation, ``toolchain.qcfs``): never reaches the IR; if the output depends on
+    it, its ``problem`` field is reported."""
 
 
 def _poison(out: Any) -> Any:
@@ -1090,3 +1104,6 @@ def trace(model: LoadedModel, input_shape: tuple[int, ...]) -> AnnGraph:
     shape = tuple(int(s) for s in input_shape)
     origin = f"{model.path.name if model.path else 'model'} ({model.kind})"
     return FRONT_ENDS[model.kind](model.obj, shape, origin)
+
+
+from toolchain import qcfs  # noqa: E402,F401  (registers the QCFS handlers; imports this module)
