@@ -26,9 +26,10 @@ is also the slow part (one 2-D convolution per (out, in) channel pair per step).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
@@ -73,10 +74,15 @@ def lava_problems(q: QuantGraph) -> list[str]:
 
 
 def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
-             select_tag: str = "fixed_pt") -> LavaResult:
+             select_tag: str = "fixed_pt", on_sample: Callable[[int], None] | None = None,
+             guard: Callable[[], ContextManager] = contextlib.nullcontext) -> LavaResult:
     """Simulate every sample of ``x_int`` (N, *input_shape) int64 through the network in
     ``net_path``; records are read back once per layer at the end. ``select_tag``
-    "floating_pt" runs Lava's float models instead (not bit-exact when weight_exp != 0)."""
+    "floating_pt" runs Lava's float models instead (not bit-exact when weight_exp != 0).
+
+    ``on_sample(k)`` is called after sample k ran (the samples then run one by one);
+    ``guard()`` wraps the span in which Lava's runtime processes must stay alive (from
+    the first step to the last read-back; ``sims.lava_pool`` watches them there)."""
     start = time.perf_counter()
     q = read_netx(net_path)
     problems = lava_problems(q)
@@ -86,8 +92,9 @@ def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
     num, period = x_int.shape[0], period_of(q)
     source, neurons = _build(q, x_int, period)
     try:
-        _run(source, num, period, progress, select_tag)
-        spikes, readout = _collect(q, neurons, num)
+        with guard():
+            _run(source, num, period, progress, select_tag, on_sample)
+            spikes, readout = _collect(q, neurons, num)
     finally:
         source.stop()
     return LavaResult(spikes=spikes, readout=readout, seconds=time.perf_counter() - start)
@@ -197,17 +204,20 @@ def _whc(shape: Iterable[int]) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------- run + read
 
-def _run(source, num: int, period: int, progress: bool, select_tag: str) -> None:
+def _run(source, num: int, period: int, progress: bool, select_tag: str,
+         on_sample: Callable[[int], None] | None) -> None:
     from lava.magma.core.run_conditions import RunSteps
     from lava.magma.core.run_configs import Loihi2SimCfg
     cfg = Loihi2SimCfg(select_tag=select_tag)
-    if not progress:
+    if not progress and on_sample is None:
         source.run(condition=RunSteps(num_steps=num * period), run_cfg=cfg)
         return
-    with progress_bar(num, "lava", True, leave=True) as bar:
-        for _ in range(num):
+    with progress_bar(num, "lava", progress, leave=True) as bar:
+        for k in range(num):
             source.run(condition=RunSteps(num_steps=period), run_cfg=cfg)
             bar.update(1)
+            if on_sample is not None:
+                on_sample(k)
 
 
 def _collect(q: QuantGraph, neurons: dict, num: int) -> tuple[dict[str, np.ndarray],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
@@ -27,6 +28,8 @@ EXIT_CODES = """exit codes:
   4  verification mismatch: Lava differs from the bit-exact emulator
   5  data-parallel run (torchrun) failed: another rank failed, was killed or cannot be
      reached (torchrun names the rank that failed first)
+  6  Lava verification could not complete: a verification worker or a Lava runtime
+     process died, failed or hung (named in the message)
   130/143  interrupted by SIGINT/SIGTERM (previous outputs in --out left intact)
 """
 
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-samples", type=_positive(int, zero=True), default=100,
                    help="samples run in Lava and compared spike for spike (default 100; "
                         "0 skips)")
+    g.add_argument("--verify-workers", type=_positive(int), metavar="N",
+                   help="worker processes for the Lava verification, one Lava runtime each, "
+                        "samples split between them (default: the number of cores)")
     g.add_argument("--seed", type=_positive(int, zero=True), default=0,
                    help="random seed, >= 0 (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,6 +177,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         holdout=args.holdout, calibrate_fixed=args.calibrate_fixed,
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,
+        **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),
         progress=not args.no_progress and distributed.is_main(),
         command_line=shlex.join(["ftbc-export", *argv]))
 
@@ -273,8 +280,26 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: unwinds like Ctrl-C (staging folder removed, previous outputs kept)."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
+def _stop(signum, frame):
+    """SIGINT or SIGTERM: unwind once. Further signals are ignored from here on, so that a
+    second Ctrl-C cannot interrupt the clean-up (staging folder, Lava workers) half-way."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_handlers():
+    """``_stop`` for SIGINT and SIGTERM while ``main`` runs; the caller's handlers after."""
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _storage_error(exc: OSError, out: Path | None) -> str | None:
@@ -291,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_targets:
         print(list_targets())
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    with _stop_handlers():
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     options = None
     try:
         distributed.init_from_env(args.dist_timeout)

@@ -7,6 +7,7 @@ are the only ones that reach into every package.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,12 @@ import numpy as np
 
 from toolchain import distributed
 from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
+
+
+def default_workers() -> int:
+    """Lava verification workers by default: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Options:
     calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
+    verify_workers: int = field(default_factory=lambda: default_workers())
     seed: int = 0
     progress: bool = True
     command_line: str = ""
@@ -270,7 +278,8 @@ def verify(run: Run) -> Run:
     if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
         return run
     x, y = run.data.x_test[:opts.verify_samples], run.data.y_test[:opts.verify_samples]
-    lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y)
+    lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y,
+                       workers=opts.verify_workers, progress=opts.progress)
     return run.with_results(lava=lava)
 
 
