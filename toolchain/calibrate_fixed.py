@@ -301,7 +301,10 @@ def _downstream_readout(q: QuantGraph, plans, index: int, lp: LayerPlan,
     """Readout (T, B, K) in float logit units: layer ``index`` run as ``lp``, downstream
     layers as planned, upstream from the cache."""
     trains = dict(b.spikes)
-    trains[q.layers[index].name] = layer_output(lp, b.x, trains, q.timesteps)
+    out = layer_output(lp, b.x, trains, q.timesteps)
+    if q.layers[index].readout:  # a single-layer network: the layer is the readout
+        return readout_float(q, out)
+    trains[q.layers[index].name] = out
     for k in range(index + 1, len(q.layers)):
         out = layer_output(plans[k], b.x, trains, q.timesteps)
         if q.layers[k].readout:

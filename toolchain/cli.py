@@ -79,6 +79,14 @@ def _positive(kind: type, zero: bool = False):
     return parse
 
 
+def _directory(text: str) -> Path:
+    """A path; the empty string is refused (Path("") would silently mean the current
+    directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give an output directory")
+    return Path(text)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hardware target (default loihi2-sim; see --list-targets)")
     p.add_argument("--list-targets", action="store_true", help="list targets and exit")
     p.add_argument("--data", default="digits", help="data set (default digits; see below)")
-    p.add_argument("--out", type=Path, help="output directory (default build/<model name>)")
+    p.add_argument("--out", type=_directory, help="output directory (default build/<model name>)")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
                    help="model input shape without batch (default: from the data set)")
     g = p.add_argument_group("model loading")
@@ -155,19 +163,19 @@ def list_targets() -> str:
 
 def options_from_args(args: argparse.Namespace, argv: list[str]):
     from hw_targets import get_target
+    from toolchain.load import check_model_file
     from toolchain.pipeline import Options
     if args.model is None:
         raise InputError("no model file given (usage: ftbc-export MODEL [options]; see --help)")
     get_target(args.target)  # unknown target -> InputError listing the valid ones
-    if not args.model.is_file():
-        raise InputError(f"model file {args.model} not found")
+    check_model_file(args.model)
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"--arch-kwargs is not valid JSON: {exc}") from None
     if not isinstance(arch_kwargs, dict):
         raise InputError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 32}'")
-    return Options(
+    options = Options(
         model=args.model, target=args.target, data=args.data, out=args.out,
         input_shape=args.input_shape, arch=args.arch, arch_kwargs=arch_kwargs,
         trust_pickle=args.trust_pickle, timesteps=args.timesteps, threshold=args.threshold,
@@ -180,6 +188,27 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),
         progress=not args.no_progress and distributed.is_main(),
         command_line=shlex.join(["ftbc-export", *argv]))
+    _check_inputs_outside_outputs(options)
+    return options
+
+
+def _input_files(options) -> list[Path]:
+    """The files a run reads: the model and npz data files."""
+    kind, _, spec = options.data.partition(":")
+    data = [Path(p) for p in spec.split(",") if p] if kind == "npz" else []
+    return [options.model, *data]
+
+
+def _check_inputs_outside_outputs(options) -> None:
+    """Never overwrite (or remove as stale) an input: refuse an input file that sits in
+    --out under an output's name."""
+    from toolchain.pipeline import OUTPUT_FILES
+    out = options.out_dir.resolve()
+    for path in _input_files(options):
+        if path.resolve().parent == out and path.name in OUTPUT_FILES:
+            raise InputError(f"input file {path} is in the output directory under an output's "
+                             f"name ({path.name}) and would be overwritten; move it or choose "
+                             "another --out")
 
 
 STAGING_PREFIX = ".ftbc-staging-"
@@ -223,9 +252,10 @@ def prepare_output(out: Path) -> tuple[Path, list[Path]]:
     return staging, created
 
 
-def commit_outputs(staging: Path, out: Path) -> list[str]:
+def commit_outputs(staging: Path, out: Path, stale: tuple[str, ...] = ()) -> list[str]:
     """Move every finished output from ``staging`` into ``out`` (each by one rename, with
-    SIGINT/SIGTERM held back so a kill cannot land between two files)."""
+    SIGINT/SIGTERM held back so a kill cannot land between two files), then remove the
+    files named in ``stale`` that this run did not write: the committed set is this run's."""
     names = sorted(p.name for p in staging.iterdir())
     clash = [n for n in names if (out / n).exists()
              and (out / n).is_dir() != (staging / n).is_dir()]
@@ -239,6 +269,9 @@ def commit_outputs(staging: Path, out: Path) -> list[str]:
             if (staging / name).is_dir() and target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)  # an output folder of a previous run
             os.replace(staging / name, target)
+        for name in sorted(set(stale) - set(names)):
+            if (out / name).is_file() or (out / name).is_symlink():
+                (out / name).unlink()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return names
@@ -246,7 +279,7 @@ def commit_outputs(staging: Path, out: Path) -> list[str]:
 
 def _run(options) -> int:
     from toolchain.errors import VerificationError
-    from toolchain.pipeline import STAGES, run_pipeline
+    from toolchain.pipeline import OUTPUT_FILES, STAGES, run_pipeline
     from toolchain.report import build_report, summary_lines
 
     def announce(index: int, name: str) -> None:
@@ -260,7 +293,7 @@ def _run(options) -> int:
     try:
         run = run_pipeline(replace(options, out=staging),
                            on_stage=announce if options.progress else None)
-        commit_outputs(staging, out)
+        commit_outputs(staging, out, stale=OUTPUT_FILES)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # a failed first run leaves no empty folders behind

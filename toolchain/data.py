@@ -123,6 +123,9 @@ def _mnist(arg: str) -> DataSplit:
     if not arg:
         raise InputError("data spec 'mnist:DIR' needs a directory, e.g. mnist:data/mnist")
     root = Path(arg)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"mnist:{root}: {root} is a file; mnist:DIR needs the directory "
+                         "holding mnist_train.npz and mnist_test.npz")
     if not root.is_dir():
         raise InputError(f"mnist data directory {root} not found")
     return _split(f"mnist:{root}", _mnist_part(root / "mnist_train.npz"),

@@ -298,6 +298,10 @@ def _main_rank_only(fn: Stage) -> Stage:
     return stage
 
 
+# Every file a run may write into --out: a run commits its own and removes the others'
+# (an earlier run's network.net must not sit beside a float run's report.json).
+OUTPUT_FILES = ("report.json", "accuracy.png", "network.net", "netlist.json", "network.nir")
+
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
     load, trace, convert, calibrate, simulate, normalize, quantize, calibrate_fixed, emulate,
     *map(_main_rank_only, (export, netlist, export_nir, verify, report)),
