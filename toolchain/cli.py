@@ -16,9 +16,23 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from toolchain import distributed
-from toolchain.distributed import DEFAULT_TIMEOUT_S
-from toolchain.errors import FtbcError, InputError
+INTERRUPTED = "interrupted; previous outputs left intact"
+
+
+def _stop_while_starting(signum, frame):
+    """SIGINT/SIGTERM while the program is still importing torch (seconds): nothing has
+    been read or written yet, so stop at once with the usual line and exit code."""
+    os.write(2, f"ftbc-export: {INTERRUPTED}\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "ftbc-export":  # run as a program
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _stop_while_starting)
+
+from toolchain import distributed  # noqa: E402 - torch: after the handlers above
+from toolchain.distributed import DEFAULT_TIMEOUT_S  # noqa: E402
+from toolchain.errors import FtbcError, InputError  # noqa: E402
 
 EXIT_CODES = """exit codes:
   0  success
@@ -331,8 +345,8 @@ def _stop_handlers():
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # a program exits now: late signals ignored
+            signal.signal(sig, signal.SIG_IGN if handler is _stop_while_starting else handler)
 
 
 def _storage_error(exc: OSError, out: Path | None) -> str | None:
@@ -380,7 +394,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     # Interrupted: the unwound frames are released first, so that whatever they held is
     # finalised before the message and the message stays the last line on stderr.
     gc.collect()
-    print(f"{_prog()}: interrupted; previous outputs left intact", file=sys.stderr)
+    print(f"{_prog()}: {INTERRUPTED}", file=sys.stderr)
     return interrupted
 
 

@@ -134,14 +134,20 @@ def load(run: Run) -> Run:
 def trace(run: Run) -> Run:
     from toolchain.ann import ann_predictions
     from toolchain.data import check_input_shape, check_labels
+    from toolchain.memory import check_memory
     from toolchain.trace import trace as trace_model
     shape = run.options.input_shape or tuple(run.data.x_train.shape[1:])
     check_input_shape(run.data, shape)
     ann = trace_model(run.loaded, shape)
     check_labels(run.data, int(ann.node(ann.output).weight.shape[0]))
+    opts = run.options
+    memory = check_memory(ann, run.calib, timesteps=opts.timesteps,
+                          calib_batch=opts.calib_batch_size,
+                          eval_samples=len(_eval_split(run)[0]))
     x, _ = _local_eval(run)
     accuracy = float(_accuracy(run, ann_predictions(ann, x)))
-    return replace(run, ann=ann).with_results(ann_accuracy=accuracy)
+    return replace(run, ann=ann).with_results(ann_accuracy=accuracy,
+                                              memory_estimate_bytes=memory)
 
 
 def convert(run: Run) -> Run:
