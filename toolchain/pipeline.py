@@ -189,6 +189,12 @@ def normalize(run: Run) -> Run:
     return replace(run, normalized=normalize_snn(run.snn["ftbc"]))
 
 
+def input_range(data: Any) -> tuple[float, float]:
+    """The raw input's range, from the training split (the input encoding's scale is
+    chosen so that it never clips; evaluation values outside it are counted as clipped)."""
+    return float(np.min(data.x_train)), float(np.max(data.x_train))
+
+
 def quantize(run: Run) -> Run:
     from exporters.quantize import check, quantization_report
     from exporters.quantize import quantize as quantize_snn
@@ -196,7 +202,7 @@ def quantize(run: Run) -> Run:
     target = get_target(run.options.target)
     if not target.quantized:
         return run
-    q = quantize_snn(run.normalized, target)
+    q = quantize_snn(run.normalized, target, input_range=input_range(run.data))
     q = replace(q, meta={**q.meta, "provenance": provenance(run)})
     check(q, target)
     return replace(run, quant=q).with_results(quantization=quantization_report(q))
@@ -223,18 +229,23 @@ def calibrate_fixed(run: Run) -> Run:
 
 
 def emulate(run: Run) -> Run:
+    from exporters.netx import PAYLOAD_BITS
     from sims.activity import activity_from_counts
     from sims.emulator import emulate as emulate_q
+    from sims.reference import clipped_inputs
     if run.quant is None:
         return run
     x, _ = _local_eval(run)
     result = emulate_q(run.quant, x, progress=run.options.progress)
+    clipped = distributed.sum_int(clipped_inputs(run.quant.input, x, PAYLOAD_BITS))
     saturations = {k: distributed.sum_int(v) for k, v in sorted(result.saturations.items())}
     activity = activity_from_counts(run.quant, x, result.neuron_spikes,
                                     source=f"{run.options.data} evaluation split")
     return replace(run, activity=activity).with_results(
         fixed_accuracy=_accuracy(run, result.predictions).tolist(),
-        saturations={k: saturations[k] for k in result.saturations})
+        saturations={k: saturations[k] for k in result.saturations},
+        input_clipped={"values": clipped, "of": int(len(_eval_split(run)[0]) * np.prod(
+            run.quant.input.shape)), "range": run.quant.meta["input_range"]})
 
 
 def export(run: Run) -> Run:

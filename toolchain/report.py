@@ -135,6 +135,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"Lava vs emulator: {lava['spike_mismatches']} spike and "
                      f"{lava['readout_mismatches']} readout mismatches "
                      f"({lava['seconds']:.1f} s)")
+    clipped = report.get("input_clipped") or {}
+    if clipped.get("values"):
+        lo, hi = clipped["range"]
+        lines.append(f"input: {clipped['values']} of {clipped['of']} evaluation values "
+                     f"exceed the input encoding chosen for the training range [{lo:g}, "
+                     f"{hi:g}] and were clipped")
     if "netlist" in report:
         lines += ["", *report["netlist"]["summary"]]
     return lines
