@@ -135,12 +135,28 @@ def test_10_three_d_output_names_its_shape(tmp_path):
     assert "not produced by a Linear layer" not in err
 
 
-def test_11_report_is_strict_json_with_absurd_weights(tmp_path):
+def _absurd_weights(tmp_path: Path) -> Path:
+    """The digits CNN with its first conv's weights x 1e30."""
     model = torch.jit.load(str(DIGITS_MODEL))
     with torch.no_grad():
         next(iter(model.parameters())).mul_(1e30)
     path = tmp_path / "big.pt"
     torch.jit.save(model, str(path))
+    return path
+
+
+def test_10_absurd_weights_are_one_true_violation_without_warnings(tmp_path):
+    code, _, err = run_cli([str(_absurd_weights(tmp_path)), "--target", "loihi2",
+                            "--out", str(tmp_path / "o"), *TINY, "--no-progress"])
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert lines[-2].endswith("1 violation(s)") and "RuntimeWarning" not in err
+    value = float(lines[-1].split("weight = ")[1].split()[0])
+    assert value > 1e20 and "absurdly large" in lines[-1]  # not a NaN cast to -9.2e18
+
+
+def test_11_report_is_strict_json_with_absurd_weights(tmp_path):
+    path = _absurd_weights(tmp_path)
     out = tmp_path / "o"
     code, _, err = run_cli([str(path), "--target", "float", "--out", str(out), *TINY,
                             "--no-progress"])
