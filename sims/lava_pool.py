@@ -35,6 +35,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
+from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +60,9 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _prctl(option: int, value: int) -> None:
     """Linux prctl; a no-op where it is unavailable (the watchdogs still work)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        ulong = ctypes.c_ulong
+        ctypes.CDLL(None, use_errno=True).prctl(ctypes.c_int(option), ulong(value), ulong(0),
+                                                ulong(0), ulong(0))
 
 
 # --------------------------------------------------------------------------- estimates
@@ -268,21 +271,53 @@ def _gather(pool: list[_Worker], progress: bool) -> None:
             _check_progress(pool, measured)
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = {int(k) for k in
+                    Path(f"/proc/{parent}/task/{parent}/children").read_text().split()}
+        except (OSError, ValueError):
+            continue
+        found |= kids
+        todo += kids
+    return found
+
+
 def _stop(pool: list[_Worker]) -> None:
-    """Kill every worker's group and reap all of its processes (Lava's included)."""
+    """Kill every worker's group (and every descendant, should one have left the group)
+    and reap them all: the workers, then Lava's processes, reparented to us (the child
+    subreaper) as their parents die."""
+    doomed = set()
     for w in pool:
+        doomed |= descendants(w.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(w.pid, signal.SIGKILL)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     for w in pool:
         w.conn.close()
         if not w.reaped:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(w.pid, 0)
-        while True:  # orphans of the group, reparented to us (the subreaper)
+        while True:  # the group's processes already reparented to us (a worker that died)
             try:
                 os.waitpid(-w.pid, 0)
             except ChildProcessError:
                 break
+    deadline = time.monotonic() + 10.0
+    while doomed and time.monotonic() < deadline:
+        for pid in list(doomed):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    doomed.discard(pid)
+            except ChildProcessError:  # reaped already, or not (yet) reparented to us
+                if not Path(f"/proc/{pid}").exists():
+                    doomed.discard(pid)
+        time.sleep(0.01)
 
 
 def shards(num: int, workers: int) -> list[range]:

@@ -134,7 +134,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if lava:
         lines.append(f"Lava vs emulator: {lava['spike_mismatches']} spike and "
                      f"{lava['readout_mismatches']} readout mismatches "
-                     f"({lava['seconds']:.1f} s)")
+                     f"({lava['seconds']:.1f} s"
+                     + (f", {lava['workers']} workers)" if lava.get("workers") else ")"))
     clipped = report.get("input_clipped") or {}
     if clipped.get("values"):
         lo, hi = clipped["range"]
