@@ -408,7 +408,7 @@ def _cli_values(seeds: Seeds, rng: random.Random) -> dict[str, Callable[[], list
         "--seed": num((0, 1, 12345, 2**70), (-1, "x", "1.5")),
         "--verify-workers": num((1, 2, 64), (0, -1, "x", "", "2.5")),
         "--dist-timeout": num((30, 1e6), (0, -1, "nan", "inf", "x")),
-        "--iterations": num((1, 2), (0, -1, 10**12)),
+        "--iterations": num((1, 2), (0, -1, "x")),
     }
 
 
