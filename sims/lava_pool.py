@@ -194,11 +194,17 @@ class _Worker:
         return f"verification worker {self.index} (pid {self.pid}, samples {first}-{last})"
 
 
-def _spawn(index: int, net_path: str, x_int: np.ndarray, samples: range,
-           limits: tuple[float, float]) -> _Worker:
-    """Fork a worker with SIGINT/SIGTERM blocked across the fork, so the child never runs
-    the parent's handlers and the parent records the child before an interrupt unwinds."""
+def _spawn(pool: list[_Worker], index: int, net_path: str, x_int: np.ndarray,
+           samples: range, limits: tuple[float, float]) -> None:
+    """Fork a worker and add it to ``pool``. SIGINT/SIGTERM are blocked in this thread and
+    their Python handlers deferred across the fork: the child never runs the parent's
+    handlers, and a handler that raises cannot fire inside ``os.fork``'s at-fork hooks
+    (Python would report and drop the exception there: a swallowed Ctrl-C). A deferred
+    signal is handled once the worker is in ``pool``, so the clean-up finds it."""
     receive, send = Pipe(duplex=False)
+    deferred: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, _: deferred.append(signum))
+                for sig in _STOP_SIGNALS}
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         pid = os.fork()
@@ -208,9 +214,13 @@ def _spawn(index: int, net_path: str, x_int: np.ndarray, samples: range,
         with contextlib.suppress(OSError):  # the child does it too; whoever is first
             os.setpgid(pid, pid)
         send.close()
-        return _Worker(index, pid, receive, samples, *limits)
+        pool.append(_Worker(index, pid, receive, samples, *limits))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if deferred:  # delivered again, now to the restored handler (or default action)
+            signal.raise_signal(deferred[0])
 
 
 def _exit_status(worker: _Worker) -> str:
@@ -338,7 +348,7 @@ def run_lava_pool(q: QuantGraph, net_path: str, x_int: np.ndarray, *, workers: i
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     try:
         for index, samples in enumerate(shards(x_int.shape[0], workers)):
-            pool.append(_spawn(index, net_path, x_int, samples, limits))
+            _spawn(pool, index, net_path, x_int, samples, limits)
         _gather(pool, progress)
     finally:
         _stop(pool)

@@ -297,7 +297,9 @@ def _run(options) -> int:
     from toolchain.report import build_report, summary_lines
 
     def announce(index: int, name: str) -> None:
-        print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
+        _raise_if_stopped()
+        if options.progress:
+            print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
 
     if not distributed.is_main():  # a worker rank: computes its shares, writes nothing
         run_pipeline(options)
@@ -305,8 +307,8 @@ def _run(options) -> int:
     out = options.out_dir
     staging, created = prepare_output(out)
     try:
-        run = run_pipeline(replace(options, out=staging),
-                           on_stage=announce if options.progress else None)
+        run = run_pipeline(replace(options, out=staging), on_stage=announce)
+        _raise_if_stopped()
         commit_outputs(staging, out, stale=OUTPUT_FILES)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -329,10 +331,22 @@ class Terminated(KeyboardInterrupt):
 
 def _stop(signum, frame):
     """SIGINT or SIGTERM: unwind once. Further signals are ignored from here on, so that a
-    second Ctrl-C cannot interrupt the clean-up (staging folder, Lava workers) half-way."""
+    second Ctrl-C cannot interrupt the clean-up (staging folder, Lava workers) half-way.
+    The signal is also remembered: should the exception be swallowed (raised inside a
+    destructor or an at-fork hook, where Python only reports it), the next stage raises it
+    again (``_raise_if_stopped``) instead of the run going on."""
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _stopped.append(signum)
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+_stopped: list[int] = []
+
+
+def _raise_if_stopped() -> None:
+    if _stopped:
+        raise Terminated if _stopped[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -341,6 +355,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def _stop_handlers():
     """``_stop`` for SIGINT and SIGTERM while ``main`` runs; the caller's handlers after."""
+    _stopped.clear()
     previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
     try:
         yield
