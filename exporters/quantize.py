@@ -434,9 +434,19 @@ def delay_violations(q: QuantGraph, target: Target) -> list[Violation]:
         if max(src) - min(src) > target.max_synaptic_delay:
             out.append(_v(layer.name, "source depth mismatch", max(src) - min(src),
                           f"{target.max_synaptic_delay} extra synaptic delay steps",
-                          f"residual input needs synaptic delays, not supported on "
-                          f"{target.name}"))
+                          _delay_hint(layer, depth, target)))
     return out
+
+
+def _delay_hint(layer: QLayer, depth: Mapping[str, int], target: Target) -> str:
+    """Which inputs arrive when, and what to do about it on ``target``."""
+    arrivals = ", ".join(f"{name} at depth {d}" for name, d in sorted(
+        {s.source: depth[s.source] for s in layer.synapses}.items(), key=lambda kv: kv[1]))
+    why = f"residual input: its sources ({arrivals}) need synaptic delays to be aligned"
+    if target.max_synaptic_delay == 0:
+        return (f"{why}, which {target.name} cannot run yet; use --target loihi2 (fixed-point "
+                f"emulator and export) or --target float for residual networks")
+    return f"{why}; shorten the shortcut to at most {target.max_synaptic_delay} layers"
 
 
 def validate(q: QuantGraph, target: Target) -> list[Violation]:

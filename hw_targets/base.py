@@ -51,7 +51,8 @@ class Target:
     input_payload_bits: int = 8
     # Lava Dense/Conv deliver at step t what arrived at t-1 (proc/dense/models.py a_buff):
     # one fixed step per hop. DelayDense has 6-bit delays (proc/dense/models.py
-    # precision=6) but Conv and lava-dl netx have none, so our export supports 0 extra delay.
+    # precision=6) but Conv and lava-dl netx have none, so the Lava-verified export supports
+    # 0 extra delay; the hardware target (hw_targets/loihi2.py) allows Loihi 2's 0..63.
     max_synaptic_delay: int = 0
 
     # --- neurons -----------------------------------------------------------------------

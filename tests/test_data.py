@@ -11,6 +11,7 @@ from toolchain.errors import InputError
 
 # The shared data folder lies beside the repository (CI puts a copy of shared/ there too).
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+CIFAR10_DIR = MNIST_DIR.parent / "cifar10"
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -50,6 +51,19 @@ def test_mnist_real_data() -> None:
     assert set(np.unique(data.y_test)) == set(range(10))
 
 
+@pytest.mark.skipif(not CIFAR10_DIR.is_dir(), reason="../shared/data/cifar10 is not beside the repo")
+def test_cifar10_real_data() -> None:
+    data = load_data(f"cifar10:{CIFAR10_DIR}")
+    assert data.name == f"cifar10:{CIFAR10_DIR}"
+    assert data.x_train.shape == (20000, 3, 32, 32) and data.x_test.shape == (10000, 3, 32, 32)
+    assert data.x_train.dtype == np.float32 and data.y_test.dtype == np.int64
+    assert data.x_test.flags.c_contiguous and not data.x_test.flags.writeable
+    assert 0.0 == data.x_test.min() and data.x_test.max() == 1.0
+    assert set(np.unique(data.y_test)) == set(range(10))
+    with np.load(CIFAR10_DIR / "cifar10_test.npz") as raw:  # channel c of pixel (i, j)
+        assert data.x_test[7, 2, 5, 30] == np.float32(raw["x"][7, 5, 30, 2]) / np.float32(255)
+
+
 def test_npz_used_as_stored(tmp_path: Path) -> None:
     x = np.random.default_rng(1).normal(size=(6, 3, 4, 4)).astype(np.float64)
     data = load_data(_pair(tmp_path, x=x, y=np.array([0, 1, 2, 0, 1, 2], np.uint8)))
@@ -61,7 +75,9 @@ def test_npz_used_as_stored(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("cifar10", "unknown data spec 'cifar10': use 'digits', 'mnist:DIR'"),
+    ("cifar100:x", "unknown data spec 'cifar100:x': use 'digits', 'mnist:DIR', 'cifar10:DIR'"),
+    ("cifar10", "'cifar10:DIR' needs a directory"),
+    ("cifar10:/nonexistent/dir", "cifar10 data directory /nonexistent/dir not found"),
     ("digits:foo", "takes no argument"),
     ("mnist:", "needs a directory"),
     ("mnist:/nonexistent/dir", "not found"),
@@ -111,3 +127,30 @@ def test_mnist_validation(tmp_path: Path) -> None:
     _npz(tmp_path / "mnist_test.npz", x=x, y=y)
     data = load_data(f"mnist:{tmp_path}")
     assert data.x_test.shape == (4, 1, 28, 28) and data.x_test.dtype == np.float32
+
+
+def test_cifar10_layout_and_validation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0, 9, 3, 3, 1], np.uint8)
+    _npz(tmp_path / "cifar10_train.npz", x=x, y=y)
+    with pytest.raises(InputError, match="cifar10_test.npz not found"):
+        load_data(f"cifar10:{tmp_path}")
+    for bad, got in ((x.transpose(0, 3, 1, 2), r"uint8 \(5, 3, 32, 32\)"),
+                     (x.astype(np.float32), r"float32 \(5, 32, 32, 3\)"),
+                     (x[..., 0], r"uint8 \(5, 32, 32\)")):
+        _npz(tmp_path / "cifar10_test.npz", x=bad, y=y)
+        with pytest.raises(InputError, match=r"x must be uint8 \(N, 32, 32, 3\) RGB, got " + got):
+            load_data(f"cifar10:{tmp_path}")
+    _npz(tmp_path / "cifar10_test.npz", x=x, y=y.astype(np.float32))
+    with pytest.raises(InputError, match="y must be an integer array, got dtype float32"):
+        load_data(f"cifar10:{tmp_path}")
+    _npz(tmp_path / "cifar10_test.npz", x=x[:3], y=y)
+    with pytest.raises(InputError, match="x has 3 samples but y has 5 labels"):
+        load_data(f"cifar10:{tmp_path}")
+    _npz(tmp_path / "cifar10_test.npz", x=x, y=y)
+    data = load_data(f"cifar10:{tmp_path}")
+    want = np.moveaxis(x, 3, 1).astype(np.float64) / 255.0
+    assert data.x_test.shape == (5, 3, 32, 32) and data.x_test.dtype == np.float32
+    np.testing.assert_array_equal(data.x_test, want.astype(np.float32))
+    assert list(data.y_train) == [0, 9, 3, 3, 1] and data.y_train.dtype == np.int64

@@ -240,15 +240,16 @@ def test_unknown_domain_and_asymmetric_pads_reported_together() -> None:
     (helper.make_node("Clip", ["x", "lo"], ["a"], name="cl"), 2, r"clips to \[-1.0, None\]"),
     (helper.make_node("AveragePool", ["x"], ["a"], name="p", kernel_shape=[3, 3],
                       pads=[1, 1, 1, 1]), 2, "count_include_pad=False"),
-    (helper.make_node("Concat", ["x", "x"], ["a"], name="cat", axis=1), 4, "concatenates"),
-    (helper.make_node("Pad", ["x", "pads"], ["a"], name="pad"), 2, "no integrate-and-fire"),
+    (helper.make_node("Concat", ["x", "x"], ["a"], name="cat", axis=0), 2, "batch axis"),
+    (helper.make_node("Pad", ["x", "pads", "half"], ["a"], name="pad"), 4,
+     "pads with the constant 0.5"),
 ])
 def test_refusals_name_node_and_fix(node: onnx.NodeProto, width: int, message: str) -> None:
     tail = [helper.make_node("Flatten", ["a"], ["b"], name="flat"),
             helper.make_node("Gemm", ["b", "fw"], ["y"], name="fc", transB=1)]
-    pads = numpy_helper.from_array(np.zeros(8, np.int64), "pads")
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64), "pads")
     model = _chain(node, *tail, inits=[_init("lo", -1.0), _init("fw", np.ones((3, width * 36))),
-                                       pads])
+                                       pads, _init("half", 0.5)])
     with pytest.raises(UnsupportedModelError, match=message) as err:
         onnx_graph(model, IMG)
     assert err.value.problems[0].startswith(f"node {node.name} ({node.op_type})")

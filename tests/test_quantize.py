@@ -53,10 +53,14 @@ def test_delays_are_depths():
         ("l1", 1), ("l2", 2), ("l2b", 2), ("l3", 3), ("out", 4)]
 
 
-def test_skip_connection_is_flagged():
+def test_skip_connection_is_flagged_where_there_are_no_delays():
     q = random_qgraph(0, topology="skip")
-    found = [v for v in validate(q, LOIHI) if v.quantity == "source depth mismatch"]
-    assert len(found) == 1 and found[0].layer == "l3" and "synaptic delays" in found[0].hint
+    found = [v for v in validate(q, get_target("loihi2-sim"))
+             if v.quantity == "source depth mismatch"]
+    assert len(found) == 1 and found[0].layer == "l3" and found[0].value == 1
+    assert "sources (l1 at depth 1, l2 at depth 2)" in found[0].hint  # names the shortcut
+    assert "use --target loihi2" in found[0].hint                    # and the fix
+    assert validate(q, LOIHI) == []  # Loihi 2 itself has 6-bit synaptic delays (0..63)
 
 
 def test_input_scale_exp():
@@ -137,7 +141,8 @@ def test_mixed_input_and_spike_sources_share_one_scale():
         per_row = l2.scale[:, None]
         np.testing.assert_allclose(syn.weight * 64 * sig / per_row, fsyn.weight,
                                    atol=float(np.max(64 * sig / per_row)) + 1e-12)
-    found = [v.quantity for v in validate(q, LOIHI) if v.layer.startswith("l2")]
+    found = [v.quantity for v in validate(q, get_target("loihi2-sim"))
+             if v.layer.startswith("l2")]
     assert found == ["source depth mismatch"]  # input at depth 0, l1 at depth 1
 
 

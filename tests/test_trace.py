@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.models import IMG, LAYER_CASES, WHOLE_MODELS, UnsupportedNet, head, randomize_bn
 from toolchain.ann import ann_forward
@@ -180,8 +181,10 @@ REFUSED = {
     "softmax_out": (lambda: nn.Sequential(head(nn.ReLU(), IMG), nn.Softmax(1)),
                     "softmax normalises"),
     "product": (lambda: _Functional(lambda x: x * torch.relu(x)), "multiplies two activations"),
-    "concat": (lambda: _Functional(lambda x: torch.cat([x[:, :1], x[:, 1:]], 1)),
-               "concatenates"),
+    "stack": (lambda: _Functional(lambda x: torch.stack([x, x], 1).sum(1)),
+              r"stack stacks activations along a new axis.*torch.cat\(..., dim=1\)"),
+    "pad_reflect": (lambda: _Functional(lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect")
+                                        [:, :, 1:-1, 1:-1]), "mode 'reflect'"),
 }
 
 

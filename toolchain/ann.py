@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConvNode, FlattenNode,
-                          InputNode, LinearNode, ReluNode)
+from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                          FlattenNode, InputNode, LinearNode, PadNode, ReluNode, SliceNode)
 
 Evaluator = Callable[[AnnNode, list[torch.Tensor]], torch.Tensor]
 EVALUATORS: dict[type, Evaluator] = {}
@@ -69,6 +69,27 @@ def _flatten(node: FlattenNode, xs: list[torch.Tensor]) -> torch.Tensor:
 @evaluates(AddNode)
 def _add(node: AddNode, xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(xs).sum(0)
+
+
+@evaluates(SliceNode)
+def _slice(node: SliceNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    index = (slice(None),) * node.dim + (slice(node.start, node.stop, node.step),)
+    return xs[0][index]
+
+
+def _torch_pads(pads: tuple[tuple[int, int], ...]) -> list[int]:
+    """Per-axis (before, after) from axis 1 on -> F.pad's flat list (last axis first)."""
+    return [int(v) for pair in reversed(pads) for v in pair]
+
+
+@evaluates(PadNode)
+def _pad(node: PadNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    return F.pad(xs[0], _torch_pads(node.pads))
+
+
+@evaluates(ConcatNode)
+def _concat(node: ConcatNode, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(xs, node.dim)
 
 
 def _as_batch(x: torch.Tensor | np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -59,8 +59,9 @@ succeeded: a failed or interrupted run leaves the previous outputs as they were.
 EPILOG = """model formats: TorchScript (torch.jit.save), torch.export programs (.pt2),
 state_dict files with --arch; pickled whole modules only with --trust-pickle.
 data: digits (built in, scikit-learn's 8x8 digits, seeded 80/20 split) | mnist:DIR
-(DIR/mnist_{train,test}.npz, uint8 x, y) | npz:TRAIN.npz,TEST.npz (float x as the model
-expects it, integer y). Calibration uses the training split only.
+(DIR/mnist_{train,test}.npz, uint8 x, y) | cifar10:DIR (DIR/cifar10_{train,test}.npz, uint8
+x (N, 32, 32, 3) RGB -> (N, 3, 32, 32) in [0, 1]) | npz:TRAIN.npz,TEST.npz (float x as the
+model expects it, integer y). Calibration uses the training split only.
 
 data-parallel: torchrun --nproc-per-node N [--nnodes M ...] -m toolchain.cli MODEL ...
 shards threshold statistics, FTBC calibration and evaluation over the ranks (gloo);
@@ -153,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default on)")
     g = p.add_argument_group("evaluation and verification")
     g.add_argument("--eval-samples", type=_positive(int),
-                   help="evaluate on the first N test samples (default: all)")
+                   help="evaluate on N test samples drawn by a fixed seed, the same N in "
+                        "every run (default: all)")
     g.add_argument("--verify-samples", type=_positive(int, zero=True), default=100,
-                   help="samples run in Lava and compared spike for spike (default 100; "
-                        "0 skips)")
+                   help="test samples (drawn by a fixed seed) run in Lava and compared spike "
+                        "for spike (default 100; 0 skips)")
     g.add_argument("--verify-workers", type=_positive(int), metavar="N",
                    help="worker processes for the Lava verification, one Lava runtime each, "
                         "samples split between them (default: the number of cores)")

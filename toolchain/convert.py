@@ -9,9 +9,11 @@ Structure
         z_l = sum_paths  L_path(out_src) + b_l        (b_l per channel -> NeuronLayer.bias)
 
     Walking back from an activation, each path from a source passes through linear nodes
-    only: pools, flattens and exactly one weighted op (Conv/Linear), or none (an identity or
-    pool-only residual shortcut). ``Add`` nodes give one synapse per incoming path. A path is
-    folded into one synapse exactly:
+    only: pools, flattens, layout ops (slices, zero pads) and exactly one weighted op
+    (Conv/Linear), or none (an identity, pool-only or option-A residual shortcut). ``Add``
+    nodes give one synapse per incoming path; a ``Concat`` gives each input its own paths,
+    each through a zero pad that embeds it at its offset (so the sum of the paths is the
+    concatenation). A path is folded into one synapse exactly:
 
     * conv-shaped target: the chain of (depthwise) pools and the conv are composed into one
       conv kernel. For ``A`` then ``B`` (per spatial axis, s stride, d dilation, p padding)::
@@ -20,6 +22,12 @@ Structure
 
       and the result is checked numerically (float64) against the chain itself; a chain that
       does not fold (e.g. padded pooling after a conv) is reported, never approximated.
+      Layout ops are convs too: a spatial slice start:stop:step is a kernel with one tap of 1
+      at ``start`` and stride ``step`` (trailing zero taps trim the end), a spatial zero pad
+      (before, after) a one-tap kernel with symmetric padding max(before, after, 0) (so
+      asymmetric pads fold; a crop folds unless padding follows it), and a channel slice
+      or pad a 1x1 selection matrix (an option-A shortcut is thus a 1x1 stride-2 conv with
+      zero rows for the new channels).
     * flat target: the dense matrix is the Jacobian of the (linear) chain, computed exactly.
 
     The affine offset of the chain (biases pushed through pools/adds) must be constant per
@@ -65,13 +73,13 @@ import torch.nn.functional as F
 from toolchain import distributed
 from toolchain.ann import EVALUATORS, ann_forward
 from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConvNode,
-                          FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer,
-                          ReluNode, SnnGraph, Synapse, frozen_array)
+from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                          FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer, PadNode,
+                          ReluNode, SliceNode, SnnGraph, Synapse, frozen_array)
 
 THRESHOLD_METHODS = ("max", "percentile", "mse")
 MSE_FRACTIONS = tuple(1.0 - 0.01 * i for i in range(96))  # the authors' candidate grid
-LINEAR_OPS = (ConvNode, LinearNode, AvgPoolNode, FlattenNode)
+LINEAR_OPS = (ConvNode, LinearNode, AvgPoolNode, FlattenNode, SliceNode, PadNode)
 WEIGHTED_OPS = (ConvNode, LinearNode)
 DEFAULT_V_INIT = 0.5
 DEFAULT_INPUT_SHIFT = False
@@ -195,7 +203,7 @@ def _layer_spec(ann: AnnGraph, shapes: dict, node: AnnNode, readout: bool) -> _L
     if readout and len(shape) != 1:
         raise _Problem(f"{node.name} ({node.origin}): the model output has shape {shape}; "
                        "the readout must be flat logits (end with Flatten + Linear)")
-    paths = _paths(ann, z_name)
+    paths = _paths(ann, z_name, shapes)
     syns, problems = [], []
     for path in paths:
         try:
@@ -213,17 +221,34 @@ def _source_name(node: AnnNode) -> str:
     return INPUT if isinstance(node, InputNode) else node.name
 
 
-def _paths(ann: AnnGraph, name: str) -> list[_Path]:
+def _paths(ann: AnnGraph, name: str, shapes: dict) -> list[_Path]:
     """All paths of linear ops from sources (ReLUs, the input) into node ``name``."""
     node = ann.node(name)
     if isinstance(node, (ReluNode, InputNode)):
         return [_Path(_source_name(node), ())]
     if isinstance(node, AddNode):
-        return [p for i in node.inputs for p in _paths(ann, i)]
+        return [p for i in node.inputs for p in _paths(ann, i, shapes)]
+    if isinstance(node, ConcatNode):
+        return [_Path(p.source, p.ops + (embed,)) for embed in _concat_embeddings(node, shapes)
+                for p in _paths(ann, embed.inputs[0], shapes)]
     if isinstance(node, LINEAR_OPS):
-        return [_Path(p.source, p.ops + (node,)) for p in _paths(ann, node.inputs[0])]
+        return [_Path(p.source, p.ops + (node,)) for p in _paths(ann, node.inputs[0], shapes)]
     raise _Problem(f"{node.name} ({node.origin}): {type(node).__name__} cannot be part of an "
                    "integrate-and-fire layer's input; replace it by a supported op")
+
+
+def _concat_embeddings(node: ConcatNode, shapes: dict) -> list[PadNode]:
+    """One zero pad per input of ``node`` placing it at its offset along the concat axis:
+    the concatenation is the sum of the padded inputs."""
+    total = shapes[node.name][node.dim - 1]
+    pads, offset = [], 0
+    for i, name in enumerate(node.inputs):
+        size = shapes[name][node.dim - 1]
+        axes = [(0, 0)] * len(shapes[name])
+        axes[node.dim - 1] = (offset, total - offset - size)
+        pads.append(PadNode(f"{node.name}[{i}]", (name,), node.origin, tuple(axes)))
+        offset += size
+    return pads
 
 
 def _synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> Synapse:
@@ -239,7 +264,7 @@ def _synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> Synaps
     if len(src_shape) != 3:
         raise _Problem(f"{target.name} ({target.origin}): a flat source feeds a conv-shaped "
                        "layer; this cannot be expressed as a synapse")
-    return _conv_synapse(path, src_shape, shape, target)
+    return _conv_synapse(path, shapes, shape, target)
 
 
 # --------------------------------------------------------------------------- linear maps
@@ -358,11 +383,19 @@ def _compose(a: _ConvMap, b: _ConvMap) -> _ConvMap:
     return _ConvMap(weight, depthwise, stride, padding)
 
 
-def _conv_synapse(path: _Path, src_shape: tuple, shape: tuple, target: AnnNode) -> Synapse:
+def _maps(op: AnnNode, in_shape: tuple) -> list[_ConvMap]:
+    """``op`` as conv maps applied in order (a layout op may need two: spatial, channel)."""
+    layout = LAYOUT_MAPS.get(type(op))
+    return layout(op, in_shape) if layout else [_op_map(op, in_shape[0])]
+
+
+def _conv_synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> Synapse:
     """Fold the path into one conv synapse and verify it against the chain (float64)."""
+    src_shape = shapes[path.ops[0].inputs[0]] if path.ops else shape
     m = _identity_map(src_shape[0])
     for op in path.ops:
-        m = _compose(m, _op_map(op, m.weight.shape[0]))
+        for step in _maps(op, shapes[op.inputs[0]]):
+            m = _compose(m, step)
     has_weighted = any(isinstance(op, ConvNode) for op in path.ops)
     weight, groups = (m.weight, src_shape[0]) if m.depthwise and has_weighted else (
         _expand_depthwise(m) if m.depthwise else m.weight, 1)
@@ -370,6 +403,57 @@ def _conv_synapse(path: _Path, src_shape: tuple, shape: tuple, target: AnnNode) 
                   groups)
     _verify_fold(path, syn, src_shape, shape, target)
     return syn
+
+
+def _one_tap(channels: int, kernel: tuple[int, int], tap: tuple[int, int],
+             stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0)) -> _ConvMap:
+    """Depthwise kernel of zeros with a single 1 at ``tap``: out = x shifted and strided."""
+    w = np.zeros((channels, 1) + tuple(kernel))
+    w[:, 0, tap[0], tap[1]] = 1.0
+    return _ConvMap(w, True, stride, padding)
+
+
+def _channel_map(rows: int, cols: int, pick: Callable[[int], int]) -> _ConvMap:
+    """1x1 conv whose output channel j is input channel pick(j) (zero when out of range)."""
+    w = np.zeros((rows, cols, 1, 1))
+    for j in range(rows):
+        if 0 <= pick(j) < cols:
+            w[j, pick(j), 0, 0] = 1.0
+    return _ConvMap(w, False)
+
+
+def _slice_maps(op: SliceNode, in_shape: tuple) -> list[_ConvMap]:
+    """start:stop:step along C (selection matrix) or H/W: one tap at ``start``, stride
+    ``step``, and a kernel just long enough that exactly len(range(start, stop, step))
+    windows fit (taps after the first are zero)."""
+    count = len(range(op.start, op.stop, op.step))
+    if op.dim == 1:
+        return [_channel_map(count, in_shape[0], lambda j: op.start + j * op.step)]
+    axis, size = op.dim - 2, in_shape[op.dim - 1]
+    kernel, tap, stride = [1, 1], [0, 0], [1, 1]
+    kernel[axis] = max(op.start + 1, size - op.step * count + 1)
+    tap[axis], stride[axis] = op.start, op.step
+    return [_one_tap(in_shape[0], tuple(kernel), tuple(tap), tuple(stride))]
+
+
+def _pad_maps(op: PadNode, in_shape: tuple) -> list[_ConvMap]:
+    """Zero pad (crop when negative): H/W by a one-tap kernel with symmetric padding
+    p = max(before, after, 0), kernel 2p - before - after + 1, tap p - before; C by an
+    embedding matrix."""
+    (c0, c1), *spatial = op.pads
+    maps = []
+    if any(v for pair in spatial for v in pair):
+        pad = [max(b, a, 0) for b, a in spatial]
+        kernel = [2 * p - b - a + 1 for p, (b, a) in zip(pad, spatial)]
+        tap = [p - b for p, (b, _) in zip(pad, spatial)]
+        maps.append(_one_tap(in_shape[0], tuple(kernel), tuple(tap), padding=tuple(pad)))
+    if c0 or c1:
+        maps.append(_channel_map(in_shape[0] + c0 + c1, in_shape[0], lambda j: j - c0))
+    return maps or [_identity_map(in_shape[0])]
+
+
+LAYOUT_MAPS: dict[type, Callable[[AnnNode, tuple], list[_ConvMap]]] = {
+    SliceNode: _slice_maps, PadNode: _pad_maps}
 
 
 def _expand_depthwise(m: _ConvMap) -> np.ndarray:
@@ -392,8 +476,10 @@ def _verify_fold(path: _Path, syn: Synapse, src_shape: tuple, shape: tuple,
             got, want, rtol=FOLD_RTOL, atol=FOLD_RTOL * float(want.abs().max() + 1)):
         names = ", ".join(f"{op.name} ({op.origin})" for op in path.ops)
         raise _Problem(f"{target.name} ({target.origin}): the linear chain {names} does not "
-                       "fold into one convolution (e.g. pooling with padding after a conv); "
-                       "use unpadded, non-overlapping pooling or put an activation between")
+                       "fold into one convolution (padding after a conv or pool, or a crop "
+                       "followed by padding, makes border values no single convolution "
+                       "computes); pad right after an activation, crop after the conv, use "
+                       "unpadded pooling, or put an activation between")
 
 
 def _fits(x: torch.Tensor, syn: Synapse, shape: tuple) -> bool:
@@ -410,8 +496,8 @@ def _channel_bias(ann: AnnGraph, z_name: str, shapes: dict, target: AnnNode) -> 
     first = per_channel[:, :1]
     if not np.allclose(per_channel, first, rtol=FOLD_RTOL, atol=FOLD_RTOL):
         raise _Problem(f"{target.name} ({target.origin}): the bias reaching this layer is not "
-                       "constant per channel (padded pooling after a biased layer); remove "
-                       "the pooling's padding")
+                       "constant per channel (zero padding or padded pooling after a biased "
+                       "layer); pad only activations (after the ReLU), or remove the padding")
     return frozen_array(first[:, 0])
 
 

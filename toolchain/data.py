@@ -6,6 +6,9 @@ Spec forms (``SPEC_FORMS``)::
                               fixed stratified 80/20 split (random_state=0)
     mnist:DIR                 DIR/mnist_train.npz and DIR/mnist_test.npz, uint8 ``x`` (N, 28, 28)
                               and ``y`` -> float32 (N, 1, 28, 28) = x / 255
+    cifar10:DIR               DIR/cifar10_train.npz and DIR/cifar10_test.npz, uint8 ``x``
+                              (N, 32, 32, 3) RGB and ``y`` -> float32 (N, 3, 32, 32) = x / 255
+                              (any normalisation belongs to the model)
     npz:TRAIN.npz,TEST.npz    float ``x`` used as stored, integer ``y``
 
 Every problem is a one-line ``InputError`` naming the file and what is wrong with it.
@@ -23,7 +26,7 @@ import numpy as np
 
 from toolchain.errors import InputError
 
-SPEC_FORMS = "'digits', 'mnist:DIR' or 'npz:TRAIN.npz,TEST.npz'"
+SPEC_FORMS = "'digits', 'mnist:DIR', 'cifar10:DIR' or 'npz:TRAIN.npz,TEST.npz'"
 
 
 @dataclass(frozen=True)
@@ -108,28 +111,52 @@ def _digits(arg: str) -> DataSplit:
                   _checked(x_te, y_te, "digits test"))
 
 
-def _mnist_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _uint8_images(path: Path, layout: str, check: Callable[[np.ndarray], bool],
+                  to_nchw: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images of ``layout`` (checked by ``check``) -> float32 NCHW in [0, 1]."""
     arrays = _read_npz(path)
     x, y = arrays["x"], arrays["y"]
-    if x.dtype != np.uint8 or x.ndim != 3:
-        raise InputError(f"{path}: x must be uint8 (N, 28, 28), got {x.dtype} {x.shape}")
+    if x.dtype != np.uint8 or not check(x):
+        raise InputError(f"{path}: x must be uint8 {layout}, got {x.dtype} {x.shape}")
     if y.dtype.kind not in "iu":
         raise InputError(f"{path}: y must be an integer array, got dtype {y.dtype}")
-    return _checked(x[:, None].astype(np.float32) / 255.0, y, str(path))
+    images = to_nchw(x).astype(np.float32, order="C")  # one C-order copy, scaled in place
+    images /= 255.0
+    return _checked(images, y, str(path))
+
+
+def _mnist_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return _uint8_images(path, "(N, 28, 28)", lambda x: x.ndim == 3, lambda x: x[:, None])
+
+
+def _cifar10_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (N, 32, 32, 3) -> (N, 3, 32, 32): channels first, as torch models take them."""
+    return _uint8_images(path, "(N, 32, 32, 3) RGB", lambda x: x.ndim == 4 and x.shape[3] == 3,
+                         lambda x: x.transpose(0, 3, 1, 2))
+
+
+def _image_dir(kind: str, arg: str, part: Callable[[Path], tuple]) -> DataSplit:
+    """DIR/<kind>_train.npz and DIR/<kind>_test.npz read by ``part``."""
+    if not arg:
+        raise InputError(f"data spec '{kind}:DIR' needs a directory, e.g. {kind}:data/{kind}")
+    root = Path(arg)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{kind}:{root}: {root} is a file; {kind}:DIR needs the directory "
+                         f"holding {kind}_train.npz and {kind}_test.npz")
+    if not root.is_dir():
+        raise InputError(f"{kind} data directory {root} not found")
+    return _split(f"{kind}:{root}", part(root / f"{kind}_train.npz"),
+                  part(root / f"{kind}_test.npz"))
 
 
 def _mnist(arg: str) -> DataSplit:
     """MNIST from DIR/mnist_{train,test}.npz (uint8), scaled to [0, 1]."""
-    if not arg:
-        raise InputError("data spec 'mnist:DIR' needs a directory, e.g. mnist:data/mnist")
-    root = Path(arg)
-    if root.exists() and not root.is_dir():
-        raise InputError(f"mnist:{root}: {root} is a file; mnist:DIR needs the directory "
-                         "holding mnist_train.npz and mnist_test.npz")
-    if not root.is_dir():
-        raise InputError(f"mnist data directory {root} not found")
-    return _split(f"mnist:{root}", _mnist_part(root / "mnist_train.npz"),
-                  _mnist_part(root / "mnist_test.npz"))
+    return _image_dir("mnist", arg, _mnist_part)
+
+
+def _cifar10(arg: str) -> DataSplit:
+    """CIFAR-10 from DIR/cifar10_{train,test}.npz (uint8 RGB), scaled to [0, 1]."""
+    return _image_dir("cifar10", arg, _cifar10_part)
 
 
 def _npz_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +172,8 @@ def _npz(arg: str) -> DataSplit:
     return _split(f"npz:{arg}", _npz_part(Path(parts[0])), _npz_part(Path(parts[1])))
 
 
-LOADERS: dict[str, Callable[[str], DataSplit]] = {"digits": _digits, "mnist": _mnist, "npz": _npz}
+LOADERS: dict[str, Callable[[str], DataSplit]] = {"digits": _digits, "mnist": _mnist,
+                                                  "cifar10": _cifar10, "npz": _npz}
 
 
 def load_data(spec: str) -> DataSplit:

@@ -116,6 +116,31 @@ class AddNode(AnnNode):
 
 
 @dataclass(frozen=True, eq=False)
+class SliceNode(AnnNode):
+    """``x[start:stop:step]`` along axis ``dim`` of (N, C, H, W) or (N, F) (1 = channels or
+    features, 2 = H, 3 = W; never the batch axis); 0 <= start < stop <= size, step >= 1.
+    A layout op: exact and linear, folded into the synapses that read it."""
+    dim: int
+    start: int
+    stop: int
+    step: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class PadNode(AnnNode):
+    """Zero padding: ``pads[i] = (before, after)`` for axis i + 1 (channels, H, W, or the
+    features of a flat value); a negative amount crops, as ``F.pad`` does. Layout op."""
+    pads: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class ConcatNode(AnnNode):
+    """Its inputs concatenated along axis ``dim`` (>= 1). Layout op: each input becomes its
+    own synapses, embedded at its offset."""
+    dim: int
+
+
+@dataclass(frozen=True, eq=False)
 class AnnGraph:
     """Nodes in topological order; the first is the ``InputNode``; ``output`` names the
     node whose value is the model output (logits)."""

@@ -12,8 +12,9 @@ op's handler in ``toolchain.trace``: BatchNorm folding, the input transform ``(x
 std``, clip merging, node naming and the all-at-once ``UnsupportedModelError`` are the same
 code as for PyTorch models. Supported: Conv, Gemm, MatMul (+ Add), BatchNormalization, Relu,
 Clip, AveragePool, GlobalAveragePool, ReduceMean over (H, W), Flatten, Reshape, Squeeze,
-Add, Sub, Mul, Div, Identity, Dropout, Cast (to the same type); Shape, Size and Constant only
-make constants. Any other node is reported with its name, op type, why and what to do.
+Add, Sub, Mul, Div, Identity, Dropout, Cast (to the same type), and the layout ops Slice
+(positive steps), Pad (constant 0) and Concat; Shape, Size and Constant only make
+constants. Any other node is reported with its name, op type, why and what to do.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from onnx.reference import ReferenceEvaluator
 from toolchain.errors import InputError
 from toolchain.ir import AnnGraph
 from toolchain.trace import (EXAMPLE_BATCH, HANDLERS, Act, Builder, Op, Refuse, Scope, advice,
-                             examples, handles, refuse, run_example)
+                             examples, handles, refuse, run_example, slice_act)
 
 _FLT_MAX = float(np.finfo(np.float32).max)  # old opsets' Clip "no bound" default
 _SUBGRAPH = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -227,6 +228,60 @@ def _mul(b: Builder, op: OnnxOp) -> Act:
 @handles("onnx::Div")
 def _div(b: Builder, op: OnnxOp) -> Act:
     return _as(b, op, "aten::div", op.args[0], op.args[1], None)
+
+
+# --------------------------------------------------------------------------- layout ops
+
+def _ints(value: Any, what: str) -> list[int] | None:
+    """A constant integer list (an attribute or an input); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, Act):
+        raise Refuse(f"takes its {what} from activations", f"use constant {what}")
+    return [int(v) for v in torch.as_tensor(value).reshape(-1).tolist()]
+
+
+@handles("onnx::Slice")
+def _slice(b: Builder, op: OnnxOp) -> Act:
+    """Slice (starts/ends/axes/steps as inputs, or attributes before opset 10): one aten
+    slice per axis, each with its own example value."""
+    source = op.attrs if "starts" in op.attrs else dict(zip(
+        ("starts", "ends", "axes", "steps"), [_arg(op, i) for i in range(1, 5)]))
+    starts, ends = _ints(source["starts"], "starts"), _ints(source["ends"], "ends")
+    axes = _ints(source.get("axes"), "axes") or list(range(len(starts)))
+    steps = _ints(source.get("steps"), "steps") or [1] * len(starts)
+    x = _act(op)
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        if step < 1:
+            raise Refuse(f"steps by {step} (reverses the axis)", "slice with a positive step")
+        index = [slice(None)] * x.example.dim()
+        index[axis] = slice(start, end, step)
+        x = slice_act(b, replace(op, out=x.example[tuple(index)]), x, axis, start, end, step)
+    return x
+
+
+@handles("onnx::Pad")
+def _pad(b: Builder, op: OnnxOp) -> Act:
+    """Pad (pads [begin..., end...] over all axes or ``axes``; attributes before opset 11),
+    as F.pad's flat list; the aten handler refuses modes other than constant 0."""
+    x = _act(op)
+    ndim = x.example.dim()
+    if "pads" in op.attrs:
+        pads, value, axes = list(op.attrs["pads"]), op.attrs.get("value", 0.0), None
+    else:
+        pads, value, axes = _ints(_arg(op, 1), "pads"), _arg(op, 2), _arg(op, 3)
+    if isinstance(value, Act):
+        raise Refuse("takes its pad value from activations", "pad with the constant 0")
+    axes = [a % ndim for a in (_ints(axes, "axes") or range(ndim))]
+    begin = dict(zip(axes, pads[:len(axes)]))
+    end = dict(zip(axes, pads[len(axes):]))
+    flat = [v for a in reversed(range(ndim)) for v in (begin.get(a, 0), end.get(a, 0))]
+    return _as(b, op, "aten::pad", x, flat, op.attrs.get("mode", "constant"), value)
+
+
+@handles("onnx::Concat")
+def _concat(b: Builder, op: OnnxOp) -> Act:
+    return _as(b, op, "aten::cat", list(op.args), op.attrs["axis"])
 
 
 # =========================================================================== graph walk

@@ -79,12 +79,22 @@ class Run:
 
 
 Stage = Callable[[Run], Run]
+TEST_SUBSET_SEED = 0  # fixed: --seed varies calibration, never which test images are scored
+
+
+def _test_subset(run: Run, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` test samples drawn by a fixed seed (the same ones in every run), in file order.
+    Not the first ``n``: a test file sorted by class (the CIFAR-10 npz is) would give a
+    few classes only."""
+    x, y = run.data.x_test, run.data.y_test
+    if n is None or n >= len(x):
+        return x, y
+    idx = np.sort(np.random.default_rng(TEST_SUBSET_SEED).permutation(len(x))[:n])
+    return x[idx], y[idx]
 
 
 def _eval_split(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    n = run.options.eval_samples
-    x, y = run.data.x_test, run.data.y_test
-    return (x, y) if n is None else (x[:n], y[:n])
+    return _test_subset(run, run.options.eval_samples)
 
 
 def _local_eval(run: Run) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +304,7 @@ def verify(run: Run) -> Run:
     opts = run.options
     if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
         return run
-    x, y = run.data.x_test[:opts.verify_samples], run.data.y_test[:opts.verify_samples]
+    x, y = _test_subset(run, opts.verify_samples)
     lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y,
                        workers=opts.verify_workers, progress=opts.progress)
     return run.with_results(lava=lava)

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConvNode, FlattenNode,
-                          InputNode, LinearNode, ReluNode, frozen_array)
+from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                          FlattenNode, InputNode, LinearNode, PadNode, ReluNode, SliceNode,
+                          frozen_array)
 from toolchain.load import LoadedModel
 
 EXAMPLE_BATCH = 2  # > 1 so that the batch axis is told apart from size-1 axes
@@ -162,9 +163,9 @@ _ADVICE: dict[tuple[str, ...], tuple[str, str]] = {
         "folded into fixed weights", "use BatchNorm right after a Conv2d/Linear and retrain"),
     ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convtranspose"): (
         "is a transposed convolution (upsampling)", "use Conv2d (and AvgPool2d to downsample)"),
-    ("cat", "stack", "concat", "concatenate"): (
-        "concatenates activations; the IR has no concatenation",
-        "use residual additions instead, or split the model"),
+    ("stack",): (
+        "stacks activations along a new axis, which no neuron layer's (C, H, W) shape holds",
+        "concatenate along the channel axis with torch.cat(..., dim=1) instead"),
     ("mul", "matmul", "bmm", "mm", "baddbmm", "einsum", "scaled_dot_product_attention",
      "_scaled_dot_product_flash_attention_for_cpu"): (
         "multiplies two activations (attention, gating); synapses only multiply spikes by "
@@ -714,6 +715,96 @@ def _identity(b: Builder, op: Op) -> Act:
 def _ignore(b: Builder, op: Op) -> None:
     """Export's run-time assertions: no value."""
     return None
+
+
+# =========================================================================== layout ops
+# Slicing, zero padding and concatenation move values without computing: exact linear maps
+# that convert folds into the synapses reading them (no neurons of their own).
+
+def _layout_axis(x: Act, dim: Any) -> int:
+    """``dim`` as an axis index in [0, ndim) (negative counts from the end)."""
+    ndim = x.example.dim()
+    if not -ndim <= int(dim) < ndim:
+        raise Refuse(f"names axis {dim} of a {ndim}-D tensor", "use an existing axis")
+    return int(dim) % ndim
+
+
+def _no_batch_axis(dim: int) -> None:
+    if dim == 0:
+        raise Refuse("works across the batch axis (mixes samples)",
+                     "slice, pad and concatenate only the channel and spatial axes")
+
+
+def slice_act(b: Builder, op: Op, x: Act, dim: Any, start: Any, stop: Any,
+              step: Any) -> Act:
+    """``x[start:stop:step]`` along ``dim`` with Python's bounds (None, negative, clamped): an
+    alias when it keeps everything, else a ``SliceNode``."""
+    dim, step = _layout_axis(x, dim), 1 if step is None else int(step)
+    if step < 1:
+        raise Refuse(f"steps by {step} (reverses the axis)", "slice with a positive step")
+    size = x.example.shape[dim]
+    start, stop, step = slice(start, stop, step).indices(size)
+    if (start, step) == (0, 1) and stop >= size:
+        return replace(x, example=op.out)
+    _no_batch_axis(dim)
+    if stop <= start:
+        raise Refuse(f"selects nothing (start {start}, stop {stop} on an axis of {size})",
+                     "remove the empty slice")
+    return b.emit(op, SliceNode, [x], dim=dim, start=start, stop=stop, step=step)
+
+
+@handles("aten::slice")
+def _slice(b: Builder, op: Op) -> Act:
+    """``x[:, a:b:s]`` along one axis (TorchScript and torch.export spell every axis)."""
+    return slice_act(b, op, act_arg(op, 0), op.args[1], op.args[2], op.args[3], op.args[4])
+
+
+@handles("aten::narrow")
+def _narrow(b: Builder, op: Op) -> Act:
+    """``x.narrow(dim, start, length)``: a slice (a negative start counts from the end)."""
+    x = act_arg(op, 0)
+    dim, start = _layout_axis(x, op.args[1]), int(scalar(op.args[2]))
+    start = start + x.example.shape[dim] if start < 0 else start
+    return slice_act(b, op, x, dim, start, start + int(op.args[3]), 1)
+
+
+@handles("aten::pad", "aten::constant_pad_nd")
+def _pad(b: Builder, op: Op) -> Act:
+    """``F.pad`` with zeros (negative amounts crop); other modes and values are refused."""
+    x = act_arg(op, 0)
+    mode, value = (op.args[2], op.args[3]) if op.kind == "aten::pad" else ("constant", op.args[2])
+    flat, ndim = [int(p) for p in op.args[1]], x.example.dim()
+    if len(flat) % 2 or len(flat) > 2 * ndim:
+        raise Refuse(f"has {len(flat)} pad amounts for a {ndim}-D tensor",
+                     "give (before, after) pairs, last axis first")
+    pads = [(0, 0)] * ndim
+    for i in range(len(flat) // 2):
+        pads[ndim - 1 - i] = (flat[2 * i], flat[2 * i + 1])
+    if not any(v for pair in pads for v in pair):
+        return replace(x, example=op.out)
+    if mode != "constant":
+        raise Refuse(f"pads by repeating the tensor's own values (mode {mode!r}): linear, but "
+                     "neither a convolution nor a per-channel bias", "pad with zeros "
+                     "(mode 'constant', value 0), e.g. F.pad(x, pad)")
+    if scalar(value) not in (None, 0.0):
+        raise Refuse(f"pads with the constant {scalar(value)}: an offset that differs between "
+                     "positions, not a linear map", "pad with 0")
+    _no_batch_axis(next(d for d, pair in enumerate(pads) if any(pair)))
+    return b.emit(op, PadNode, [x], pads=tuple(pads[1:]))
+
+
+@handles("aten::cat", "aten::concat", "aten::concatenate")
+def _cat(b: Builder, op: Op) -> Act:
+    """``torch.cat`` of activations along a channel or spatial axis."""
+    parts = list(op.args[0])
+    if not all(isinstance(p, Act) for p in parts):
+        raise Refuse("concatenates an activation with a constant tensor",
+                     "concatenate activations only (fold constants into a bias)")
+    dim = _layout_axis(parts[0], op.args[1])
+    if len(parts) == 1:
+        return replace(parts[0], example=op.out)
+    _no_batch_axis(dim)
+    return b.emit(op, ConcatNode, parts, dim=dim)
 
 
 # =========================================================================== export front end
