@@ -1,5 +1,6 @@
-"""Long fuzz run: >= 10,000 cases over damaged model files, .net files, data files and CLI
-argument combinations (generators: ``tests/fuzz_cases.py``; the short run is
+"""Long fuzz run: >= 10,000 cases over damaged model files, .net files, data files, CLI
+argument combinations and option values, and SIGINT/SIGTERM to a real run's process group
+at random moments (generators: ``tests/fuzz_cases.py``; the short run is
 ``tests/test_fuzz.py``).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fuzz.py                    # 10,000 cases
@@ -29,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Share of the cases per kind (CLI cases run the pipeline, about 100x slower than the rest).
-MIX = {"model": 0.34, "net": 0.25, "data": 0.34, "cli": 0.07}
+# Share of the cases per kind (CLI cases run the pipeline, about 100x slower than the rest;
+# a signal case starts a real process and waits up to 12 s before its signal).
+MIX = {"model": 0.34, "net": 0.25, "data": 0.335, "cli": 0.07, "signal": 0.005}
 
 
 def worker(kind: str, first: int, count: int, log: Path, seeds_dir: Path) -> None:
@@ -174,7 +176,9 @@ def main() -> None:
                   "(shared), 1 thread per worker; Python "
                   f"{platform.python_version()}.\nA failure is any case that ends in an "
                   "unhandled exception, exit code 1 or outside {0, 2, 3, 4}, a multi-line "
-                  "InputError, or a crashed interpreter.\n\n")
+                  "InputError, or a crashed interpreter; for a signal case, anything but "
+                  "exit 0 with this run's outputs or 130/143 with the one-line message, "
+                  "the previous outputs intact and no staging folder or process left.\n\n")
         (ROOT / "bench" / "results_fuzz.md").write_text(header + text + "\n")
     if any(r["outcome"] == "FAILURE" for items in results.values() for r in items):
         sys.exit(1)

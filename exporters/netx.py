@@ -42,6 +42,7 @@ This module must not import torch or ``sims``.
 from __future__ import annotations
 
 import json
+import io
 import os
 import secrets
 from pathlib import Path
@@ -78,12 +79,18 @@ def write_netx(q: QuantGraph, path: str | os.PathLike) -> None:
         raise InputError(f"cannot export: {problems[0]}"
                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     path = Path(path)
-    # h5py creates the temporary file itself ("w-": fail if it exists), so it gets the
-    # usual umask permissions (mkstemp's would be 0600) and the same directory's filesystem.
+    # The HDF5 image is built in memory and written by Python: a full or failing disk is
+    # then one OSError (errno ENOSPC, EFBIG, ...), where HDF5 writing the file itself
+    # reports it as RuntimeErrors from its objects' destructors and may crash on them.
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=_LIBVER, track_order=True) as f:
+        _write_file(f, q)
+    # Created here ("x": fail if it exists) with the usual umask permissions (mkstemp's
+    # would be 0600), beside the target, on the same file system.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with h5py.File(tmp, "w-", libver=_LIBVER, track_order=True) as f:
-            _write_file(f, q)
+        with open(tmp, "xb") as out:
+            out.write(image.getbuffer())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -181,8 +181,21 @@ def quantize_weight(weight: np.ndarray, scale: np.ndarray, sigma: float,
     or int64 when a value would not fit int32, so validate() reports the true value."""
     w = np.asarray(weight, dtype=np.float64)
     mant = np.rint(w * per_row(scale, w.ndim) / (unit_factor(target) * sigma)) * target.weight_step
-    fits = mant.size == 0 or np.abs(mant).max() <= np.iinfo(np.int32).max
-    return mant.astype(np.int32 if fits else np.int64)
+    peak = float(np.abs(mant).max()) if mant.size else 0.0
+    if peak > _INT64_EXACT:  # no integer type holds it: a cast would give garbage
+        raise _Unrepresentable(peak)
+    return mant.astype(np.int32 if peak <= np.iinfo(np.int32).max else np.int64)
+
+
+_INT64_EXACT = 2.0 ** 62
+
+
+class _Unrepresentable(ValueError):
+    """Integer weights beyond int64 (absurd float weights); ``quantize`` names the layer."""
+
+    def __init__(self, peak: float):
+        super().__init__(peak)
+        self.peak = peak
 
 
 def bias_exponent(b_state: np.ndarray, target: Target) -> int:
@@ -321,8 +334,15 @@ def quantize(snn: SnnGraph, target: Target, *, input_scale_exp: int | None = Non
     depths = layer_depths(snn.layers)
     layers, stats = [], {}
     for layer in snn.layers:
-        q, stats[layer.name] = quantize_layer(layer, sigma, peak, snn.timesteps,
-                                              depths[layer.name], target, readout_bound)
+        try:
+            q, stats[layer.name] = quantize_layer(layer, sigma, peak, snn.timesteps,
+                                                  depths[layer.name], target, readout_bound)
+        except _Unrepresentable as exc:
+            raise HardwareLimitError(target.name, [_v(
+                layer.name, "weight", exc.peak, f"[{target.weight_min}, {target.weight_max}]",
+                "beyond any integer type: the model's weights are absurdly large (threshold "
+                "normalization carries every layer's scale down to this one); check them "
+                "for values like 1e30")]) from None
         layers.append(q)
     meta = {"input_range": [float(v) for v in input_range], "quantization": stats,
             "source": dict(snn.meta)}

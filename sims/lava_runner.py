@@ -8,7 +8,7 @@ what is verified is what is deployed:
          spikes) or Conv (Lava's (W, H, C) layout through reshape/transpose virtual ports)
       -> IFBiasSchedule neurons (several synapses into one InPort are summed by Lava)
 
-Timing: each synaptic hop adds one step, so layer l (``QLayer.delay`` hops deep) sees its
+Timing: each synaptic hop adds one step, so layer l (``QLayer.depth`` hops deep) sees its
 step-t input at local step delay + t; a sample occupies ``period = T + D`` steps (D the
 deepest delay) and the next one follows immediately. The neurons window themselves (see
 ``sims.lava_procs.process``); the input sends x_int at local steps 1..T and zeros after.
@@ -26,9 +26,10 @@ is also the slow part (one 2-D convolution per (out, in) channel pair per step).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
@@ -49,8 +50,8 @@ class LavaResult:
 
 
 def period_of(q: QuantGraph) -> int:
-    """Steps per sample: T plus the deepest layer's delay."""
-    return q.timesteps + max(layer.delay for layer in q.layers)
+    """Steps per sample: T plus the deepest layer's depth (one step per hop)."""
+    return q.timesteps + max(layer.depth for layer in q.layers)
 
 
 def lava_problems(q: QuantGraph) -> list[str]:
@@ -62,21 +63,26 @@ def lava_problems(q: QuantGraph) -> list[str]:
         if len(src_delays) > 1:
             problems.append(f"layer {layer.name}: its sources sit at different depths "
                             f"{src_delays}; Lava would need synaptic delays to align them")
-        elif layer.delay != src_delays[0] + 1:
-            problems.append(f"layer {layer.name}: delay {layer.delay} but Lava delivers its "
+        elif layer.depth != src_delays[0] + 1:
+            problems.append(f"layer {layer.name}: depth {layer.depth} but Lava delivers its "
                             f"input {src_delays[0] + 1} steps after the sample starts")
         problems += [f"layer {layer.name}: conv weight_exp {s.weight_exp} != 0 (Lava's "
                      f"fixed-point Conv ignores weight_exp)"
                      for s in layer.synapses if s.kind == "conv" and s.weight_exp != 0]
-        depth[layer.name] = layer.delay
+        depth[layer.name] = layer.depth
     return problems
 
 
 def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
-             select_tag: str = "fixed_pt") -> LavaResult:
+             select_tag: str = "fixed_pt", on_sample: Callable[[int], None] | None = None,
+             guard: Callable[[], ContextManager] = contextlib.nullcontext) -> LavaResult:
     """Simulate every sample of ``x_int`` (N, *input_shape) int64 through the network in
     ``net_path``; records are read back once per layer at the end. ``select_tag``
-    "floating_pt" runs Lava's float models instead (not bit-exact when weight_exp != 0)."""
+    "floating_pt" runs Lava's float models instead (not bit-exact when weight_exp != 0).
+
+    ``on_sample(k)`` is called after sample k ran (the samples then run one by one);
+    ``guard()`` wraps the span in which Lava's runtime processes must stay alive (from
+    the first step to the last read-back; ``sims.lava_pool`` watches them there)."""
     start = time.perf_counter()
     q = read_netx(net_path)
     problems = lava_problems(q)
@@ -86,8 +92,9 @@ def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
     num, period = x_int.shape[0], period_of(q)
     source, neurons = _build(q, x_int, period)
     try:
-        _run(source, num, period, progress, select_tag)
-        spikes, readout = _collect(q, neurons, num)
+        with guard():
+            _run(source, num, period, progress, select_tag, on_sample)
+            spikes, readout = _collect(q, neurons, num)
     finally:
         source.stop()
     return LavaResult(spikes=spikes, readout=readout, seconds=time.perf_counter() - start)
@@ -157,7 +164,7 @@ def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
         n=n, vth=np.repeat(np.broadcast_to(layer.vth, layer.shape[:1]), per_channel),
         bias=np.repeat(layer.bias_mant.astype(np.int64), per_channel, 1),
         bias_exp=layer.bias_exp, v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
-        delay=layer.delay, timesteps=q.timesteps, period=period, num_samples=num,
+        delay=layer.depth, timesteps=q.timesteps, period=period, num_samples=num,
         readout=layer.readout, name=layer.name)
 
 
@@ -197,17 +204,20 @@ def _whc(shape: Iterable[int]) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------- run + read
 
-def _run(source, num: int, period: int, progress: bool, select_tag: str) -> None:
+def _run(source, num: int, period: int, progress: bool, select_tag: str,
+         on_sample: Callable[[int], None] | None) -> None:
     from lava.magma.core.run_conditions import RunSteps
     from lava.magma.core.run_configs import Loihi2SimCfg
     cfg = Loihi2SimCfg(select_tag=select_tag)
-    if not progress:
+    if not progress and on_sample is None:
         source.run(condition=RunSteps(num_steps=num * period), run_cfg=cfg)
         return
-    with progress_bar(num, "lava", True, leave=True) as bar:
-        for _ in range(num):
+    with progress_bar(num, "lava", progress, leave=True) as bar:
+        for k in range(num):
             source.run(condition=RunSteps(num_steps=period), run_cfg=cfg)
             bar.update(1)
+            if on_sample is not None:
+                on_sample(k)
 
 
 def _collect(q: QuantGraph, neurons: dict, num: int) -> tuple[dict[str, np.ndarray],

@@ -41,14 +41,28 @@ STATE_MIN, STATE_MAX = -(1 << (STATE_BITS - 1)), (1 << (STATE_BITS - 1)) - 1
 ACT_SHIFT = 6  # synaptic input enters the membrane shifted left by 6 (Lava's act_shift)
 
 
-def encode_input(qin: QInput, x: np.ndarray, payload_bits: int = 8) -> np.ndarray:
-    """Float samples (N, *shape) -> int64 graded-spike payloads, as specified above."""
+def _scaled_input(qin: QInput, x: np.ndarray, payload_bits: int
+                  ) -> tuple[np.ndarray, int, int]:
+    """(round(x' * 2**scale_exp) before clipping, payload min, payload max)."""
     xf = np.asarray(x, dtype=np.float64)
     if qin.mean is not None:
         chan = (-1,) + (1,) * (len(qin.shape) - 1)
         xf = (xf - qin.mean.reshape(chan)) / qin.std.reshape(chan)
     lo, hi = -(1 << (payload_bits - 1)), (1 << (payload_bits - 1)) - 1
-    return np.clip(np.rint(xf * 2.0 ** qin.scale_exp), lo, hi).astype(np.int64)
+    return np.rint(xf * 2.0 ** qin.scale_exp), lo, hi
+
+
+def encode_input(qin: QInput, x: np.ndarray, payload_bits: int = 8) -> np.ndarray:
+    """Float samples (N, *shape) -> int64 graded-spike payloads, as specified above."""
+    raw, lo, hi = _scaled_input(qin, x, payload_bits)
+    return np.clip(raw, lo, hi).astype(np.int64)
+
+
+def clipped_inputs(qin: QInput, x: np.ndarray, payload_bits: int = 8) -> int:
+    """How many input values ``encode_input`` clips to the payload range (data outside the
+    range the encoding was chosen for)."""
+    raw, lo, hi = _scaled_input(qin, x, payload_bits)
+    return int(np.count_nonzero((raw < lo) | (raw > hi)))
 
 
 def _conv2d_int(src: np.ndarray, syn: QSynapse) -> np.ndarray:

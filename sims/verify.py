@@ -13,23 +13,29 @@ from typing import Any
 
 import numpy as np
 
+from sims.lava_pool import run_lava_pool
 from sims.lava_runner import run_lava
 from sims.reference import encode_input, reference_run
 from toolchain.ir import QuantGraph
 
 
 def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = None, *,
-           emulator_result: Any = None) -> dict[str, Any]:
+           emulator_result: Any = None, workers: int | None = None,
+           progress: bool = False) -> dict[str, Any]:
     """Run ``x`` (N, *input_shape) float samples in Lava from ``net_path`` and compare with
     ``emulator_result`` (an object with ``spikes`` and ``readout`` like ``EmuResult``) or a
-    fresh emulator run of ``q``.
+    fresh emulator run of ``q``. With ``workers`` the samples run in that many worker
+    processes (``sims.lava_pool``: interruptible, watched), else in this process.
 
     Returns ``{"samples", "accuracy" (Lava's final-step accuracy in percent, as the
     emulator reports it; None without y),
     "spike_mismatches", "readout_mismatches", "seconds" (Lava), "expected_from",
     "first_mismatch": {sample, layer, step (1-based t), neuron, lava, emulator} or None}``."""
     x_int = encode_input(q.input, x)
-    lava = run_lava(net_path, x_int)
+    if workers is None:  # in this process (tests, benches)
+        lava = run_lava(net_path, x_int, progress=progress)
+    else:
+        lava = run_lava_pool(q, net_path, x_int, workers=workers, progress=progress)
     if emulator_result is None:
         spikes, readout, source = expected_outputs(q, x)
     else:
@@ -39,7 +45,7 @@ def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = N
     if y is not None and lava.readout.size:
         pred = np.argmax(lava.readout[-1], axis=1)  # first index on ties, as the emulator
         accuracy = float(np.mean(pred == np.asarray(y).reshape(-1))) * 100.0
-    return {"samples": int(x_int.shape[0]), "accuracy": accuracy,
+    return {"samples": int(x_int.shape[0]), "workers": workers, "accuracy": accuracy,
             "spike_mismatches": spike_count, "readout_mismatches": readout_count,
             "seconds": lava.seconds, "expected_from": source, "first_mismatch": first}
 

@@ -18,12 +18,19 @@ Categories (``KINDS``)
             arrays, length mismatches, byte damage; a loaded split is checked against the
             model input shape.
     cli     ``toolchain.cli.main(argv)`` with tiny settings plus a random subset of options
-            with random or invalid values (fast-failing ones are most likely).
+            with random or invalid values (fast-failing ones are most likely), extreme ones
+            included (T = 1e15, batch 1e12: refused by the memory estimate).
+    signal  a real ``ftbc-export`` process (sometimes verifying in Lava with 1 or 2
+            workers) sent SIGINT or SIGTERM, once or twice, to its whole process group
+            after a random delay: exit 0 (finished first) or 130/143 with the one-line
+            message, no traceback, the previous outputs intact or this run's complete, no
+            staging folder and no process of the run left.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import random
 import shutil
 import zipfile
@@ -40,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "examples" / "digits_cnn.pt"
 ARCH = "tests.models:TinyNet"
 ARCH_KWARGS = {"hidden": 5}
-KINDS = ("model", "net", "data", "cli")
+KINDS = ("model", "net", "data", "cli", "signal")
 TINY = ["--timesteps", "2", "--eval-samples", "20", "--verify-samples", "0",
         "--calib-batches", "1", "--calib-batch-size", "16", "--iterations", "1"]
 
@@ -380,24 +387,28 @@ def _cli_values(seeds: Seeds, rng: random.Random) -> dict[str, Callable[[], list
         "--target": lambda: [pick(("loihi2-sim", "loihi2", "float", "float", "tpu", ""))],
         "--data": data,
         "--out": lambda: [pick((str(seeds.scratch("cli_out")),
-                                str(seeds.data["train"] / "sub"), str(seeds.data["train"])))],
+                                str(seeds.data["train"] / "sub"), str(seeds.data["train"]),
+                                "", " ", "/dev/null", "/proc/nope",
+                                str(seeds.scratch("cli_out") / ".." / "cli_out2")))],
         "--input-shape": num(("1,8,8",), ("8,8", "0", "a", "1,8,9", "64", "-1,8,8", "")),
         "--arch": num((ARCH,), ("nope", "os:system", "tests.models:build_after_marker",
                                 "no.such:Mod", ":")),
         "--arch-kwargs": num(('{"hidden": 5}', "{}"), ("{oops", "[1]", '{"hidden": -1}',
                                                        '{"depth": 2}', "[" * 5000, "null")),
-        "--timesteps": num((1, 2, 3), (0, -1, "x", 1.5, "")),
+        "--timesteps": num((1, 2, 3), (0, -1, "x", 1.5, "", 10**9, 10**15, "1e3")),
         "--threshold": num(("max", "percentile", "mse"), ("min", "")),
         "--percentile": num((50, 99.9, 100), (0, -5, 101, "nan", "inf", "x")),
         "--v-init": num((0, 0.25, 0.5, 0.99), (1, -0.1, "nan", "inf")),
         "--alpha": num((0.1, 0.5, 1, 5), (0, -1, "nan", "inf", "1e400")),
         "--calib-batches": num((1, 2), (0, -2, "x")),
-        "--calib-batch-size": num((1, 3, 16, 5000), (0, -1)),
-        "--iterations": num((1, 2), (0, -1)),
+        "--calib-batch-size": num((1, 3, 16, 5000), (0, -1, 10**12)),
         "--holdout": num((0, 0.2, 0.5, 0.99), (1, -0.1, "nan", 2)),
-        "--eval-samples": num((1, 7, 30), (0, -3)),
+        "--eval-samples": num((1, 7, 30, 10**9), (0, -3)),
         "--verify-samples": num((0, 0, 0, 1), (-1, "x")),
         "--seed": num((0, 1, 12345, 2**70), (-1, "x", "1.5")),
+        "--verify-workers": num((1, 2, 64), (0, -1, "x", "", "2.5")),
+        "--dist-timeout": num((30, 1e6), (0, -1, "nan", "inf", "x")),
+        "--iterations": num((1, 2), (0, -1, "x")),
     }
 
 
@@ -438,14 +449,108 @@ def cli_case(seeds: Seeds, rng: random.Random) -> Callable[[], Any]:
     return run
 
 
+# ------------------------------------------------------------------ signal timing
+
+_PREVIOUS = {"report.json": b'{"previous": true}\n', "notes.txt": b"the user's own file\n"}
+_INTERRUPTED = "ftbc-export: interrupted; previous outputs left intact"
+
+
+def _run_processes(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose command line holds ``marker`` (the run's unique
+    --out: Lava's workers and runtime processes are forks of the CLI, same command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace") and \
+                    ") Z " not in (entry / "stat").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def signal_case(seeds: Seeds, rng: random.Random) -> Callable[[], Any]:
+    import os
+    import signal as sig
+    import subprocess
+    import sys
+    import time
+    out = seeds.scratch(f"sig_out_{rng.randrange(1 << 30)}")
+    verify = rng.choice((0, 0, 3, 6))
+    argv = [str(seeds.models["digits"]), "--out", str(out), *TINY, "--no-progress",
+            "--target", rng.choice(("loihi2-sim", "loihi2", "float")),
+            "--verify-samples", str(verify), "--verify-workers", str(rng.choice((1, 2)))]
+    which = rng.choice((sig.SIGINT, sig.SIGTERM))
+    delay, twice = rng.uniform(0.0, 12.0 if verify else 8.0), rng.random() < 0.3
+
+    def run() -> str:
+        out.mkdir(parents=True)
+        for name, data in _PREVIOUS.items():
+            (out / name).write_bytes(data)
+        proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *argv], cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, which)
+                if twice:
+                    time.sleep(0.05)
+                    os.killpg(proc.pid, which)
+        try:
+            err = proc.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, sig.SIGKILL)
+            raise Failure(f"still running 120 s after {which.name}") from None
+        try:
+            return _check_signal_case(proc.returncode, err, out, which)
+        finally:
+            time.sleep(0.3)
+            left = _run_processes(str(out))
+            shutil.rmtree(out, ignore_errors=True)
+            if left:
+                raise Failure(f"processes of the run left: {left}")
+    run.argv = [*argv, f"<{which.name} after {delay:.2f} s{' x2' if twice else ''}>"]
+    return run
+
+
+def _check_signal_case(code: int, err: str, out: Path, which: int) -> str:
+    staging = [p.name for p in out.iterdir() if p.name.startswith(".ftbc-staging-")]
+    if staging or [p for p in out.iterdir() if p.name.endswith(".tmp")]:
+        raise Failure(f"staging or temporary files left: {sorted(os.listdir(out))}")
+    if "Traceback" in err:
+        raise Failure(f"traceback: {err[-800:]!r}")
+    if code == 0:
+        if (out / "report.json").read_bytes() == _PREVIOUS["report.json"]:
+            raise Failure("exit 0 but report.json is the previous one")
+        return "exit:0"
+    if code != 128 + which:
+        return check_cli(code, err)  # a documented error (e.g. a Lava worker named): exit 6?
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    if last != _INTERRUPTED:
+        raise Failure(f"exit {code}, last line {last!r}")
+    for name, data in _PREVIOUS.items():
+        if (out / name).read_bytes() != data:
+            raise Failure(f"interrupted run changed the previous {name}")
+    extra = set(os.listdir(out)) - set(_PREVIOUS)
+    if extra:
+        raise Failure(f"interrupted run left new files: {sorted(extra)}")
+    return f"exit:{code}"
+
+
 CASES: dict[str, Callable[[Seeds, random.Random], Callable[[], Any]]] = {
-    "model": model_case, "net": net_case, "data": data_case, "cli": cli_case}
+    "model": model_case, "net": net_case, "data": data_case, "cli": cli_case,
+    "signal": signal_case}
 
 
 def run_case(kind: str, seed: int, seeds: Seeds) -> str:
     """Build and run case ``(kind, seed)``; the outcome string, or ``Failure``."""
     case = CASES[kind](seeds, random.Random(f"{kind}:{seed}"))
-    if kind == "cli":
+    if kind in ("cli", "signal"):
         try:
             return case()
         except Failure as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
@@ -15,9 +16,23 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from toolchain import distributed
-from toolchain.distributed import DEFAULT_TIMEOUT_S
-from toolchain.errors import FtbcError, InputError
+INTERRUPTED = "interrupted; previous outputs left intact"
+
+
+def _stop_while_starting(signum, frame):
+    """SIGINT/SIGTERM while the program is still importing torch (seconds): nothing has
+    been read or written yet, so stop at once with the usual line and exit code."""
+    os.write(2, f"ftbc-export: {INTERRUPTED}\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "ftbc-export":  # run as a program
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _stop_while_starting)
+
+from toolchain import distributed  # noqa: E402 - torch: after the handlers above
+from toolchain.distributed import DEFAULT_TIMEOUT_S  # noqa: E402
+from toolchain.errors import FtbcError, InputError  # noqa: E402
 
 EXIT_CODES = """exit codes:
   0  success
@@ -27,6 +42,8 @@ EXIT_CODES = """exit codes:
   4  verification mismatch: Lava differs from the bit-exact emulator
   5  data-parallel run (torchrun) failed: another rank failed, was killed or cannot be
      reached (torchrun names the rank that failed first)
+  6  Lava verification could not complete: a verification worker or a Lava runtime
+     process died, failed or hung (named in the message)
   130/143  interrupted by SIGINT/SIGTERM (previous outputs in --out left intact)
 """
 
@@ -78,6 +95,14 @@ def _positive(kind: type, zero: bool = False):
     return parse
 
 
+def _directory(text: str) -> Path:
+    """A path; the empty string is refused (Path("") would silently mean the current
+    directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give an output directory")
+    return Path(text)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -93,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hardware target (default loihi2-sim; see --list-targets)")
     p.add_argument("--list-targets", action="store_true", help="list targets and exit")
     p.add_argument("--data", default="digits", help="data set (default digits; see below)")
-    p.add_argument("--out", type=Path, help="output directory (default build/<model name>)")
+    p.add_argument("--out", type=_directory, help="output directory (default build/<model name>)")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
                    help="model input shape without batch (default: from the data set)")
     g = p.add_argument_group("model loading")
@@ -135,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-samples", type=_positive(int, zero=True), default=100,
                    help="test samples (drawn by a fixed seed) run in Lava and compared spike "
                         "for spike (default 100; 0 skips)")
+    g.add_argument("--verify-workers", type=_positive(int), metavar="N",
+                   help="worker processes for the Lava verification, one Lava runtime each, "
+                        "samples split between them (default: the number of cores)")
     g.add_argument("--seed", type=_positive(int, zero=True), default=0,
                    help="random seed, >= 0 (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -155,21 +183,21 @@ def list_targets() -> str:
 
 def options_from_args(args: argparse.Namespace, argv: list[str]):
     from hw_targets import get_target
+    from toolchain.load import check_model_file
     from toolchain.pipeline import Options
     if args.model is None:
         raise InputError("no model file given (usage: ftbc-export MODEL [options]; see --help)")
     get_target(args.target)  # unknown target -> InputError listing the valid ones
     from sims.engine import resolve_device
     resolve_device(args.device)  # cuda without a GPU -> InputError
-    if not args.model.is_file():
-        raise InputError(f"model file {args.model} not found")
+    check_model_file(args.model)
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"--arch-kwargs is not valid JSON: {exc}") from None
     if not isinstance(arch_kwargs, dict):
         raise InputError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 32}'")
-    return Options(
+    options = Options(
         model=args.model, target=args.target, data=args.data, out=args.out,
         input_shape=args.input_shape, arch=args.arch, arch_kwargs=arch_kwargs,
         trust_pickle=args.trust_pickle, timesteps=args.timesteps, threshold=args.threshold,
@@ -179,9 +207,31 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         holdout=args.holdout, calibrate_fixed=args.calibrate_fixed,
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,
+        **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),
         progress=not args.no_progress and distributed.is_main(),
         device=args.device,
         command_line=shlex.join(["ftbc-export", *argv]))
+    _check_inputs_outside_outputs(options)
+    return options
+
+
+def _input_files(options) -> list[Path]:
+    """The files a run reads: the model and npz data files."""
+    kind, _, spec = options.data.partition(":")
+    data = [Path(p) for p in spec.split(",") if p] if kind == "npz" else []
+    return [options.model, *data]
+
+
+def _check_inputs_outside_outputs(options) -> None:
+    """Never overwrite (or remove as stale) an input: refuse an input file that sits in
+    --out under an output's name."""
+    from toolchain.pipeline import OUTPUT_FILES
+    out = options.out_dir.resolve()
+    for path in _input_files(options):
+        if path.resolve().parent == out and path.name in OUTPUT_FILES:
+            raise InputError(f"input file {path} is in the output directory under an output's "
+                             f"name ({path.name}) and would be overwritten; move it or choose "
+                             "another --out")
 
 
 STAGING_PREFIX = ".ftbc-staging-"
@@ -225,9 +275,10 @@ def prepare_output(out: Path) -> tuple[Path, list[Path]]:
     return staging, created
 
 
-def commit_outputs(staging: Path, out: Path) -> list[str]:
+def commit_outputs(staging: Path, out: Path, stale: tuple[str, ...] = ()) -> list[str]:
     """Move every finished output from ``staging`` into ``out`` (each by one rename, with
-    SIGINT/SIGTERM held back so a kill cannot land between two files)."""
+    SIGINT/SIGTERM held back so a kill cannot land between two files), then remove the
+    files named in ``stale`` that this run did not write: the committed set is this run's."""
     names = sorted(p.name for p in staging.iterdir())
     clash = [n for n in names if (out / n).exists()
              and (out / n).is_dir() != (staging / n).is_dir()]
@@ -241,6 +292,9 @@ def commit_outputs(staging: Path, out: Path) -> list[str]:
             if (staging / name).is_dir() and target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)  # an output folder of a previous run
             os.replace(staging / name, target)
+        for name in sorted(set(stale) - set(names)):
+            if (out / name).is_file() or (out / name).is_symlink():
+                (out / name).unlink()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return names
@@ -248,11 +302,13 @@ def commit_outputs(staging: Path, out: Path) -> list[str]:
 
 def _run(options) -> int:
     from toolchain.errors import VerificationError
-    from toolchain.pipeline import STAGES, run_pipeline
+    from toolchain.pipeline import OUTPUT_FILES, STAGES, run_pipeline
     from toolchain.report import build_report, summary_lines
 
     def announce(index: int, name: str) -> None:
-        print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
+        _raise_if_stopped()
+        if options.progress:
+            print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
 
     if not distributed.is_main():  # a worker rank: computes its shares, writes nothing
         run_pipeline(options)
@@ -260,9 +316,9 @@ def _run(options) -> int:
     out = options.out_dir
     staging, created = prepare_output(out)
     try:
-        run = run_pipeline(replace(options, out=staging),
-                           on_stage=announce if options.progress else None)
-        commit_outputs(staging, out)
+        run = run_pipeline(replace(options, out=staging), on_stage=announce)
+        _raise_if_stopped()
+        commit_outputs(staging, out, stale=OUTPUT_FILES)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # a failed first run leaves no empty folders behind
@@ -282,8 +338,39 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: unwinds like Ctrl-C (staging folder removed, previous outputs kept)."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
+def _stop(signum, frame):
+    """SIGINT or SIGTERM: unwind once. Further signals are ignored from here on, so that a
+    second Ctrl-C cannot interrupt the clean-up (staging folder, Lava workers) half-way.
+    The signal is also remembered: should the exception be swallowed (raised inside a
+    destructor or an at-fork hook, where Python only reports it), the next stage raises it
+    again (``_raise_if_stopped``) instead of the run going on."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    _stopped.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+_stopped: list[int] = []
+
+
+def _raise_if_stopped() -> None:
+    if _stopped:
+        raise Terminated if _stopped[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_handlers():
+    """``_stop`` for SIGINT and SIGTERM while ``main`` runs; the caller's handlers after."""
+    _stopped.clear()
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():  # a program exits now: late signals ignored
+            signal.signal(sig, signal.SIG_IGN if handler is _stop_while_starting else handler)
 
 
 def _storage_error(exc: OSError, out: Path | None) -> str | None:
@@ -300,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_targets:
         print(list_targets())
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    with _stop_handlers():
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     options = None
     try:
         distributed.init_from_env(args.dist_timeout)
@@ -327,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     # Interrupted: the unwound frames are released first, so that whatever they held is
     # finalised before the message and the message stays the last line on stderr.
     gc.collect()
-    print(f"{_prog()}: interrupted; previous outputs left intact", file=sys.stderr)
+    print(f"{_prog()}: {INTERRUPTED}", file=sys.stderr)
     return interrupted
 
 

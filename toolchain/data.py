@@ -140,6 +140,9 @@ def _image_dir(kind: str, arg: str, part: Callable[[Path], tuple]) -> DataSplit:
     if not arg:
         raise InputError(f"data spec '{kind}:DIR' needs a directory, e.g. {kind}:data/{kind}")
     root = Path(arg)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{kind}:{root}: {root} is a file; {kind}:DIR needs the directory "
+                         f"holding {kind}_train.npz and {kind}_test.npz")
     if not root.is_dir():
         raise InputError(f"{kind} data directory {root} not found")
     return _split(f"{kind}:{root}", part(root / f"{kind}_train.npz"),

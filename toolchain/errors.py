@@ -58,3 +58,9 @@ class HardwareLimitError(FtbcError):
 class VerificationError(FtbcError):
     """Lava's simulation differs from the bit-exact emulator."""
     exit_code = 4
+
+
+class LavaRuntimeError(FtbcError):
+    """Lava's simulation could not complete: a verification worker or one of Lava's runtime
+    processes died, failed or stopped making progress (the message names it)."""
+    exit_code = 6

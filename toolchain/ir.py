@@ -299,12 +299,6 @@ class QLayer:
     readout: bool = False
     origin: str = ""
 
-    @property
-    def delay(self) -> int:
-        """Transitional alias of ``depth`` for code written before the rename (the Lava
-        runner); remove once no reader is left."""
-        return self.depth
-
 
 @dataclass(frozen=True, eq=False)
 class QuantGraph:

@@ -40,6 +40,7 @@ KINDS = ("torchscript", "export", "module", "onnx")
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
                "BINSTRING", "STRING"}
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+_ZIP_TAG = b"PK\x03\x04"
 _ONNX_TAG = b"\x08"  # protobuf field 1 (ModelProto.ir_version, varint): every ONNX file's start
 
 
@@ -330,9 +331,24 @@ def _load_pickle(path: Path, info: ArchiveInfo, trust_pickle: bool, arch: str | 
 
 
 def is_onnx(path: Path) -> bool:
-    """A ``.onnx`` file, or one that starts like a serialized ONNX ModelProto."""
+    """A file that starts like a serialized ONNX ModelProto, or a ``.onnx`` file that is
+    not a zip archive (TorchScript, torch.save and .pt2 files are zips, whatever their
+    name: they go to the archive loaders, not the ONNX parser)."""
     with open(path, "rb") as f:
-        return path.suffix.lower() == ".onnx" or f.read(1) == _ONNX_TAG
+        head = f.read(4)
+    return head[:1] == _ONNX_TAG or (path.suffix.lower() == ".onnx" and head != _ZIP_TAG)
+
+
+def check_model_file(path: Path) -> None:
+    """A one-line ``InputError`` unless ``path`` is a readable regular file (a directory or
+    a device is named as such, not as "not found")."""
+    if not path.exists():
+        raise InputError(f"model file {path} not found")
+    if path.is_dir():
+        raise InputError(f"model file {path} is a directory, not a model file")
+    if not path.is_file():
+        raise InputError(f"model file {path} is not a regular file (a device, pipe or "
+                         "socket); give the saved model file")
 
 
 def load_onnx(path: Path) -> LoadedModel:
@@ -358,8 +374,7 @@ def load_model(path: str | Path, *, arch: str | None = None, arch_kwargs: dict |
     """Load ``path`` (TorchScript, torch.export, state_dict + ``arch``, ONNX, or, with
     ``trust_pickle``, a pickled nn.Module). Raises a one-line ``InputError`` on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model file {path} not found")
+    check_model_file(path)
     if is_onnx(path):
         return load_onnx(path)
     info = inspect_archive(path)

@@ -7,6 +7,7 @@ are the only ones that reach into every package.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,12 @@ import numpy as np
 
 from toolchain import distributed
 from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
+
+
+def default_workers() -> int:
+    """Lava verification workers by default: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Options:
     calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
+    verify_workers: int = field(default_factory=lambda: default_workers())
     seed: int = 0
     progress: bool = True
     device: str = "cpu"  # torch device of the simulations and calibrations: cpu|cuda|auto
@@ -137,14 +145,20 @@ def load(run: Run) -> Run:
 def trace(run: Run) -> Run:
     from toolchain.ann import ann_predictions
     from toolchain.data import check_input_shape, check_labels
+    from toolchain.memory import check_memory
     from toolchain.trace import trace as trace_model
     shape = run.options.input_shape or tuple(run.data.x_train.shape[1:])
     check_input_shape(run.data, shape)
     ann = trace_model(run.loaded, shape)
     check_labels(run.data, int(ann.node(ann.output).weight.shape[0]))
+    opts = run.options
+    memory = check_memory(ann, run.calib, timesteps=opts.timesteps,
+                          calib_batch=opts.calib_batch_size,
+                          eval_samples=len(_eval_split(run)[0]))
     x, _ = _local_eval(run)
     accuracy = float(_accuracy(run, ann_predictions(ann, x)))
-    return replace(run, ann=ann).with_results(ann_accuracy=accuracy)
+    return replace(run, ann=ann).with_results(ann_accuracy=accuracy,
+                                              memory_estimate_bytes=memory)
 
 
 def convert(run: Run) -> Run:
@@ -188,6 +202,12 @@ def normalize(run: Run) -> Run:
     return replace(run, normalized=normalize_snn(run.snn["ftbc"]))
 
 
+def input_range(data: Any) -> tuple[float, float]:
+    """The raw input's range, from the training split (the input encoding's scale is
+    chosen so that it never clips; evaluation values outside it are counted as clipped)."""
+    return float(np.min(data.x_train)), float(np.max(data.x_train))
+
+
 def quantize(run: Run) -> Run:
     from exporters.quantize import check, quantization_report
     from exporters.quantize import quantize as quantize_snn
@@ -195,7 +215,7 @@ def quantize(run: Run) -> Run:
     target = get_target(run.options.target)
     if not target.quantized:
         return run
-    q = quantize_snn(run.normalized, target)
+    q = quantize_snn(run.normalized, target, input_range=input_range(run.data))
     q = replace(q, meta={**q.meta, "provenance": provenance(run)})
     check(q, target)
     return replace(run, quant=q).with_results(quantization=quantization_report(q))
@@ -223,18 +243,24 @@ def calibrate_fixed(run: Run) -> Run:
 
 
 def emulate(run: Run) -> Run:
+    from hw_targets import get_target
     from sims.activity import activity_from_counts
     from sims.emulator import emulate as emulate_q
+    from sims.reference import clipped_inputs
     if run.quant is None:
         return run
     x, _ = _local_eval(run)
     result = emulate_q(run.quant, x, progress=run.options.progress, device=run.options.device)
+    clipped = distributed.sum_int(clipped_inputs(
+        run.quant.input, x, get_target(run.options.target).input_payload_bits))
     saturations = {k: distributed.sum_int(v) for k, v in sorted(result.saturations.items())}
     activity = activity_from_counts(run.quant, x, result.neuron_spikes,
                                     source=f"{run.options.data} evaluation split")
     return replace(run, activity=activity).with_results(
         fixed_accuracy=_accuracy(run, result.predictions).tolist(),
-        saturations={k: saturations[k] for k in result.saturations})
+        saturations={k: saturations[k] for k in result.saturations},
+        input_clipped={"values": clipped, "of": int(len(_eval_split(run)[0]) * np.prod(
+            run.quant.input.shape)), "range": run.quant.meta["input_range"]})
 
 
 def export(run: Run) -> Run:
@@ -284,7 +310,8 @@ def verify(run: Run) -> Run:
     if run.quant is None or not get_target(opts.target).simulated or opts.verify_samples <= 0:
         return run
     x, y = _test_subset(run, opts.verify_samples)
-    lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y)
+    lava = verify_lava(run.quant, opts.out_dir / run.results["network"], x, y,
+                       workers=opts.verify_workers, progress=opts.progress)
     return run.with_results(lava=lava)
 
 
@@ -302,6 +329,10 @@ def _main_rank_only(fn: Stage) -> Stage:
     stage.__name__ = fn.__name__
     return stage
 
+
+# Every file a run may write into --out: a run commits its own and removes the others'
+# (an earlier run's network.net must not sit beside a float run's report.json).
+OUTPUT_FILES = ("report.json", "accuracy.png", "network.net", "netlist.json", "network.nir")
 
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
     load, trace, convert, calibrate, simulate, normalize, quantize, calibrate_fixed, emulate,

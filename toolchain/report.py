@@ -6,6 +6,7 @@ a run that dies part-way leaves the previous good outputs intact and no partial 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -95,12 +96,25 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None (null): Python's json would write
+    NaN/Infinity, which is not JSON and strict parsers reject (e.g. the held-out error of a
+    network whose readout overflows)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_report(run) -> dict[str, Any]:
     """Write OUT/report.json and OUT/accuracy.png atomically; return the report."""
     out = run.options.out_dir
     report = build_report(run)
-    atomic_write(out / "report.json",
-                 lambda p: p.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n"))
+    text = json.dumps(strict_json(report), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write(out / "report.json", lambda p: p.write_text(text + "\n"))
     atomic_write(out / "accuracy.png", lambda p: plot_accuracy(report, p))
     return report
 
@@ -126,7 +140,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if lava:
         lines.append(f"Lava vs emulator: {lava['spike_mismatches']} spike and "
                      f"{lava['readout_mismatches']} readout mismatches "
-                     f"({lava['seconds']:.1f} s)")
+                     f"({lava['seconds']:.1f} s"
+                     + (f", {lava['workers']} workers)" if lava.get("workers") else ")"))
+    clipped = report.get("input_clipped") or {}
+    if clipped.get("values"):
+        lo, hi = clipped["range"]
+        lines.append(f"input: {clipped['values']} of {clipped['of']} evaluation values "
+                     f"exceed the input encoding chosen for the training range [{lo:g}, "
+                     f"{hi:g}] and were clipped")
     if "netlist" in report:
         lines += ["", *report["netlist"]["summary"]]
     return lines

@@ -295,6 +295,11 @@ class Builder:
         if not isinstance(out, Act):
             self.problem("model output", "is not a single tensor computed from the input",
                          "return only the logits from forward()")
+        elif getattr(out.example, "ndim", 2) != 2:
+            self.problem("model output", f"has shape {tuple(out.example.shape)}, not (N, "
+                         "classes)", "return the logits as one (N, classes) tensor")
+        elif out.key is not None and self.nodes[out.key].cls is _Opaque:
+            pass  # the op that computes it was refused and is reported already
         elif out.key is not None and self.nodes[out.key].cls is not LinearNode:
             self.problem(f"model output {self.nodes[out.key].origin}",
                          "is not produced by a Linear layer (the non-spiking readout)",
@@ -898,11 +903,24 @@ def _export_example(program: torch.export.ExportedProgram, shape: tuple) -> torc
     if len(user) != 1:
         raise InputError(f"the exported program takes {len(user)} inputs; ftbc needs exactly "
                          "one input tensor")
-    fixed = tuple(user[0].meta["val"].shape)
+    fixed = tuple(_concrete_dim(program, d) for d in user[0].meta["val"].shape)
     if fixed[1:] != tuple(shape):
         raise InputError(f"the exported program was exported for input {fixed}, not "
                          f"(N, {', '.join(map(str, shape))}): export it again with that shape")
     return torch.rand(fixed)
+
+
+def _concrete_dim(program: torch.export.ExportedProgram, dim: Any) -> int:
+    """A dimension of the program's input as an int: a dynamic one (a SymInt, e.g. an
+    exported dynamic batch) becomes its example size at export time, else the smallest
+    size its range allows."""
+    if isinstance(dim, int):
+        return dim
+    node = getattr(dim, "node", None)
+    if getattr(node, "hint", None) is not None:
+        return int(node.hint)
+    bounds = program.range_constraints.get(getattr(node, "expr", None))
+    return int(bounds.lower) if bounds is not None else 1
 
 
 def _export_module(module: torch.nn.Module, example: torch.Tensor) -> Any:
