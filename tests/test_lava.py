@@ -141,7 +141,7 @@ def test_what_lava_cannot_run_is_named():
     shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),), depth=3)
     problems = lava_problems(replace(q, layers=(q.layers[0], shifted) + q.layers[2:]))
     assert any("conv2: conv weight_exp 1" in p for p in problems)
-    assert any("conv2: delay 3" in p for p in problems)
+    assert any("conv2: depth 3" in p for p in problems)
     assert lava_problems(q) == []
 
 
