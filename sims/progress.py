@@ -23,3 +23,12 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample",
     """A tqdm bar on stderr (disabled bars print nothing and cost nothing)."""
     return _Bar(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit=unit,
                 leave=leave)
+
+
+def close_all_bars() -> None:
+    """Close every live bar (a bar held by an unwound frame may still be open): after an
+    interrupt the one-line message must start on a line of its own, never after a bar's
+    partial line. Half-built bars are skipped (see ``_Bar``)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        if hasattr(bar, "pos") and hasattr(bar, "disable"):
+            bar.close()

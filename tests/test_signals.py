@@ -194,3 +194,41 @@ def test_a_hung_lava_process_is_stopped_and_named(tmp_path, monkeypatch):
     thread.join()
     assert stopped and time.monotonic() - start < 120
     assert _children(me) <= before and not Path(f"/proc/{stopped[0]}").exists()
+
+
+# --------------------------------------------------------------------------- the CLI's pieces
+
+def test_an_interrupt_inside_a_destructor_is_not_reported_as_ignored(monkeypatch):
+    """Python reports an exception raised in a destructor or weakref callback ("Exception
+    ignored ... Traceback"); for the remembered stop signal that is noise (seen when a
+    SIGTERM landed in a WeakValueDictionary callback), for anything else it stays."""
+    import toolchain.cli as cli
+
+    class Noisy:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
+    with cli._stop_handlers():
+        cli._stopped.append(signal.SIGTERM)
+        Noisy(cli.Terminated())
+        Noisy(ValueError("a real bug"))
+        Noisy(KeyboardInterrupt())
+    assert [type(e) for e in reported] == [ValueError]
+    cli._stopped.clear()  # no stop signal: an interrupt in a destructor is reported again
+    with cli._stop_handlers():
+        Noisy(KeyboardInterrupt())
+    assert [type(e) for e in reported] == [ValueError, KeyboardInterrupt]
+
+
+def test_open_bars_are_closed_before_the_interrupted_line(capsys):
+    from sims.progress import close_all_bars, progress_bar
+    bar = progress_bar(10, "emulate", enabled=True)
+    bar.update(1)
+    close_all_bars()
+    assert bar.disable  # closed
+    assert capsys.readouterr().err.endswith("\r")  # the bar's line was cleared

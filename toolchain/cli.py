@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import gc
 import json
 import math
@@ -361,14 +362,26 @@ def _raise_if_stopped() -> None:
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def _quiet_stop(unraisable, report) -> None:
+    """``sys.unraisablehook`` while ``main`` runs: an interrupt raised where Python cannot
+    propagate it (a destructor, a weakref callback) is not reported as "Exception ignored"
+    with a traceback: ``_stop`` remembered it and the next stage raises it again."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopped:
+        return
+    report(unraisable)
+
+
 @contextlib.contextmanager
 def _stop_handlers():
     """``_stop`` for SIGINT and SIGTERM while ``main`` runs; the caller's handlers after."""
     _stopped.clear()
     previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_quiet_stop, report=hook)
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for sig, handler in previous.items():  # a program exits now: late signals ignored
             signal.signal(sig, signal.SIG_IGN if handler is _stop_while_starting else handler)
 
@@ -418,6 +431,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     # Interrupted: the unwound frames are released first, so that whatever they held is
     # finalised before the message and the message stays the last line on stderr.
     gc.collect()
+    from sims.progress import close_all_bars
+    close_all_bars()
     print(f"{_prog()}: {INTERRUPTED}", file=sys.stderr)
     return interrupted
 
@@ -462,5 +477,24 @@ def _internal_error(exc: BaseException) -> int:
     return 1
 
 
+def entry() -> None:
+    """The program (console script, ``python -m toolchain.cli``, torchrun): ``main()``'s code
+    is the exit status. After an interrupt the run has unwound, cleaned up and printed its one
+    line: it leaves at once (``os._exit``), so that nothing in interpreter finalisation can
+    turn 130 / 143 into a death by signal (seen rarely in tests sending two Ctrl-Cs 50 ms
+    apart: exit -2 after the correct line; the cause was not found)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        if not _stopped:
+            raise
+        code = 128 + _stopped[0]
+    if _stopped:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
