@@ -49,7 +49,7 @@ class Options:
     calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
-    verify_workers: int = field(default_factory=lambda: default_workers())
+    verify_workers: int = field(default_factory=default_workers)
     seed: int = 0
     progress: bool = True
     device: str = "cpu"  # torch device of the simulations and calibrations: cpu|cuda|auto
