@@ -174,16 +174,21 @@ def convert(run: Run) -> Run:
 CALIBRATION_METHODS = ("none", "lp", "ftbc")
 
 
+def _calibration_settings(opts: Options) -> dict[str, Any]:
+    """The user's calibration choices, as the float and the integer calibration take them."""
+    return dict(alpha=opts.alpha, batches=opts.calib_batches, batch_size=opts.calib_batch_size,
+                iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
+                progress=opts.progress, device=opts.device)
+
+
 def calibrate(run: Run) -> Run:
     from toolchain.calibrate import calibrate as calibrate_snn
     opts = run.options
     graphs, reports = {}, {}
     for method in CALIBRATION_METHODS:
         graphs[method], reports[method] = calibrate_snn(
-            run.snn["converted"], run.ann, run.calib, method=method, alpha=opts.alpha,
-            batches=opts.calib_batches, batch_size=opts.calib_batch_size,
-            iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
-            progress=opts.progress, device=opts.device)
+            run.snn["converted"], run.ann, run.calib, method=method,
+            **_calibration_settings(opts))
     return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
 
 
@@ -233,10 +238,7 @@ def calibrate_fixed(run: Run) -> Run:
     target = get_target(opts.target)
     q, rep = calibrate_q(run.quant, run.ann, run.calib,
                          thresholds=float_thresholds(run.snn["converted"]), target=target,
-                         alpha=opts.alpha, batches=opts.calib_batches,
-                         batch_size=opts.calib_batch_size, iterations=opts.iterations,
-                         holdout=opts.holdout, seed=opts.seed, progress=opts.progress,
-                         device=opts.device)
+                         **_calibration_settings(opts))
     check(q, target)
     return replace(run, quant=q).with_results(fixed_calibration=rep,
                                               quantization=quantization_report(q))
