@@ -16,6 +16,18 @@ crop (pad 4) and horizontal flip; seeded. Training state is checkpointed after e
 stopped continues where it was; the TorchScript model is written after the last epoch.
 ``--act qcfs --levels L``: every ReLU a QCFS activation (``examples/qcfs.py``), saved with
 torch.export (``.pt2``); its checkpoint is ``<arch>_qcfs_l<L>.ckpt``.
+``--act qcfs --finetune RELU.ckpt``: start the QCFS model from a ReLU-trained checkpoint of the
+same architecture (this script's ``<arch>.ckpt``) instead of from scratch: its weights and
+BatchNorm statistics are copied, and each QCFS threshold ``up`` starts at the
+``--init-percentile`` (default 99.9) percentile of the ReLU model's activation at that place on
+``--init-images`` training images (eval mode, no augmentation) -- the "robust normalisation"
+threshold of the conversion literature -- then the whole model (thresholds included) trains
+for ``--epochs`` more epochs at a lower learning rate (e.g. ``--lr 0.02``). Fine-tuning a
+pretrained ANN into QCFS form is common practice when training from scratch is too long; the
+resulting model is not QCFS's own from-scratch schedule, and the log says which was done.
+
+    .venv/bin/python bench/train_cifar.py --act qcfs --levels 4 \
+        --finetune bench/models/resnet20.ckpt --epochs 6 --lr 0.02
 """
 from __future__ import annotations
 
@@ -142,9 +154,57 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def activation_percentiles(model: nn.Module, x: torch.Tensor, q: float) -> list[float]:
+    """The ``q``-th percentile of every nn.ReLU's output of ``model`` (eval mode) on ``x``,
+    in module order (``with_qcfs`` replaces the ReLUs in the same order)."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(relus))}
+    hooks = [m.register_forward_hook(
+        lambda _m, _inp, out, i=i: outputs[i].append(out.detach().flatten()))
+        for i, m in enumerate(relus)]
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(x), 256):
+            model(x[start:start + 256])
+    for h in hooks:
+        h.remove()
+    result = []
+    for i in range(len(relus)):
+        values = torch.cat(outputs[i])
+        # torch.quantile refuses tensors above 2**24 elements: sort and index instead
+        k = min(len(values) - 1, int(round(q / 100.0 * (len(values) - 1))))
+        result.append(float(values.sort().values[k]))
+    return result
+
+
+def finetune_init(cls: type, args: argparse.Namespace, xt: torch.Tensor) -> nn.Module:
+    """The QCFS model started from ReLU checkpoint ``args.finetune`` (weights, BatchNorm
+    statistics; thresholds from the ReLU activations' percentile)."""
+    state = torch.load(args.finetune, weights_only=False)
+    if state.get("arch", args.arch) != args.arch:
+        raise SystemExit(f"--finetune {args.finetune} holds a {state['arch']}, not a {args.arch}")
+    relu_model = cls()
+    relu_model.load_state_dict(state["model"])
+    gen = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(xt), generator=gen)[:args.init_images]
+    ups = activation_percentiles(relu_model, xt[pick], args.init_percentile)
+    model = with_qcfs(relu_model, args.levels)
+    qcfs = [m for m in model.modules() if hasattr(m, "up")]
+    assert len(qcfs) == len(ups)
+    with torch.no_grad():
+        for m, up in zip(qcfs, ups):
+            m.up.fill_(max(up, 1e-3))
+    print(f"fine-tuning from {args.finetune} (ReLU, epoch {state.get('epoch')}); QCFS "
+          f"L = {args.levels}, thresholds from the {args.init_percentile} percentile of "
+          f"{len(pick)} training images: " + " ".join(f"{u:.3f}" for u in ups), flush=True)
+    return model
+
+
 def train(args: argparse.Namespace) -> None:
     cls, default_epochs, wd = ARCHS[args.arch]
-    epochs = args.epochs or default_epochs
+    epochs = args.epochs if args.epochs is not None else default_epochs
+    if args.finetune is not None and args.act != "qcfs":
+        raise SystemExit("--finetune starts a QCFS model from a ReLU checkpoint: add --act qcfs")
     name = args.arch if args.act == "relu" else f"{args.arch}_qcfs_l{args.levels}"
     ckpt = args.checkpoint or ROOT / "bench" / "models" / f"{name}.ckpt"
     out = args.out or ROOT / "bench" / "models" / (
@@ -154,7 +214,14 @@ def train(args: argparse.Namespace) -> None:
     x_train, y_train = load_npz(args.data / "cifar10_train.npz")
     x_test, y_test = load_npz(args.data / "cifar10_test.npz")
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    model = cls() if args.act == "relu" else with_qcfs(cls(), args.levels)
+    if args.act == "relu":
+        model = cls()
+    elif args.finetune is not None and not ckpt.exists():
+        model = finetune_init(cls, args, xt)
+        print(f"before fine-tuning: test {accuracy(model, x_test[::5], y_test[::5], 500):.2f} % "
+              "(every 5th)", flush=True)
+    else:
+        model = with_qcfs(cls(), args.levels)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=wd)
     steps_per_epoch = math.ceil(len(xt) / args.batch_size)
@@ -208,6 +275,15 @@ def main() -> None:
     parser.add_argument("--act", choices=("relu", "qcfs"), default="relu",
                         help="qcfs: QCFS activations, saved with torch.export (.pt2)")
     parser.add_argument("--levels", type=int, default=4, help="QCFS quantization levels L")
+    parser.add_argument("--finetune", type=Path, default=None, metavar="RELU.ckpt",
+                        help="with --act qcfs: start from this ReLU checkpoint of the same "
+                             "--arch (weights copied, thresholds from activation percentiles) "
+                             "instead of from scratch")
+    parser.add_argument("--init-percentile", type=float, default=99.9,
+                        help="--finetune: percentile of the ReLU activations that starts each "
+                             "QCFS threshold")
+    parser.add_argument("--init-images", type=int, default=1024,
+                        help="--finetune: training images for those percentiles")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -1,0 +1,104 @@
+"""Conversion / calibration options compared on *validation* data (issue 16 item 5).
+
+Each variant converts the model (threshold method, percentile, v_init) and calibrates it
+(none / lp / ftbc with its held-out keep rule, iterations, calibration images), then scores the
+float SNN at t = T on ``--val`` training images that the calibration never saw: the pipeline
+draws its calibration images as the first ``need`` of a seeded permutation of the training
+split (``toolchain.pipeline._calib_data``); the validation images are the next ``--val`` of
+the same permutation. No test image is used, so the options can be chosen here without
+selecting on test data. Output: one markdown row per variant and T.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_validation.py \\
+        --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \\
+        --timesteps 4 --val 1000 --variants base threshold=percentile:99.9 holdout=0
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sims.torch_snn import simulate  # noqa: E402
+from toolchain import pipeline  # noqa: E402
+from toolchain.ann import ann_predictions  # noqa: E402
+from toolchain.pipeline import Options, Run  # noqa: E402
+
+VAL_START = 4096  # validation images start here in the permutation (after any calibration draw)
+FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
+          "iterations": int, "calib_batches": int, "alpha": float}  # the seed stays 0: it also draws the validation images
+
+
+def parse_variant(text: str) -> dict:
+    """``base`` or ``key=value[,key=value]``; ``threshold=percentile:99.9`` sets both."""
+    if text == "base":
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key == "threshold" and ":" in value:
+            value, pct = value.split(":")
+            out["percentile"] = float(pct)
+        if key not in FIELDS:
+            raise SystemExit(f"unknown variant field {key!r}: use {sorted(FIELDS)}")
+        out[key] = FIELDS[key](value)
+    return out
+
+
+def validation_split(opts: Options, data, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` training images after the calibration images in the pipeline's permutation."""
+    need = len(pipeline._calib_data(opts, data))
+    if need > VAL_START:
+        raise SystemExit(f"{need} calibration images: at most {VAL_START} here")
+    order = np.random.default_rng(opts.seed).permutation(len(data.x_train))
+    idx = np.sort(order[VAL_START:VAL_START + n])  # the same images for every variant
+    return data.x_train[idx], data.y_train[idx]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--timesteps", type=int, nargs="+", default=[4])
+    p.add_argument("--val", type=int, default=1000, help="validation (training) images")
+    p.add_argument("--variants", nargs="+", default=["base"],
+                   help="'base' or key=value[,key=value] over " + ", ".join(FIELDS))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print("| T | variant | ANN (val) | none | lp | ftbc | ftbc kept layers | convert+calib s |")
+    print("|---|---|---|---|---|---|---|---|")
+    base_run, ann, ann_acc = None, None, 0.0
+    for steps in args.timesteps:
+        for text in args.variants:
+            opts = Options(model=Path(args.model), data=args.data, timesteps=steps,
+                           verify_samples=0, progress=False, **parse_variant(text))
+            if base_run is None:
+                base_run = pipeline.load(Run(options=opts))
+            run = replace(base_run, options=opts, calib=pipeline._calib_data(opts, base_run.data))
+            x_val, y_val = validation_split(opts, run.data, args.val)
+            if ann is None:
+                from toolchain.trace import trace as trace_model
+                ann = trace_model(run.loaded, tuple(run.data.x_train.shape[1:]))
+                ann_acc = 100.0 * float((ann_predictions(ann, x_val) == y_val).mean())
+            run = replace(run, ann=ann)
+            start = time.perf_counter()
+            run = pipeline.calibrate(pipeline.convert(run))
+            seconds = time.perf_counter() - start
+            acc = {m: 100.0 * float((simulate(run.snn[m], x_val).predictions[-1] == y_val).mean())
+                   for m in pipeline.CALIBRATION_METHODS}
+            kept = run.results["calibration"]["ftbc"].get("layers", {})
+            n_kept = sum(bool(v.get("kept")) for v in kept.values())
+            print(f"| {steps} | {text} | {ann_acc:.2f} | {acc['none']:.2f} | {acc['lp']:.2f} "
+                  f"| {acc['ftbc']:.2f} | {n_kept}/{len(kept)} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
