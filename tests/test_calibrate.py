@@ -71,6 +71,27 @@ def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch):
     assert any(l.bias_schedule.any() for l in ours.layers)
 
 
+def test_network_keep_rule_keeps_every_layer_as_the_authors_loop(setup, monkeypatch):
+    """keep="network": no per-layer test, so with one batch and one iteration the result is
+    the authors' full-forwards loop on the calibration batch (the held-out part only feeds
+    the final guard, which must not have reverted here)."""
+    monkeypatch.setattr(cal, "DTYPE", torch.float64)
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=3)
+    ours, report = calibrate(snn, ann, x_calib[:80], method="ftbc", batches=1, batch_size=64,
+                             iterations=1, holdout=0.2, keep="network")
+    assert report["keep_rule"] == "network" and not report["holdout"]["reverted"]
+    assert all(entry["kept"] for entry in report["layers"].values())
+    parts, hold = split_calibration(x_calib[:80], 0.2, 1, 64, 0)
+    assert len(hold) == 16
+    ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1)
+    for mine, theirs in zip(ours.layers, ref.layers):
+        np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
+    _, layer_report = calibrate(snn, ann, x_calib[:80], method="ftbc", batches=1,
+                                batch_size=64, iterations=1, holdout=0.2)
+    assert layer_report["keep_rule"] == "layer"
+
+
 @pytest.mark.parametrize("timesteps", [1, 2])
 def test_calibration_never_worse_than_none_on_held_out_training_data(setup, timesteps):
     ann, x_calib, x_check = setup
@@ -94,6 +115,8 @@ def test_bad_options_raise(setup):
         calibrate(snn, ann, x_calib, method="magic")
     with pytest.raises(InputError):
         calibrate(snn, ann, x_calib, holdout=1.0)
+    with pytest.raises(InputError, match="keep rule"):
+        calibrate(snn, ann, x_calib, keep="maybe")
 
 
 def test_guard_sees_the_inputs_normalised_once(setup):

@@ -66,6 +66,25 @@ def test_only_kept_layers_change_and_result_validates(setup):
     assert new.meta["fixed_calibration"]["method"] == "ftbc-fixed"
 
 
+def test_network_keep_rule_keeps_every_layer(setup):
+    """keep="network": every layer's integer correction is kept (unless the final guard
+    reverts them all); the first layer's fit does not depend on the rule."""
+    q, (new, report) = _fixed(setup, keep="network")
+    _, (by_layer, layer_report) = _fixed(setup)
+    assert report["keep_rule"] == "network" and layer_report["keep_rule"] == "layer"
+    assert all(e["kept"] for e in report["layers"].values())
+    assert validate(new, TARGET) == []
+    first = next(l.name for l in q.layers if not l.readout)
+    if not report["holdout"]["reverted"]:
+        for old, layer in zip(q.layers, new.layers):
+            entry = report["layers"].get(layer.name)
+            if entry is not None:
+                assert (entry["changed"] > 0) == (not np.array_equal(old.bias_mant, layer.bias_mant))
+        if layer_report["layers"][first]["kept"] and not layer_report["holdout"]["reverted"]:
+            np.testing.assert_array_equal(new.layer(first).bias_mant,
+                                          by_layer.layer(first).bias_mant)
+
+
 def test_deterministic(setup):
     _, (a, rep_a) = _fixed(setup)
     _, (b, rep_b) = _fixed(setup)

@@ -62,16 +62,19 @@ CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations belo
 def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str = "ftbc",
               alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
               iterations: int = 3, holdout: float = 0.2, seed: int = 0,
-              progress: bool = False, device: Any = None) -> tuple[SnnGraph, dict]:
+              progress: bool = False, device: Any = None,
+              keep: str = "layer") -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
-    ``progress``: a bar over the layers on stderr; ``device``: the torch device.
+    ``progress``: a bar over the layers on stderr; ``device``: the torch device; ``keep``:
+    ``"layer"`` (each layer's correction kept only if it lowers the held-out error) or
+    ``"network"`` (every correction kept, the final held-out guard only).
 
     The report holds method, alpha, batches, batch_size, iterations, seconds, per-layer
     ``layers[name] = {kept, holdout_error_before, holdout_error_after}`` (E below) and the
     held-out readout agreement with the ANN before/after (``holdout``)."""
     opts = CalibrationOptions(method=method, alpha=alpha, batches=batches,
                               batch_size=batch_size, iterations=iterations, holdout=holdout,
-                              seed=seed, progress=progress, device=device)
+                              seed=seed, progress=progress, device=device, keep=keep)
     opts.check(x_calib)
     start = time.perf_counter()
     report: dict[str, Any] = opts.header()

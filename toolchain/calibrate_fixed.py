@@ -75,18 +75,20 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     thresholds: Mapping[str, np.ndarray], target: Target,
                     alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
                     iterations: int = 3, holdout: float = 0.2, seed: int = 0,
-                    progress: bool = False, device: Any = None) -> tuple[QuantGraph, dict]:
+                    progress: bool = False, device: Any = None,
+                    keep: str = "layer") -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target
     ``q`` was quantized for (its 13-bit bias range bounds the mantissas); ``device``: the
-    torch device (the result is the same on every device).
+    torch device (the result is the same on every device); ``keep``: the keep rule
+    (``toolchain.calibration``).
 
     The report holds the hyper-parameters, seconds, per-layer ``layers[name] = {kept,
     holdout_error_before, holdout_error_after, clamped, changed}`` and the held-out agreement
     with the ANN before/after (``holdout``); ``q.meta["fixed_calibration"]`` a summary."""
     opts = CalibrationOptions(method="ftbc", alpha=alpha, batches=batches,
                               batch_size=batch_size, iterations=iterations, holdout=holdout,
-                              seed=seed, progress=progress, device=device)
+                              seed=seed, progress=progress, device=device, keep=keep)
     opts.check(x_calib)
     _check_graph(q, thresholds, target)
     start = time.perf_counter()

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout", type=_fraction, default=0.2,
                    help="fraction of the calibration samples held out to decide which "
                         "corrections to keep (default 0.2)")
+    g.add_argument("--keep-rule", choices=("layer", "network"), default="layer",
+                   help="layer: keep a layer's correction only if it lowers the held-out "
+                        "error of the network's output (default); network: keep every "
+                        "layer's correction (the authors' algorithm) and revert them all only "
+                        "if the held-out agreement with the ANN drops (measured better on deep "
+                        "residual networks, bench/README.md)")
     g.add_argument("--calibrate-fixed", action=argparse.BooleanOptionalAction, default=True,
                    help="after quantization, run FTBC again on the integer network with the "
                         "bit-exact emulator (integer bias mantissas; same alpha, batches, "
@@ -205,7 +211,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         percentile=args.percentile, v_init=args.v_init, input_shift=args.input_shift,
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
-        holdout=args.holdout, calibrate_fixed=args.calibrate_fixed,
+        holdout=args.holdout, keep_rule=args.keep_rule, calibrate_fixed=args.calibrate_fixed,
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,
         **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),

@@ -46,6 +46,7 @@ class Options:
     calib_batch_size: int = 128
     iterations: int = 3
     holdout: float = 0.2
+    keep_rule: str = "layer"
     calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
@@ -178,7 +179,7 @@ def _calibration_settings(opts: Options) -> dict[str, Any]:
     """The user's calibration choices, as the float and the integer calibration take them."""
     return dict(alpha=opts.alpha, batches=opts.calib_batches, batch_size=opts.calib_batch_size,
                 iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
-                progress=opts.progress, device=opts.device)
+                progress=opts.progress, device=opts.device, keep=opts.keep_rule)
 
 
 def calibrate(run: Run) -> Run:
