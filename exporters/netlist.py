@@ -43,10 +43,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QLayer, QSynapse, QuantGraph
 from hw_targets import Target
 from hw_targets.loihi2_resources import ChipResources, describe, resources_for
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
 
 FORMAT = "ftbc-netlist"
 VERSION = 1

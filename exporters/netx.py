@@ -51,9 +51,9 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 from hw_targets import Target, get_target
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 
 FORMAT = "ftbc-netx"
 VERSION = 1

@@ -21,7 +21,7 @@ pooling nodes.
 What NIR 1.0 cannot hold, carried in ``metadata`` (``nir.write``/``nir.read`` round-trip it)
 -------------------------------------------------------------------------------------------
 NIR's IF fires on ``v > v_threshold`` and resets to ``v_reset``, in continuous time. Ours,
-in discrete steps t = 1..T (``toolchain/ir.py``)::
+in discrete steps t = 1..T (``core/ir.py``)::
 
     v[t] = v[t-1] + I[t] + bias[c] + bias_schedule[t-1, c];  s = v >= theta;  v -= theta * s
 
@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, NeuronLayer, SnnGraph, Synapse
+from core.errors import InputError
+from core.ir import INPUT, NeuronLayer, SnnGraph, Synapse
 
 FORMAT = "ftbc-nir"
 VERSION = 1

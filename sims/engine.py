@@ -16,7 +16,7 @@ spikes with the current b[t], let the calibration move b[t], settle with the new
 ``sims.reference`` is the independent numpy specification of the integer arithmetic; Lava's
 ProcessModel (``sims.lava_procs.models``) is the only other writing of the step.
 
-Float arithmetic (``SnnGraph`` semantics, ``toolchain.ir``): a spike carries its source's
+Float arithmetic (``SnnGraph`` semantics, ``core.ir``): a spike carries its source's
 threshold, ``v = ((v + I) + bias) + b[t]`` in that association order, no state clamp.
 
 Integer arithmetic (``sims.reference`` for a ``Target``): every value is an integer held in a
@@ -55,9 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.errors import InputError
+from core.ir import INPUT, NeuronLayer, QLayer, QSynapse, QuantGraph, SnnGraph, Synapse
 from hw_targets import Target, get_target
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, NeuronLayer, QLayer, QSynapse, QuantGraph, SnnGraph, Synapse
 
 F32_EXACT = float(1 << 24)
 F64_EXACT = float(1 << 53)

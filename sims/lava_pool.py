@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import InputError, LavaRuntimeError
+from core.ir import QuantGraph
 from sims.lava_runner import LavaResult, period_of, run_lava
 from sims.progress import progress_bar
-from toolchain.errors import InputError, LavaRuntimeError
-from toolchain.ir import QuantGraph
 
 # A worker silent for this many times the expected duration of its current step is hung.
 WATCHDOG_FACTOR = 20.0

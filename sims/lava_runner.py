@@ -33,10 +33,10 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QLayer, QSynapse, QuantGraph
 from exporters.netx import PAYLOAD_BITS, read_netx
 from sims.progress import progress_bar
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
+from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 
 STATE_BITS = 24
 STATE_MIN, STATE_MAX = -(1 << (STATE_BITS - 1)), (1 << (STATE_BITS - 1)) - 1

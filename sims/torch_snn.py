@@ -1,6 +1,6 @@
 """Float SNN simulator: batched over samples, vectorised over neurons, exact IR semantics.
 
-For layer l, channel c, step t = 1..T (``toolchain.ir`` SnnGraph docstring)::
+For layer l, channel c, step t = 1..T (``core.ir`` SnnGraph docstring)::
 
     I[t] = sum_syn W_syn * out_src[t]     out_src = theta_src * s_src[t]  (spike carries theta),
                                           or the (normalised) analog input x at every step
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.ir import InputSpec, SnnGraph, Synapse
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan, channel_view, last_consumers
 from sims.progress import progress_bar
-from toolchain.ir import InputSpec, SnnGraph, Synapse
 
 __all__ = ["SimResult", "NetworkRun", "encode_input", "synapse_current", "layer_output",
            "run_network", "simulate", "last_consumers"]

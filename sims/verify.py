@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from core.ir import QuantGraph
 from sims.lava_pool import run_lava_pool
 from sims.lava_runner import run_lava
 from sims.reference import encode_input, reference_run
-from toolchain.ir import QuantGraph
 
 
 def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = None, *,

@@ -12,15 +12,15 @@ import pytest
 from tests.lava_builders import (conv_net, dense_chain, edge_chain, random_inputs, residual_net,
                            threshold_net)
 
+from core.errors import InputError
 from exporters.netx import write_netx
-from tests.qgraph_builders import random_inputs as qgraph_inputs
-from tests.qgraph_builders import random_qgraph
+from sims.lava_procs.models import pack_spikes
 from sims.lava_runner import (input_stream, lava_problems, period_of, run_lava,
                               unpack_spikes)
-from sims.lava_procs.models import pack_spikes
 from sims.reference import encode_input
 from sims.verify import reference_outputs, verify
-from toolchain.errors import InputError
+from tests.qgraph_builders import random_inputs as qgraph_inputs
+from tests.qgraph_builders import random_qgraph
 
 SAMPLES = 3
 

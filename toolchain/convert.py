@@ -74,12 +74,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain import distributed
+from core import distributed
+from core.errors import InputError, UnsupportedModelError
+from core.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                     FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer, PadNode,
+                     QcfsNode, ReluNode, SliceNode, SnnGraph, Synapse, frozen_array)
 from toolchain.ann import EVALUATORS, ann_forward
-from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
-                          FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer, PadNode,
-                          QcfsNode, ReluNode, SliceNode, SnnGraph, Synapse, frozen_array)
 
 THRESHOLD_METHODS = ("max", "percentile", "mse")
 MSE_FRACTIONS = tuple(1.0 - 0.01 * i for i in range(96))  # the authors' candidate grid
@@ -548,7 +548,7 @@ def _activations(ann: AnnGraph, x: np.ndarray, names: list[str],
                  batch_size: int) -> dict[str, torch.Tensor]:
     """ANN activations (N, *shape) float32 of the named nodes on ``x``. Data-parallel: each
     rank runs its share of the forward chunks and every rank gets all the values back in
-    sample order (``toolchain.distributed``: thresholds need every value of a channel)."""
+    sample order (``core.distributed``: thresholds need every value of a channel)."""
     if len(x) == 0:
         raise InputError("convert needs calibration samples (x_calib is empty)")
     mine = distributed.shard(len(x), align=batch_size)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.ir import INPUT, NeuronLayer, SnnGraph, Synapse, evolve
+from core.ir import INPUT, NeuronLayer, SnnGraph, Synapse, evolve
 
 
 def normalize(snn: SnnGraph) -> SnnGraph:

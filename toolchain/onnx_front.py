@@ -27,8 +27,8 @@ import onnx
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from toolchain.errors import InputError
-from toolchain.ir import AnnGraph
+from core.errors import InputError
+from core.ir import AnnGraph
 from toolchain.trace import (EXAMPLE_BATCH, HANDLERS, Act, Builder, Op, Refuse, Scope, advice,
                              examples, handles, refuse, run_example, slice_act)
 

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from toolchain import distributed
-from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
+from core import distributed
+from core.ir import AnnGraph, QuantGraph, SnnGraph
 
 
 def default_workers() -> int:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolchain.ir import ConvNode, InputNode, LinearNode, QcfsNode, ReluNode
+from core.ir import ConvNode, InputNode, LinearNode, QcfsNode, ReluNode
 from toolchain.trace import (HANDLERS, Act, Builder, Op, Refuse, Unresolved, advice, handles,
                              per_channel, scalar)
 

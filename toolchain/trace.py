@@ -37,10 +37,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
-                          FlattenNode, InputNode, LinearNode, PadNode, ReluNode, SliceNode,
-                          frozen_array)
+from core.errors import InputError, UnsupportedModelError
+from core.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                     FlattenNode, InputNode, LinearNode, PadNode, ReluNode, SliceNode,
+                     frozen_array)
 from toolchain.load import LoadedModel
 
 EXAMPLE_BATCH = 2  # > 1 so that the batch axis is told apart from size-1 axes
