@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.ir import InputSpec, SnnGraph, Synapse
+from core.ir import InputSpec, SnnGraph, Synapse, SynapseKind
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan, channel_view, last_consumers
 from sims.progress import progress_bar
@@ -75,7 +75,7 @@ def synapse_current(syn: Synapse, values: torch.Tensor) -> torch.Tensor:
     """An IR synapse on ``values`` (N, *source shape) -> (N, *target shape): conv2d or dense
     on the flattened source (C order). No bias: biases belong to the neuron layer."""
     w = torch.tensor(np.asarray(syn.weight), dtype=values.dtype, device=values.device)
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         return values.reshape(values.shape[0], -1) @ w.T
     return F.conv2d(values, w, None, syn.stride, syn.padding, syn.dilation, syn.groups)
 
