@@ -46,7 +46,7 @@ import torch
 
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan
-from sims.torch_snn import encode_input, layer_drive, layer_output
+from sims.torch_snn import encode_input, layer_drive, layer_output, stream_readout
 from toolchain import distributed
 from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
@@ -133,13 +133,9 @@ class FloatRule:
 
     def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
         """The readout (T, B, K) on the batch's already *encoded* input: layers ``start``
-        onwards as they are in the input graph, earlier ones from ``trains`` (added to)."""
-        for lp in self.plan.layers[start:]:
-            out = layer_output(lp, b.x, trains, self.graph.timesteps)
-            if lp.readout:
-                return out
-            trains[lp.name] = out
-        raise AssertionError("the last layer is the readout")
+        onwards as they are in the input graph, earlier ones from ``trains``; streamed in time
+        chunks (``sims.torch_snn.stream_readout``: no layer's whole spike train is held)."""
+        return stream_readout(self.plan, b.x, self.graph.timesteps, trains, start)
 
     def final_readout(self, b: Batch) -> torch.Tensor:
         """The calibrated graph's readout (its schedule is zeros) on the cached trains."""

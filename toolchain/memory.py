@@ -11,6 +11,8 @@ over the evaluation batch of 256; rounded up to 6.
 """
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,29 @@ def check_memory(ann: AnnGraph, example: np.ndarray, *, timesteps: int, calib_ba
             f"at once x {neurons} neurons), {free / 1e9:.1f} GB are available; lower "
             f"--timesteps (at most about {max(fits, 1)} fit) or {lower}")
     return need
+
+
+# --------------------------------------------------------------------------- measured peak
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: ``5 > /proc/self/clear_refs`` resets VmHWM to
+    the current RSS). False where the kernel does not allow it: the peak then stays the
+    process's peak since it started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The resident-set peak since the last ``reset_peak_rss`` (VmHWM), or since the process
+    started (``ru_maxrss``) where /proc is not readable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
