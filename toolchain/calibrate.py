@@ -110,7 +110,8 @@ def _per_channel(values: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
 
 class FloatRule:
     """Float FTBC / LP for ``toolchain.calibration``: candidates are bias schedules (T, C, 1)
-    of the float engine; batches carry the clipped ANN activations ``abar`` as targets."""
+    of the float engine; batches carry the per-channel means of the clipped ANN activations
+    ``abar`` as targets (``channel_mean``: all the updates use; the activations are dropped)."""
 
     def __init__(self, snn: SnnGraph, ann: AnnGraph, opts: CalibrationOptions):
         self.graph, self.ann, self.opts = snn, ann, opts
@@ -127,8 +128,8 @@ class FloatRule:
             if not layer.readout:
                 theta = torch.tensor(np.asarray(layer.threshold), dtype=DTYPE)
                 theta = theta.reshape((-1,) + (1,) * (len(layer.shape) - 1))
-                targets[layer.name] = torch.minimum(values[layer.name].clamp(min=0),
-                                                    theta).to(dev)
+                abar = torch.minimum(values[layer.name].clamp(min=0), theta).to(dev)
+                targets[layer.name] = channel_mean(abar)  # all the updates read of it
         return Batch(encode_input(self.graph.input, x, DTYPE, dev), targets, logits.to(dev), {})
 
     def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
@@ -217,7 +218,7 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """One FTBC sweep t = 1..T over batch b (``engine.bias_sweep``); updates ``p.schedule``
     in place (a tensor owned by this calibration)."""
     v = engine.initial_state(p, b.x.shape[0])
-    target = channel_mean(b.targets[p.name]).reshape(p.channels, 1)
+    target = b.targets[p.name].reshape(p.channels, 1)
     theta = _theta(p)
     alpha = fit.rule.opts.alpha
 
@@ -233,7 +234,7 @@ def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     (``alpha`` is not used, as in SNN-Calibration)."""
     spikes = fit.spikes(p, b)
     rate = channel_rate(spikes.reshape((-1,) + tuple(spikes.shape[2:])))  # over steps too
-    shift = channel_mean(b.targets[p.name]) - _theta(p).reshape(rate.shape) * rate
+    shift = b.targets[p.name] - _theta(p).reshape(rate.shape) * rate
     p.schedule.add_(shift.reshape(p.channels, 1))
 
 

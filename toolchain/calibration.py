@@ -2,7 +2,7 @@
 integer FTBC (``toolchain.calibrate_fixed``); the update rule is the only difference.
 
 For each spiking layer in topological order (upstream layers as kept, their spike trains
-cached per batch): the rule fits a candidate on the calibration batches; the candidate is kept
+cached per batch, bit-packed on disk: ``DiskTrain``): the rule fits a candidate on the calibration batches; the candidate is kept
 only if it lowers the held-out error of the network's output against the ANN logits::
 
     E = (1/T) sum_t mean (readout(t) / t - z_ANN)^2
@@ -18,6 +18,8 @@ of one layer (``LayerFit``), how a kept candidate is stored, and the resulting g
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -103,6 +105,44 @@ class Rule(Protocol):
     def keep(self, index: int, candidate: Any) -> None: ...
 
 
+# --------------------------------------------------------------------------- spike cache
+
+class DiskTrain:
+    """A cached (T, B, *shape) 0/1 spike train (bool or uint8) kept bit-packed in an anonymous
+    temporary file (removed when the object goes), one packed row per step: the calibration
+    keeps the outputs of calibrated layers for every batch, and held in memory they would grow
+    with the calibration set and T (VGG-16 at T = 64: gigabytes). ``train[t0:t1]`` reads and
+    unpacks those steps only, as a tensor on the train's device; the values are exactly the
+    ones cached."""
+
+    def __init__(self, train: torch.Tensor):
+        self.shape, self.dtype, self.device = tuple(train.shape), train.dtype, train.device
+        self.row = int(np.prod(self.shape[1:], dtype=np.int64))
+        self.stride = (self.row + 7) // 8
+        self.file = tempfile.TemporaryFile()
+        flat = train.reshape(self.shape[0], self.row)
+        step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
+        for t0 in range(0, self.shape[0], step):
+            part = flat[t0:t0 + step].cpu().numpy()
+            self.file.write(np.packbits(part.astype(bool, copy=False), axis=1).tobytes())
+        self.file.flush()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a DiskTrain is read by a slice of steps")
+        t0, t1, _ = key.indices(self.shape[0])
+        t1 = max(t0, t1)
+        raw = os.pread(self.file.fileno(), (t1 - t0) * self.stride, t0 * self.stride)
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8).reshape(t1 - t0, self.stride),
+                             axis=1, count=self.row)
+        out = torch.from_numpy(bits)
+        out = out.view(torch.bool) if self.dtype == torch.bool else out.to(self.dtype)
+        return out.reshape((t1 - t0,) + self.shape[1:]).to(self.device)
+
+
 # --------------------------------------------------------------------------- data
 
 def split_calibration(x: np.ndarray, holdout: float, batches: int, batch_size: int,
@@ -181,12 +221,12 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
         kept = after < before
         if kept:
             rule.keep(index, fit.candidate)
-            hold.spikes[name] = out
+            hold.spikes[name] = DiskTrain(out)
         entry = {**fit.entry, "kept": bool(kept), "holdout_error_before": before,
                  "holdout_error_after": after, "holdout_error": min(before, after)}
     for b in cal + ([hold] if hold else []):
         if name not in b.spikes:
-            b.spikes[name] = fit.output(None, b)
+            b.spikes[name] = DiskTrain(fit.output(None, b))
     return entry
 
 
