@@ -152,6 +152,7 @@ class _Stream:
                                                                        self.active}
         self.state: dict[int, tuple] = {}
         self.totals: dict[str, int] = {}
+        self.held = self.peak_held = 0  # spike values held in chunks, now and at most
         size = max([chunk_elements(self.layers[i], steps, self.batch) for i in self.active
                     if not self.layers[i].readout] + [1])
         self.buffer = torch.empty(size, dtype=plan.arithmetic.dtype, device=x_enc.device)
@@ -198,6 +199,8 @@ class _Stream:
                 self.totals[lp.name] = self.totals.get(lp.name, 0) + int(out.sum())
             if lp.readout or self.keep or lp.name in self.consumers:
                 self.chunks[i].append((t0, t1, out))
+                self.held += 0 if lp.readout else out.numel()
+                self.peak_held = max(self.peak_held, self.held)
             self.done[i] = t1
             for p in lp.synapses:
                 if p.source in self.index and self.index[p.source] in self.chunks:
@@ -218,6 +221,7 @@ class _Stream:
         if self.keep or self.layers[i].readout:
             return
         low = min(self.done[c] for c in self.consumers.get(self.layers[i].name, []))
+        self.held -= sum(c[2].numel() for c in self.chunks[i] if c[1] <= low)
         self.chunks[i] = [c for c in self.chunks[i] if c[1] > low]
 
 
