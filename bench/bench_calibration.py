@@ -89,12 +89,12 @@ def _child(kind: str, setup_path: Path) -> dict:
 
 
 def timing(timesteps: int, repeats: int, model: Path | None = None, spec: str = "digits",
-           batches: int = 5, iterations: int = 3) -> dict:
+           batches: int = 5, iterations: int = 3, batch_size: int = 128) -> dict:
     """Side by side, alternating, in fresh children: ours with and without the keep rule,
     the full-forwards loop, and a baseline child (set-up only) for the memory figure.
     ``model``: a TorchScript model on ``spec`` data (default: the seeded digits CNN)."""
     torch.set_num_threads(1)
-    calib = {**CALIB, "batches": batches, "iterations": iterations}
+    calib = {**CALIB, "batches": batches, "iterations": iterations, "batch_size": batch_size}
     if model is None:
         ann, data = _digits_model(0)
     else:
@@ -190,11 +190,13 @@ def main(argv: list[str]) -> None:
                    help="timing: calibration batches of 128 (fewer for big models)")
     p.add_argument("--iterations", type=int, default=CALIB["iterations"],
                    help="timing: FTBC iterations")
+    p.add_argument("--batch-size", type=int, default=CALIB["batch_size"],
+                   help="timing: calibration batch size")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.mode == "timing":
         result = timing(args.timesteps, args.repeats, args.model, args.data, args.batches,
-                        args.iterations)
+                        args.iterations, args.batch_size)
         stem = f"_{args.model.stem}" if args.model else ""
         (OUT / f"calibration_timing{stem}_T{args.timesteps}.json").write_text(
             json.dumps(result, indent=1))
