@@ -21,7 +21,7 @@ them on cached upstream spike trains.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -98,23 +98,33 @@ def layer_output(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.
     across chunks and layers (a fresh tens-of-MB buffer per chunk would be page-faulted in
     every time)."""
     batch = x_enc.shape[0]
+    result = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.bool,
+                         device=x_enc.device)
+    t0 = 0
+    for out in layer_chunks(lp, x_enc, spikes, steps, buffer):
+        result[t0:t0 + len(out)].copy_(out)  # spikes: 0.0 / 1.0 -> bool
+        t0 += len(out)
+    return result.reshape((steps, batch) + lp.shape)
+
+
+def layer_chunks(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.Tensor],
+                 steps: int, buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """``layer_output`` one time chunk after the other: (k, B, n) outputs of consecutive
+    steps, spikes as 0.0 / 1.0 in a scratch buffer that the next chunk overwrites (copy what
+    you keep before asking for the next)."""
+    batch = x_enc.shape[0]
     v = engine.initial_state(lp, batch)
     scratch = torch.empty_like(v)
     steady = engine.input_current(lp, x_enc)
     k = engine.float_chunk_steps(lp, steps, batch)
-    result = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.bool,
-                         device=v.device)
-    if not lp.readout and buffer is None:
+    if buffer is None:
         buffer = torch.empty(chunk_elements(lp, steps, batch), dtype=lp.dtype, device=v.device)
     for t0 in range(0, steps, k):
         t1 = min(t0 + k, steps)
-        out = (result[t0:t1] if lp.readout
-               else buffer[:(t1 - t0) * batch * lp.n].view(t1 - t0, batch, lp.n))
+        out = buffer[:(t1 - t0) * batch * lp.n].view(t1 - t0, batch, lp.n)
         engine.run_steps(lp, layer_drive(lp, x_enc, spikes, t0, t1, steady), v, t0, out,
                          scratch)
-        if not lp.readout:
-            result[t0:t1].copy_(out)  # 0.0 / 1.0 -> bool
-    return result.reshape((steps, batch) + lp.shape)
+        yield out
 
 
 def chunk_elements(lp: LayerPlan, steps: int, batch: int) -> int:

@@ -104,6 +104,9 @@ def test_disk_train_round_trip(dtype, shape):
     d = DiskTrain(train)
     assert d.shape == shape and len(d) == shape[0]
     assert torch.equal(d[:], train) and d[:].dtype == dtype
+    chunked = DiskTrain(train[t0:t0 + 2].to(torch.float32 if dtype == torch.bool else dtype)
+                        for t0 in range(0, shape[0], 2))
+    assert torch.equal(chunked[:], train)
     for t0, t1 in ((0, 1), (1, 3), (shape[0] - 1, shape[0]), (2, 2)):
         assert torch.equal(d[t0:t1], train[t0:t1])
     with pytest.raises(TypeError):
@@ -112,7 +115,12 @@ def test_disk_train_round_trip(dtype, shape):
 
 def _in_memory(monkeypatch):
     """The calibration driver caching trains in memory, as before ``DiskTrain``."""
-    monkeypatch.setattr(calibration, "DiskTrain", lambda train: train)
+    def in_memory(train):
+        if isinstance(train, torch.Tensor):
+            return train
+        chunks = [c.clone() if c.dtype == torch.uint8 else c.bool() for c in train]
+        return torch.cat(chunks)
+    monkeypatch.setattr(calibration, "DiskTrain", in_memory)
 
 
 @pytest.mark.parametrize("method", ["ftbc", "lp"])

@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan
-from sims.torch_snn import encode_input, layer_drive, layer_output, stream_readout
+from sims.torch_snn import (encode_input, layer_chunks, layer_drive, layer_output,
+                            stream_readout)
 from toolchain import distributed
 from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
@@ -173,20 +174,32 @@ class FloatFit:
                 fit(self, p, b)
         self.candidate, self.entry = sched, {}
 
-    def output(self, candidate: torch.Tensor | None, b: Batch) -> torch.Tensor:
-        """The layer's (T, B, *shape) spikes on b (``candidate``: a schedule; None: as kept),
-        from the cached currents when there are any."""
+    def output(self, candidate: torch.Tensor | None, b: Batch) -> Iterator[torch.Tensor]:
+        """The layer's spikes on b (``candidate``: a schedule; None: as kept), one time chunk
+        (k, B, n) of 0.0 / 1.0 after the other (``sims.torch_snn.layer_chunks``), from the
+        cached currents when there are any."""
         lp = self.rule.layers[self.index]
-        return self.spikes(lp if candidate is None else replace(lp, schedule=candidate), b)
+        return self.chunks(lp if candidate is None else replace(lp, schedule=candidate), b)
 
     def spikes(self, lp: LayerPlan, b: Batch) -> torch.Tensor:
+        """All of the layer's (T, B, *shape) bool spikes on b."""
+        out = torch.cat([c.bool() for c in self.chunks(lp, b)])
+        return out.reshape((self.steps,) + tuple(b.x.shape[:1]) + lp.shape)
+
+    def chunks(self, lp: LayerPlan, b: Batch) -> Iterator[torch.Tensor]:
         currents = self.currents.get(id(b))
         if currents is None:
-            return layer_output(lp, b.x, b.spikes, self.steps)
+            yield from layer_chunks(lp, b.x, b.spikes, self.steps)
+            return
         v = engine.initial_state(lp, b.x.shape[0])
-        out = torch.empty((self.steps,) + tuple(v.shape), dtype=lp.dtype, device=v.device)
-        engine.run_steps(lp, currents, v, 0, out, torch.empty_like(v))
-        return out.bool().reshape((self.steps,) + tuple(b.x.shape[:1]) + lp.shape)
+        scratch = torch.empty_like(v)
+        k = engine.float_chunk_steps(lp, self.steps, b.x.shape[0])
+        buffer = torch.empty((k,) + tuple(v.shape), dtype=lp.dtype, device=v.device)
+        for t0 in range(0, self.steps, k):
+            t1 = min(t0 + k, self.steps)
+            drive = currents if currents.dim() == 2 else currents[t0:t1]
+            engine.run_steps(lp, drive, v, t0, buffer[:t1 - t0], scratch)
+            yield buffer[:t1 - t0]
 
     def drives(self, b: Batch):
         """Per step the (B, n) current of the layer on batch b."""

@@ -207,10 +207,12 @@ class IntegerFit:
                       "changed": int(np.count_nonzero(new != layer.bias_mant)),
                       "max_abs_change": int(np.max(np.abs(new - layer.bias_mant), initial=0))}
 
-    def output(self, candidate: tuple[QLayer, LayerPlan] | None, b: Batch) -> torch.Tensor:
-        """The layer's integer spikes (T, B, n) uint8 on b (None: as kept)."""
+    def output(self, candidate: tuple[QLayer, LayerPlan] | None, b: Batch
+               ) -> Iterator[torch.Tensor]:
+        """The layer's integer spikes on b (None: as kept): time chunks (k, B, n) of uint8."""
         lp = self.rule.plans[self.index] if candidate is None else candidate[1]
-        return layer_output(lp, b.x, b.spikes, self.rule.graph.timesteps).to(torch.uint8)
+        return (c.to(torch.uint8) for c in layer_chunks(lp, b.x, b.spikes,
+                                                         self.rule.graph.timesteps))
 
 
 def _fit_currents(lp: LayerPlan, cal: list[Batch], steps: int) -> list[torch.Tensor | None]:
@@ -286,13 +288,23 @@ def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tens
                  steps: int) -> torch.Tensor:
     """All T steps of one layer on cached source spike trains, as ``sims.emulator`` runs
     it (bit-exact with ``sims.reference``): (T, B, n) uint8 spikes 0/1, or the readout
-    membrane after each step in the layer's float dtype (exact integers); in time chunks of
-    at most CHUNK_ELEMENTS values."""
+    membrane after each step in the layer's float dtype (exact integers)."""
+    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype if lp.readout else torch.uint8,
+                      device=x.device)
+    t0 = 0
+    for chunk in layer_chunks(lp, x, trains, steps):
+        out[t0:t0 + len(chunk)].copy_(chunk)
+        t0 += len(chunk)
+    return out
+
+
+def layer_chunks(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor],
+                 steps: int) -> Iterator[torch.Tensor]:
+    """``layer_output`` in time chunks of at most CHUNK_ELEMENTS values: (k, B, n) in the
+    layer's float dtype, in a buffer the next chunk overwrites."""
     batch = x.shape[0]
     v = initial_state(lp, batch)
     k = _chunk_steps(lp, steps, batch)
-    out = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.uint8,
-                      device=v.device)
     buffer, scratch = torch.empty((k, batch, lp.n), dtype=lp.dtype, device=v.device), \
         torch.empty_like(v)
     drives = fit_drives(lp, x, trains, steps)
@@ -300,8 +312,7 @@ def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tens
         chunk = buffer[:min(k, steps - t0)]
         for t in range(len(chunk)):
             run_steps(lp, next(drives), v, t0 + t, chunk[t:t + 1], scratch)
-        out[t0:t0 + len(chunk)].copy_(chunk)
-    return out
+        yield chunk
 
 
 def readout_float(q: QuantGraph, readout: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -82,11 +82,12 @@ class Batch:
 
 class LayerFit(Protocol):
     """One layer's fit: ``candidate`` (whatever the rule keeps), ``entry`` (report fields that
-    precede ``kept``), and the layer's output on a batch for a candidate (None: as it is)."""
+    precede ``kept``), and the layer's output on a batch for a candidate (None: as it is): its
+    (T, B, ...) 0/1 spikes, or their consecutive time chunks (``DiskTrain`` takes either)."""
     candidate: Any
     entry: dict
 
-    def output(self, candidate: Any, b: Batch) -> torch.Tensor: ...
+    def output(self, candidate: Any, b: Batch) -> torch.Tensor | Iterable[torch.Tensor]: ...
 
 
 class Rule(Protocol):
@@ -115,16 +116,28 @@ class DiskTrain:
     unpacks those steps only, as a tensor on the train's device; the values are exactly the
     ones cached."""
 
-    def __init__(self, train: torch.Tensor):
-        self.shape, self.dtype, self.device = tuple(train.shape), train.dtype, train.device
-        self.row = int(np.prod(self.shape[1:], dtype=np.int64))
-        self.stride = (self.row + 7) // 8
+    def __init__(self, train: torch.Tensor | Iterable[torch.Tensor]):
+        """``train``: the whole (T, B, *shape) tensor, or its consecutive time chunks (k, B, ...)
+        of 0/1 values (floats are stored as bool; each chunk is written before the next is
+        asked for, so a scratch buffer reused across chunks is fine)."""
+        chunks = [train] if isinstance(train, torch.Tensor) else train
         self.file = tempfile.TemporaryFile()
-        flat = train.reshape(self.shape[0], self.row)
-        step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
-        for t0 in range(0, self.shape[0], step):
-            part = flat[t0:t0 + step].cpu().numpy()
-            self.file.write(np.packbits(part.astype(bool, copy=False), axis=1).tobytes())
+        self.shape, steps = None, 0
+        for chunk in chunks:
+            if self.shape is None:
+                self.dtype = torch.uint8 if chunk.dtype == torch.uint8 else torch.bool
+                self.device, self.shape = chunk.device, tuple(chunk.shape[1:])
+                self.row = int(np.prod(self.shape, dtype=np.int64))
+                self.stride = (self.row + 7) // 8
+            flat = chunk.reshape(len(chunk), self.row)
+            step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
+            for t0 in range(0, len(flat), step):
+                part = flat[t0:t0 + step].cpu().numpy()
+                self.file.write(np.packbits(part.astype(bool, copy=False), axis=1).tobytes())
+            steps += len(chunk)
+        if self.shape is None:
+            raise ValueError("DiskTrain: no steps to cache")
+        self.shape = (steps,) + self.shape
         self.file.flush()
 
     def __len__(self) -> int:
@@ -215,13 +228,13 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
         rule.keep(index, fit.candidate)
         entry = {**fit.entry, "kept": True}
     else:
-        out = fit.output(fit.candidate, hold)
+        out = DiskTrain(fit.output(fit.candidate, hold))
         after = running_logit_error(rule.readout(hold, {**hold.spikes, name: out}, index + 1),
                                     hold.logits)
         kept = after < before
         if kept:
             rule.keep(index, fit.candidate)
-            hold.spikes[name] = DiskTrain(out)
+            hold.spikes[name] = out
         entry = {**fit.entry, "kept": bool(kept), "holdout_error_before": before,
                  "holdout_error_after": after, "holdout_error": min(before, after)}
     for b in cal + ([hold] if hold else []):
