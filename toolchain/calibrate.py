@@ -181,11 +181,6 @@ class FloatFit:
         lp = self.rule.layers[self.index]
         return self.chunks(lp if candidate is None else replace(lp, schedule=candidate), b)
 
-    def spikes(self, lp: LayerPlan, b: Batch) -> torch.Tensor:
-        """All of the layer's (T, B, *shape) bool spikes on b."""
-        out = torch.cat([c.bool() for c in self.chunks(lp, b)])
-        return out.reshape((self.steps,) + tuple(b.x.shape[:1]) + lp.shape)
-
     def chunks(self, lp: LayerPlan, b: Batch) -> Iterator[torch.Tensor]:
         currents = self.currents.get(id(b))
         if currents is None:
@@ -245,10 +240,15 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
 def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """SNN-Calibration bias correction: one constant shift for all steps, full step
     (``alpha`` is not used, as in SNN-Calibration)."""
-    spikes = fit.spikes(p, b)
-    rate = channel_rate(spikes.reshape((-1,) + tuple(spikes.shape[2:])))  # over steps too
-    shift = b.targets[p.name] - _theta(p).reshape(rate.shape) * rate
-    p.schedule.add_(shift.reshape(p.channels, 1))
+    counts, rows = torch.zeros(p.channels, dtype=torch.int64, device=p.vth.device), 0
+    for chunk in fit.chunks(p, b):  # spikes over all steps, counted chunk by chunk
+        view = chunk.view(-1, p.channels, p.n // p.channels)
+        counts += view.sum(dim=(0, 2), dtype=torch.float64).to(torch.int64)  # exact
+        rows += view.shape[0]
+    rate = distributed.rate_of_counts(counts, rows * (p.n // p.channels)).to(DTYPE)
+    target = b.targets[p.name].reshape(p.channels, 1)
+    shift = target - _theta(p).reshape(p.channels, 1) * rate.reshape(p.channels, 1)
+    p.schedule.add_(shift)
 
 
 def _theta(p: LayerPlan) -> torch.Tensor:
