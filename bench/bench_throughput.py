@@ -5,7 +5,7 @@ processes), in samples x steps per second, side by side in one run.
         --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \
         --timesteps 8 --samples 256 --lava-samples 4 --repeats 3
 
-The network is built once through the real pipeline (``--target loihi2-sim``, calibration
+The network is built once through the real pipeline (``--target``, default loihi2-sim; calibration
 cut to one batch and one iteration, ``--eval-samples 64``: its cost does not change the
 simulations'); then on the first ``--samples`` test images, alternating, ``--repeats``
 times: ``sims.torch_snn.simulate`` on the FTBC graph and ``sims.emulator.emulate`` on the
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 def build(args, out: Path):
     from toolchain.pipeline import Options, run_pipeline
-    run = run_pipeline(Options(model=args.model, data=args.data, out=out,
+    run = run_pipeline(Options(model=args.model, data=args.data, out=out, target=args.target,
                                timesteps=args.timesteps, calib_batches=1, iterations=1,
                                eval_samples=64, verify_samples=0, progress=False))
     return run, out / "network.net"
@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--timesteps", type=int, default=8)
+    p.add_argument("--target", default="loihi2-sim",
+                   help="loihi2 for networks Lava cannot run yet (with --lava-samples 0)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--lava-samples", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
