@@ -161,3 +161,26 @@ def test_integer_calibration_same_with_disk_cache_and_chunked_drives(residual, m
     for g, r in results[1:]:
         assert graphs_equal(g, results[0][0])
         assert r == reports[0]
+
+
+def test_memory_estimate_is_per_batch_and_refuses_huge_runs():
+    """The estimate grows with the samples at once, not with T beyond its two T terms (the
+    capped current cache and the evaluation readouts); absurd settings are refused with the
+    option to lower."""
+    from toolchain.errors import InputError
+    from toolchain.memory import CURRENT_CACHE_BYTES, check_memory, estimate_bytes
+    ann = residual_graph(seed=2, channels=6)
+    x = np.zeros((100, 1, 8, 8), np.float32)
+    kw = dict(at_once=64, calib_samples=100, eval_samples=50)
+    small, p16 = estimate_bytes(ann, x, timesteps=16, **kw)
+    big, p4096 = estimate_bytes(ann, x, timesteps=4096, **kw)
+    assert p16["batch"] == p4096["batch"] > 0
+    assert p4096["current_cache"] <= CURRENT_CACHE_BYTES
+    assert big - small == (p4096["current_cache"] - p16["current_cache"]
+                           + p4096["readouts"] - p16["readouts"])
+    double, _ = estimate_bytes(ann, x, timesteps=16, **{**kw, "at_once": 128})
+    assert double - small == p16["batch"]
+    with pytest.raises(InputError, match="lower --eval-samples or --timesteps"):
+        check_memory(ann, x, timesteps=10 ** 15, calib_batch=32, eval_samples=50)
+    with pytest.raises(InputError, match="lower --calib-batch-size"):
+        check_memory(ann, x, timesteps=4, calib_batch=10 ** 12, eval_samples=50)

@@ -160,7 +160,8 @@ def trace(run: Run) -> Run:
     opts = run.options
     memory = check_memory(ann, run.calib, timesteps=opts.timesteps,
                           calib_batch=opts.calib_batch_size,
-                          eval_samples=len(_eval_split(run)[0]))
+                          eval_samples=len(_eval_split(run)[0]),
+                          holdout_samples=int(round(opts.holdout * len(run.calib))))
     x, _ = _local_eval(run)
     accuracy = float(_accuracy(run, ann_predictions(ann, x)))
     return replace(run, ann=ann).with_results(ann_accuracy=accuracy,
