@@ -51,9 +51,9 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph, SynapseKind
 from hw_targets import Target, get_target
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 
 FORMAT = "ftbc-netx"
 VERSION = 1
@@ -184,7 +184,7 @@ def netx_chain(q: QuantGraph) -> list[QLayer]:
         if len(layer.synapses) != 1:
             break
         syn = layer.synapses[0]
-        if syn.source != prev or (syn.kind == "conv" and len(prev_shape) != 3):
+        if syn.source != prev or (syn.kind is SynapseKind.CONV and len(prev_shape) != 3):
             break
         chain.append(layer)
         prev, prev_shape = layer.name, tuple(layer.shape)
@@ -205,7 +205,7 @@ def _write_netx_view(f: h5py.File, q: QuantGraph, chain: list[QLayer],
     index, prev_shape = 1, tuple(q.input.shape)
     for i, layer in enumerate(chain):
         syn = layer.synapses[0]
-        if syn.kind == "dense" and len(prev_shape) == 3:
+        if syn.kind is SynapseKind.DENSE and len(prev_shape) == 3:
             flat = _group(top, str(index))
             _put(flat, "type", np.array([b"flatten"], dtype="S10"))
             _put(flat, "shape", _chw((int(np.prod(prev_shape)),)))
@@ -228,7 +228,7 @@ def _write_netx_layer(g: h5py.Group, layer: QLayer, src_shape: tuple[int, ...],
     else:
         _put(g, "weight", netx_weight(syn))
     _put(g, "bias", netx_bias(layer))
-    if syn.kind == "conv":
+    if syn.kind is SynapseKind.CONV:
         _put(g, "inChannels", int(src_shape[0]))
         _put(g, "outChannels", int(layer.shape[0]))
         _put(g, "kernelSize", np.asarray(syn.weight.shape[2:], dtype=np.int64))

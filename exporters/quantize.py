@@ -45,10 +45,10 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from core.errors import HardwareLimitError, InputError, Violation
+from core.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
+                     QuantGraph, SnnGraph, Synapse, frozen_array)
 from hw_targets import Target
-from toolchain.errors import HardwareLimitError, InputError, Violation
-from toolchain.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
-                          QuantGraph, SnnGraph, Synapse, frozen_array)
 
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
 

@@ -33,10 +33,10 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QLayer, QSynapse, QuantGraph, SynapseKind
 from exporters.netx import PAYLOAD_BITS, read_netx
 from sims.progress import progress_bar
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
              graded: bool, sink) -> None:
     """One Lava connection process between a flat C-order source port and the neuron."""
     bits = PAYLOAD_BITS if graded else 0
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         from lava.proc.dense.process import Dense
         from lava.utils.weightutils import SignMode
         conn = Dense(weights=syn.weight.astype(np.int32), weight_exp=int(syn.weight_exp),

@@ -20,7 +20,7 @@ from tests.ann_builders import residual_graph
 from toolchain.calibrate import calibrate
 from toolchain.calibration import DiskTrain
 from toolchain.convert import convert
-from toolchain.ir import graphs_equal
+from core.ir import graphs_equal
 from toolchain.normalize import normalize
 
 torch.set_num_threads(1)
@@ -167,7 +167,7 @@ def test_memory_estimate_is_per_batch_and_refuses_huge_runs():
     """The estimate grows with the samples at once, not with T beyond its two T terms (the
     capped current cache and the evaluation readouts); absurd settings are refused with the
     option to lower."""
-    from toolchain.errors import InputError
+    from core.errors import InputError
     from toolchain.memory import CURRENT_CACHE_BYTES, check_memory, estimate_bytes
     ann = residual_graph(seed=2, channels=6)
     x = np.zeros((100, 1, 8, 8), np.float32)

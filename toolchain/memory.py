@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import InputError
+from core.ir import AnnGraph, ReluNode
 from toolchain.ann import ann_forward
-from toolchain.errors import InputError
-from toolchain.ir import AnnGraph, ReluNode
 
 BYTES_PER_NEURON = 120.0
 CURRENT_CACHE_BYTES = 1 << 29  # toolchain.calibrate's (the integer calibration's is half)
