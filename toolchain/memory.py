@@ -2,24 +2,29 @@
 figure and the option to lower, instead of growing until the kernel kills it (exit 137, no
 message) or torch's allocator fails half-way.
 
-Memory is bounded by the batch, not by the data set or T (``docs/architecture.md``, "Memory"):
-the simulations stream a batch through the layers in time chunks and the calibration keeps
-its cached spike trains on disk. What remains, above the process's own size (interpreter,
-torch, the data set as loaded, the model):
+Memory is bounded by the batch, not by the evaluation set or T (``docs/architecture.md``,
+"Memory"): the simulations stream a batch through the layers in time chunks and the
+calibration keeps its cached spike trains on disk. What remains above the process's own
+size (interpreter, torch, the data set as loaded, the model) is estimated as the sum of:
 
-* per batch: ``BYTES_PER_NEURON`` bytes per (sample, neuron) for the samples processed at
-  once (the largest of the evaluation batch, a calibration batch and the held-out part):
-  the ANN activations of a calibration batch, membranes, input currents and the time chunks
-  of spikes in flight;
-* the calibration's current cache: the input currents of one layer over T for every
-  calibration sample (4 bytes each), kept only up to ``CURRENT_CACHE_BYTES``;
+* ``FIXED_BYTES`` (kernels' workspaces, thread pools, modules the stages import);
+* per batch: ``BYTES_PER_NEURON`` per (sample, neuron) for the samples processed at once
+  (the largest of the evaluation batch, a calibration batch and the held-out part):
+  membranes, input currents, the time chunks of spikes in flight;
+* the calibration's current cache: one layer's input currents over T for every calibration
+  sample (4 bytes each), kept only up to ``CURRENT_CACHE_BYTES``;
+* the MSE threshold search, which needs every value of a channel: the calibration set's
+  activations (4 bytes per sample and neuron) and one layer's values sorted in float64
+  with two prefix sums (``SEARCH_BYTES`` per sample and neuron of the widest layer);
 * the readouts of the whole evaluation set: 8 bytes per (sample, step, class), a few times.
 
-``BYTES_PER_NEURON`` is measured: the largest per-stage peak RSS (``peak_rss_mib`` in
-report.json) minus the ``load`` stage's, minus the other two terms, per (sample at once x
-neuron), on the digits CNN at T = 32 and 128, MNIST at T = 16 and 64 and VGG-16 at T = 64
-(bench/README.md, "Scale"), rounded up. Before streaming the estimate was 6 bytes per
-(sample, step, neuron): it grew with T, and so did the memory.
+The constants are measured from each stage's peak RSS (``peak_rss_mib`` in report.json,
+minus the ``load`` stage's): the digits CNN at T = 32 and 128 (calibrate peaks 200 and 124
+MB above the cache and readout terms with 256 x 3,658 neurons at once: the fixed part) and
+VGG-16 at T = 64 (about 0.7 GB above the loaded process while calibrating its widest layers
+with 128 x 277,002 neurons at once: about 12 bytes per (sample, neuron) beyond the fixed part),
+rounded up (bench/README.md, "Scale"). The estimate is meant to be on the safe side. Before
+streaming it was 6 bytes per (sample, step, neuron): it grew with T, and so did the memory.
 """
 from __future__ import annotations
 
@@ -33,7 +38,9 @@ from core.errors import InputError
 from core.ir import AnnGraph, ReluNode
 from toolchain.ann import ann_forward
 
-BYTES_PER_NEURON = 120.0
+FIXED_BYTES = 256e6
+BYTES_PER_NEURON = 16.0
+SEARCH_BYTES = 40.0  # float64 values, their sorted copy, two float64 prefix sums
 CURRENT_CACHE_BYTES = 1 << 29  # toolchain.calibrate's (the integer calibration's is half)
 READOUT_COPIES = 3  # the emulator's int64 readout, its argmax, the gathered predictions
 EVAL_BATCH = 256  # samples per batch of the float simulation (sims.torch_snn.simulate)
@@ -73,12 +80,14 @@ def available_bytes() -> int | None:
 
 def estimate_bytes(ann: AnnGraph, example: np.ndarray, *, timesteps: int, at_once: int,
                    calib_samples: int, eval_samples: int) -> tuple[float, dict[str, float]]:
-    """The estimate (module docstring) and its three parts."""
+    """The estimate (module docstring) and its parts."""
     neurons, widest, classes = neuron_count(ann, example)
     parts = {
+        "fixed": FIXED_BYTES,
         "batch": BYTES_PER_NEURON * at_once * neurons,
         "current_cache": float(min(4 * timesteps * calib_samples * widest,
                                    CURRENT_CACHE_BYTES)),
+        "threshold_search": float(calib_samples * (4 * neurons + SEARCH_BYTES * widest)),
         "readouts": float(8 * READOUT_COPIES * timesteps * eval_samples * classes),
     }
     return sum(parts.values()), parts
@@ -97,8 +106,10 @@ def check_memory(ann: AnnGraph, example: np.ndarray, *, timesteps: int, calib_ba
     free = available_bytes()
     if free is not None and need > free:
         biggest = max(parts, key=parts.get)
-        lower = {"batch": "--calib-batch-size" if calib_batch >= eval_batch
+        lower = {"fixed": "nothing: free memory",
+                 "batch": "--calib-batch-size" if calib_batch >= eval_batch
                  else "--eval-samples",
+                 "threshold_search": "--calib-batches or --calib-batch-size",
                  "current_cache": "--calib-batch-size", "readouts": "--eval-samples or "
                  "--timesteps"}[biggest]
         raise InputError(
