@@ -167,9 +167,13 @@ def test_validate_graph_names_each_problem():
     bad = replace(layer, synapses=(replace(layer.synapses[0], weight=odd),), vth=np.zeros_like(layer.vth),
                   depth=0)
     problems = validate_graph(replace(q, layers=(q.layers[0], bad) + q.layers[2:]))
-    assert any("must be even" in p for p in problems)
-    assert any("vth 0..0" in p for p in problems)
-    assert any("depth 0" in p for p in problems)
+    # the target's limits, from exporters.quantize.validate (the one check), each named
+    assert any("fc2<-fc1: odd weights = 1" in p for p in problems)
+    assert any("fc2: vth = 0" in p for p in problems)
+    assert any("fc2: depth = 0" in p and "== 2 hops" in p for p in problems)
+    structural = replace(bad, bias_mant=np.zeros((2, 10), np.int64))
+    problems = validate_graph(replace(q, layers=(q.layers[0], structural) + q.layers[2:]))
+    assert problems == ["layer fc2: bias_mant has shape (2, 10), expected (6, 10)"]
 
 
 def test_exporter_imports_neither_torch_nor_sims():
@@ -190,4 +194,4 @@ def test_limits_are_the_targets():
         problems = validate_graph(replace(q, layers=(q.layers[0], replace(layer, synapses=(syn,)))
                                           + q.layers[2:]))
         assert (not any("weight_exp" in p for p in problems)) == ok, (exp, problems)
-    assert any(f"outside {t.weight_exp_min}..{t.weight_exp_max}" in p for p in problems)
+    assert any(f"exceeds [{t.weight_exp_min}, {t.weight_exp_max}]" in p for p in problems)

@@ -38,7 +38,7 @@ class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
     """Sample windowing and recording shared by both models; ``integrate`` is the neuron."""
 
     bias_exp: int = LavaPyType(int, np.int32, precision=5)
-    delay: int = LavaPyType(int, np.int32, precision=16)
+    depth: int = LavaPyType(int, np.int32, precision=16)
     timesteps: int = LavaPyType(int, np.int32, precision=16)
     period: int = LavaPyType(int, np.int32, precision=16)
     readout: int = LavaPyType(int, np.int32, precision=1)
@@ -52,7 +52,7 @@ class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
         tau, sample = k % self.period + 1, k // self.period
         if tau == 1:
             self.v[:] = self.v_init
-        t = tau - self.delay
+        t = tau - self.depth
         spikes = np.zeros(self.v.shape, dtype=bool)
         if 1 <= t <= self.timesteps:
             row = sample * self.timesteps + t - 1
