@@ -263,7 +263,7 @@ def layer_stats(layer: NeuronLayer, q: QLayer, sigma: Mapping[str, float], b: np
             "scale_limited_by": dict(limit), "weight_error": error_stats(w_err),
             "bias_error": error_stats([b_err]), "bias_exp": int(q.bias_exp),
             "weight_exp": [int(s.weight_exp) for s in q.synapses],
-            "max_abs_mantissa": mant, "delay": int(q.depth), "vth": min_max(q.vth)}
+            "max_abs_mantissa": mant, "depth": int(q.depth), "vth": min_max(q.vth)}
 
 
 # --------------------------------------------------------------------------- graph
@@ -472,12 +472,12 @@ def check(q: QuantGraph, target: Target) -> None:
 # --------------------------------------------------------------------------- report
 
 def quantization_report(q: QuantGraph) -> dict[str, Any]:
-    """JSON-able per-layer scales, exponents, thresholds, delays and errors."""
+    """JSON-able per-layer scales, exponents, thresholds, depths and errors."""
     stats = q.meta.get("quantization", {})
     layers = {}
     for layer in q.layers:
         entry = {"vth": min_max(layer.vth), "scale": min_max(layer.scale),
-                 "bias_exp": int(layer.bias_exp), "delay": int(layer.depth),
+                 "bias_exp": int(layer.bias_exp), "depth": int(layer.depth),
                  "readout": bool(layer.readout),
                  "weight_exp": [int(s.weight_exp) for s in layer.synapses]}
         layers[layer.name] = {**entry, **stats.get(layer.name, {})}

@@ -5,7 +5,8 @@ sample, every spiking layer's train and the readout's accumulated output after e
 with the bit-exact emulator (``sims.emulator.emulate``); ``reference_outputs`` gives the
 same from the per-sample integer reference (used by the tests). It reports and never
 raises on a mismatch: the CLI turns mismatches into exit code 4. (A network Lava cannot run
-at all, e.g. a residual skip across depths, still raises ``InputError`` from the runner.)
+exactly, i.e. one outside ``loihi2-sim``'s limits, raises ``HardwareLimitError`` from the
+runner before anything runs.)
 """
 from __future__ import annotations
 

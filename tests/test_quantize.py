@@ -229,4 +229,4 @@ def test_report_is_json():
     report = quantization_report(random_qgraph(1))
     text = json.dumps(report)
     assert set(report["layers"]) == {"l1", "l2", "l3", "out"}
-    assert json.loads(text)["layers"]["l1"]["delay"] == 1
+    assert json.loads(text)["layers"]["l1"]["depth"] == 1

@@ -284,7 +284,7 @@ class QLayer:
     float thresholds of a layer differ by orders of magnitude); ``bias_mant`` (T, C)
     int, effective bias ``bias_mant << bias_exp``; ``v_init`` (C,) int; ``depth`` is the
     number of synaptic hops from the input (= its step offset in Lava, where every hop
-    delivers one step late; stored as "delay" in the exported files);
+    delivers one step late; ``hw_targets.timing``; stored as "depth" in the exported files);
     ``scale`` (C,) float is state units per unit of the normalised float threshold (for
     reports and dequantization)."""
     name: str
