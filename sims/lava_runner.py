@@ -41,7 +41,7 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
-from exporters.netx import PAYLOAD_BITS, read_netx
+from exporters.netx import read_netx
 from exporters.quantize import validate
 from hw_targets import get_target
 from hw_targets.timing import synaptic_delays
@@ -104,13 +104,14 @@ def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
 
 def _check_input(q: QuantGraph, x_int: np.ndarray) -> np.ndarray:
     x = np.asarray(x_int)
-    lo, hi = -(1 << (PAYLOAD_BITS - 1)), (1 << (PAYLOAD_BITS - 1)) - 1
+    bits = get_target(q.target).input_payload_bits
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if x.ndim != 1 + len(q.input.shape) or tuple(x.shape[1:]) != tuple(q.input.shape):
         raise InputError(f"x_int has shape {x.shape}, expected (N, {q.input.shape})")
     if x.shape[0] < 1 or x.dtype.kind not in "iu":
         raise InputError(f"x_int must be a non-empty integer array, got {x.dtype} {x.shape}")
     if x.min() < lo or x.max() > hi:
-        raise InputError(f"x_int outside the {PAYLOAD_BITS}-bit graded payload [{lo}, {hi}]")
+        raise InputError(f"x_int outside the {bits}-bit graded payload [{lo}, {hi}]")
     return x.astype(np.int64)
 
 
@@ -147,16 +148,17 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
     source = RingBuffer(data=input_stream(x_int, q.timesteps, period))
     ports = {INPUT: (source.s_out, tuple(q.input.shape))}
     neurons, delays = {}, synaptic_delays(q.layers)
+    payload = get_target(q.target).input_payload_bits   # graded input; spikes carry 0 bits
     for layer in q.layers:
         neuron = _neuron(q, layer, x_int.shape[0], period)
         for syn, delay in zip(layer.synapses, delays[layer.name]):
             src_port, src_shape = ports[syn.source]
-            graded = syn.source == INPUT
+            bits = payload if syn.source == INPUT else 0
             if delay:
-                _delayed_synapse(syn, delay, src_port, src_shape, layer, graded,
+                _delayed_synapse(syn, delay, src_port, src_shape, layer, bits,
                                  sink=neuron.a_in)
             else:
-                _synapse(syn, src_port, src_shape, layer, graded=graded, sink=neuron.a_in)
+                _synapse(syn, src_port, src_shape, layer, bits, sink=neuron.a_in)
         ports[layer.name] = (neuron.s_out, tuple(layer.shape))
         neurons[layer.name] = neuron
     return source, neurons
@@ -175,9 +177,9 @@ def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
 
 
 def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
-             graded: bool, sink) -> None:
-    """One Lava connection process between a flat C-order source port and the neuron."""
-    bits = PAYLOAD_BITS if graded else 0
+             bits: int, sink) -> None:
+    """One Lava connection process between a flat C-order source port and the neuron
+    (``bits``: message bits, the graded payload's width from the input, 0 for spikes)."""
     if syn.kind == "dense":
         from lava.proc.dense.process import Dense
         from lava.utils.weightutils import SignMode
@@ -196,7 +198,7 @@ def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
 
 
 def _delayed_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, ...],
-                     layer: QLayer, graded: bool, sink) -> None:
+                     layer: QLayer, bits: int, sink) -> None:
     """A synapse whose spikes wait ``delay`` extra steps: Lava's bit-accurate DelaySparse
     with the synapse's exact connection matrix (flat C order on both sides) and every
     connection's delay set to ``delay`` (Lava: delay k arrives k + 1 steps later)."""
@@ -210,7 +212,7 @@ def _delayed_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, 
     conn = DelaySparse(weights=weights, delays=delays, max_delay=int(delay),
                        weight_exp=int(syn.weight_exp), num_weight_bits=8,
                        sign_mode=SignMode.MIXED,
-                       num_message_bits=PAYLOAD_BITS if graded else 0)
+                       num_message_bits=bits)
     src_port.connect(conn.s_in)
     conn.a_out.connect(sink)
 

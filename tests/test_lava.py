@@ -146,6 +146,25 @@ def test_skip_connection_across_depths_runs_with_a_synaptic_delay(q, tmp_path, m
         _assert_equal_to_reference(q, run_lava(path, x_int), x_int)
 
 
+@pytest.mark.lava
+def test_graded_input_through_a_delayed_synapse(tmp_path):
+    """A layer three hops deep that also reads the graded input: that synapse waits 2 steps
+    and carries 8-bit messages (DelaySparse with num_message_bits 8)."""
+    from tests.lava_builders import dense, even_weights, layer
+    from toolchain.ir import INPUT
+    q = residual_net(same_depth=False)
+    a, b, c, out = q.layers
+    rng = np.random.default_rng(4)
+    c = replace(c, synapses=(dense(INPUT, even_weights(rng, (5, 6), 12)), c.synapses[1]))
+    q = replace(q, layers=(a, b, c, out))
+    from hw_targets.timing import synaptic_delays
+    assert synaptic_delays(q.layers)["c"] == (2, 0)
+    x_int = encode_input(q.input, random_inputs(q, SAMPLES))
+    result = run_lava(_export(q, tmp_path), x_int)
+    _assert_equal_to_reference(q, result, x_int)
+    assert result.spikes["c"].any()
+
+
 def test_conv_matrix_is_the_reference_conv():
     """The sparse matrix a delayed conv runs as equals the reference's cross-correlation
     (stride, padding, dilation, groups), zero weights left out."""
