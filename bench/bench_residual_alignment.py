@@ -39,8 +39,8 @@ from exporters.netlist import build_netlist  # noqa: E402
 from exporters.netx import read_netx, write_netx  # noqa: E402
 from hw_targets import get_target  # noqa: E402
 from hw_targets.timing import synaptic_delays  # noqa: E402
-from toolchain.errors import InputError  # noqa: E402
-from toolchain.ir import (INPUT, QLayer, QSynapse, QuantGraph,  # noqa: E402
+from core.errors import InputError  # noqa: E402
+from core.ir import (INPUT, QLayer, QSynapse, QuantGraph,  # noqa: E402
                           frozen_array)
 
 

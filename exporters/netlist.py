@@ -43,11 +43,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QLayer, QSynapse, QuantGraph, SynapseKind
 from hw_targets import Target
 from hw_targets.timing import synaptic_delays
 from hw_targets.loihi2_resources import ChipResources, describe, resources_for
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
 
 FORMAT = "ftbc-netlist"
 VERSION = 2   # 2: layers say "depth" (v1: "delay"), synapses "delay", delay slots counted
@@ -60,7 +60,7 @@ class Connectivity:
     """Exact connection counts of one synapse: ``fan_in`` per output neuron and ``fan_out``
     per source neuron (both flat, C order), and the ANN MACs of the same map."""
     source: str
-    kind: str
+    kind: SynapseKind
     fan_in: np.ndarray
     fan_out: np.ndarray
     weights_nonzero: int
@@ -125,7 +125,7 @@ def folded_pool(syn: QSynapse, src: tuple[int, ...]) -> bool:
     if len(src) != 3 or src[1] % 2 or src[2] % 2:
         return False
     w = np.asarray(syn.weight)
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         return blocks_constant(w.reshape(w.shape[0], *src))
     return (tuple(syn.stride) == (2, 2) and tuple(syn.dilation) == (1, 1)
             and syn.padding[0] % 2 == 0 and syn.padding[1] % 2 == 0 and blocks_constant(w))
@@ -141,9 +141,9 @@ def ann_macs(syn: QSynapse, out: tuple[int, ...], pooled: bool) -> int:
 
 def connectivity(syn: QSynapse, src: tuple[int, ...], out: tuple[int, ...]) -> Connectivity:
     """Exact connection counts of one synapse (dense or conv)."""
-    if syn.kind == "conv":
+    if syn.kind is SynapseKind.CONV:
         fan_in, fan_out = conv_counts(syn, src, out)
-    elif syn.kind == "dense":
+    elif syn.kind is SynapseKind.DENSE:
         nz = np.asarray(syn.weight) != 0
         fan_in, fan_out = nz.sum(axis=1), nz.sum(axis=0)
     else:
@@ -207,7 +207,7 @@ def members_axons(syn: QSynapse, src: tuple[int, ...], out: tuple[int, ...],
     of their positions (exact when they cover whole positions or one channel, else an upper
     bound)."""
     w = np.asarray(syn.weight) != 0
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         return int(w[members].any(axis=0).sum())
     plane = out[1] * out[2]
     rows = np.zeros(w.shape[0], dtype=bool)
@@ -230,7 +230,7 @@ def members_synapse_bits(layer: QLayer, conns: tuple[Connectivity, ...], members
     bits = weight_bits + res.limits.synapse_overhead_bits
     total = 0
     for syn, conn in zip(layer.synapses, conns):
-        if syn.kind == "conv" and res.limits.conv_weight_sharing:
+        if syn.kind is SynapseKind.CONV and res.limits.conv_weight_sharing:
             nz = np.count_nonzero(np.asarray(syn.weight)[channels_of(layer, members)])
             total += int(nz) * bits
         else:
@@ -333,7 +333,7 @@ def fan_outs(q: QuantGraph, conns: Mapping[str, tuple[Connectivity, ...]]
 
 def synapse_record(syn: QSynapse, conn: Connectivity, weight_bits: int,
                    delay: int) -> dict[str, Any]:
-    return {"source": syn.source, "kind": syn.kind, "weight_shape": list(syn.weight.shape),
+    return {"source": syn.source, "kind": syn.kind.value, "weight_shape": list(syn.weight.shape),
             "weights_nonzero": conn.weights_nonzero, "connections": conn.connections,
             "weight_bits": weight_bits, "weight_exp": int(syn.weight_exp), "delay": int(delay),
             "stride": list(syn.stride), "padding": list(syn.padding),

@@ -56,10 +56,10 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from core.errors import InputError
+from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph, SynapseKind
 from hw_targets import Target, get_target
 from hw_targets.timing import synaptic_delays
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
 
 FORMAT = "ftbc-netx"
 VERSION = 2   # 2: layers store "depth" (v1 called it "delay"), synapses "delay"
@@ -191,7 +191,7 @@ def netx_chain(q: QuantGraph) -> list[QLayer]:
         if len(layer.synapses) != 1:
             break
         syn = layer.synapses[0]
-        if syn.source != prev or (syn.kind == "conv" and len(prev_shape) != 3):
+        if syn.source != prev or (syn.kind is SynapseKind.CONV and len(prev_shape) != 3):
             break
         chain.append(layer)
         prev, prev_shape = layer.name, tuple(layer.shape)
@@ -212,7 +212,7 @@ def _write_netx_view(f: h5py.File, q: QuantGraph, chain: list[QLayer],
     index, prev_shape = 1, tuple(q.input.shape)
     for i, layer in enumerate(chain):
         syn = layer.synapses[0]
-        if syn.kind == "dense" and len(prev_shape) == 3:
+        if syn.kind is SynapseKind.DENSE and len(prev_shape) == 3:
             flat = _group(top, str(index))
             _put(flat, "type", np.array([b"flatten"], dtype="S10"))
             _put(flat, "shape", _chw((int(np.prod(prev_shape)),)))
@@ -235,7 +235,7 @@ def _write_netx_layer(g: h5py.Group, layer: QLayer, src_shape: tuple[int, ...],
     else:
         _put(g, "weight", netx_weight(syn))
     _put(g, "bias", netx_bias(layer))
-    if syn.kind == "conv":
+    if syn.kind is SynapseKind.CONV:
         _put(g, "inChannels", int(src_shape[0]))
         _put(g, "outChannels", int(layer.shape[0]))
         _put(g, "kernelSize", np.asarray(syn.weight.shape[2:], dtype=np.int64))
@@ -436,7 +436,7 @@ def _check_netx_view(f: h5py.File, q: QuantGraph, count: int) -> None:
     want = [("input", _chw(q.input.shape))]
     prev = tuple(q.input.shape)
     for layer in chain:
-        if layer.synapses[0].kind == "dense" and len(prev) == 3:
+        if layer.synapses[0].kind is SynapseKind.DENSE and len(prev) == 3:
             want.append(("flatten", _chw((int(np.prod(prev)),))))
         want.append((layer.synapses[0].kind, _chw(layer.shape)))
         prev = tuple(layer.shape)
@@ -588,7 +588,7 @@ def _check_synapse(syn: QSynapse, shapes: Mapping[str, tuple[int, ...]],
     if syn.source not in shapes:
         return [f"source {syn.source!r} is not the input or an earlier layer"]
     src = shapes[syn.source]
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         want = (int(np.prod(out_shape)), int(np.prod(src)))
         return [] if syn.weight.shape == want else [
             f"dense weight shape {syn.weight.shape}, expected {want}"]

@@ -21,7 +21,7 @@ pooling nodes.
 What NIR 1.0 cannot hold, carried in ``metadata`` (``nir.write``/``nir.read`` round-trip it)
 -------------------------------------------------------------------------------------------
 NIR's IF fires on ``v > v_threshold`` and resets to ``v_reset``, in continuous time. Ours,
-in discrete steps t = 1..T (``toolchain/ir.py``)::
+in discrete steps t = 1..T (``core/ir.py``)::
 
     v[t] = v[t-1] + I[t] + bias[c] + bias_schedule[t-1, c];  s = v >= theta;  v -= theta * s
 
@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, NeuronLayer, SnnGraph, Synapse
+from core.errors import InputError
+from core.ir import INPUT, NeuronLayer, SnnGraph, Synapse, SynapseKind
 
 FORMAT = "ftbc-nir"
 VERSION = 1
@@ -93,8 +93,8 @@ def ungrouped(weight: np.ndarray, groups: int) -> np.ndarray:
 def synapse_node(syn: Synapse, src_shape: tuple[int, ...], bias: np.ndarray):
     """``nir.Conv2d`` or ``nir.Affine`` for one synapse."""
     nir = _nir()
-    meta = {"source": syn.source, "kind": syn.kind}
-    if syn.kind == "dense":
+    meta = {"source": syn.source, "kind": syn.kind.value}
+    if syn.kind is SynapseKind.DENSE:
         return nir.Affine(weight=np.asarray(syn.weight, dtype=np.float64).copy(),
                           bias=bias, metadata=meta)
     meta["groups"] = int(syn.groups)
@@ -156,7 +156,7 @@ def layer_nodes(layer: NeuronLayer, shapes: dict, nodes: dict, edges: list) -> N
     for k, syn in enumerate(layer.synapses):
         src, src_shape = syn.source, shapes[syn.source]
         bias = np.asarray(layer.bias, dtype=np.float64) if k == 0 else np.zeros(layer.channels)
-        if syn.kind == "dense" and len(src_shape) > 1:
+        if syn.kind is SynapseKind.DENSE and len(src_shape) > 1:
             flat = f"{src}.flatten"
             if flat not in nodes:
                 nodes[flat] = nir.Flatten(input_type={"input": np.array(src_shape)},

@@ -45,11 +45,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from core.errors import HardwareLimitError, InputError, Violation
+from core.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
+                     QuantGraph, SnnGraph, Synapse, SynapseKind, frozen_array)
 from hw_targets import Target
 from hw_targets.timing import layer_depths, synapse_delay
-from toolchain.errors import HardwareLimitError, InputError, Violation
-from toolchain.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
-                          QuantGraph, SnnGraph, Synapse, frozen_array)
 
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
 
@@ -374,7 +374,7 @@ def synapse_violations(layer: QLayer, syn: QSynapse, src_max: float,
     if not target.weight_exp_min <= syn.weight_exp <= target.weight_exp_max:
         out.append(_v(name, "weight_exp", syn.weight_exp,
                       f"[{target.weight_exp_min}, {target.weight_exp_max}]"))
-    elif syn.kind == "conv" and syn.weight_exp != 0 and not target.conv_weight_exp:
+    elif syn.kind is SynapseKind.CONV and syn.weight_exp != 0 and not target.conv_weight_exp:
         out.append(_v(name, "conv weight_exp", syn.weight_exp, "0",
                       f"{target.name} runs conv synapses as Lava's Conv, which has no weight "
                       f"exponent; fold 2**weight_exp into the weights"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from toolchain.errors import InputError
+from core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Protocol
 
-from toolchain.ir import INPUT
+from core.ir import INPUT
 
 
 class _Source(Protocol):

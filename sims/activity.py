@@ -7,7 +7,7 @@ pass (``activity_from_counts``) instead of emulating the data set a second time;
 is the mean number of spikes per sample (summed over the T steps), and for the input the mean
 number of graded-spike events (non-zero payloads of ``sims.reference.encode_input``, sent at
 every step). It is the ``activity`` argument of ``exporters.netlist.build_netlist``. In a
-data-parallel run (``toolchain.distributed``) each rank passes its shard and gets the totals
+data-parallel run (``core.distributed``) each rank passes its shard and gets the totals
 of all ranks.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from core import distributed
+from core.ir import QuantGraph
 from hw_targets import get_target
 from sims.emulator import emulate
 from sims.reference import encode_input
-from toolchain import distributed
-from toolchain.ir import QuantGraph
 
 
 def measure_activity(q: QuantGraph, x: np.ndarray, *, batch_size: int = 256,

@@ -16,13 +16,13 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from core.errors import InputError
+from core.ir import QuantGraph
 from sims import engine
 from sims.engine import (LayerPlan, Plan, initial_state, input_current, run_steps,
                          spike_current)
 from sims.progress import progress_bar
 from sims.reference import encode_input
-from toolchain.errors import InputError
-from toolchain.ir import QuantGraph
 
 CHUNK_ELEMENTS = 1 << 22  # time-chunk size: steps x batch x neurons per layer (16 MB float32)
 

@@ -16,7 +16,7 @@ spikes with the current b[t], let the calibration move b[t], settle with the new
 ``sims.reference`` is the independent numpy specification of the integer arithmetic; Lava's
 ProcessModel (``sims.lava_procs.models``) is the only other writing of the step.
 
-Float arithmetic (``SnnGraph`` semantics, ``toolchain.ir``): a spike carries its source's
+Float arithmetic (``SnnGraph`` semantics, ``core.ir``): a spike carries its source's
 threshold, ``v = ((v + I) + bias) + b[t]`` in that association order, no state clamp.
 
 Integer arithmetic (``sims.reference`` for a ``Target``): every value is an integer held in a
@@ -55,9 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.errors import InputError
+from core.ir import (INPUT, NeuronLayer, QLayer, QSynapse, QuantGraph, SnnGraph, Synapse,
+                     SynapseKind)
 from hw_targets import Target, get_target
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, NeuronLayer, QLayer, QSynapse, QuantGraph, SnnGraph, Synapse
 
 F32_EXACT = float(1 << 24)
 F64_EXACT = float(1 << 53)
@@ -160,7 +161,7 @@ class SynPlan:
     exact sum-pool factor applied to the source first. ``bound``: the static bound on every
     partial sum (integer arithmetic; 0 for float)."""
     source: str
-    kind: str
+    kind: SynapseKind
     weight: torch.Tensor
     src_shape: tuple[int, ...]
     stride: tuple[int, int]
@@ -331,7 +332,7 @@ def pool_factor(syn: QSynapse, src_shape: tuple[int, ...]) -> int:
     if syn.source == INPUT or len(src_shape) != 3 or src_shape[1] % 2 or src_shape[2] % 2:
         return 1
     w = syn.weight
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         return 2 if _blocks_constant(w.reshape(w.shape[0], *src_shape), 2) else 1
     (sh, sw), (ph, pw) = syn.stride, syn.padding
     ok = (sh == sw == 2 and syn.dilation == (1, 1) and ph % 2 == 0 and pw % 2 == 0
@@ -343,7 +344,7 @@ def pooled_weight(syn: QSynapse, src_shape: tuple[int, ...], s: int) -> np.ndarr
     """The s-times-smaller kernel of a block-constant weight (one value per block)."""
     if s == 1:
         return syn.weight
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         return syn.weight.reshape(-1, *src_shape)[..., ::s, ::s].reshape(syn.weight.shape[0], -1)
     return syn.weight[..., ::s, ::s]
 
@@ -357,7 +358,7 @@ def plan_integer_synapse(syn: QSynapse, src_shape: tuple[int, ...], src_max: flo
     w = torch.from_numpy(pooled_weight(syn, src_shape, s).astype(np.float64)).to(dtype)
     geometry = (syn.stride, syn.padding) if s == 1 else ((1, 1), (syn.padding[0] // s,
                                                                    syn.padding[1] // s))
-    w = w.t().contiguous() if syn.kind == "dense" else w.contiguous()
+    w = w.t().contiguous() if syn.kind is SynapseKind.DENSE else w.contiguous()
     return SynPlan(source=syn.source, kind=syn.kind, weight=w.to(device),
                    src_shape=tuple(src_shape), stride=tuple(geometry[0]),
                    padding=tuple(geometry[1]), dilation=tuple(syn.dilation),
@@ -421,7 +422,7 @@ def linear_map(p: SynPlan, x: torch.Tensor) -> torch.Tensor:
     (rows, n_out). Float dense weights are (O, n_in) and multiply as ``x @ w.T``."""
     if p.pool > 1:
         x = sum_pool(x.reshape(-1, *p.src_shape), p.pool)
-    if p.kind == "dense":
+    if p.kind is SynapseKind.DENSE:
         w = p.weight if p.limits is not None else p.weight.T
         return x.reshape(x.shape[0], -1) @ w
     out = F.conv2d(x.reshape(-1, *p.src_shape) if p.pool == 1 else x, p.weight, None,

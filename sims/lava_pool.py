@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import InputError, LavaRuntimeError
+from core.ir import QuantGraph, SynapseKind
 from sims.lava_runner import LavaResult, period_of, run_lava
 from sims.progress import progress_bar
-from toolchain.errors import InputError, LavaRuntimeError
-from toolchain.ir import QuantGraph
 
 # A worker silent for this many times the expected duration of its current step is hung.
 WATCHDOG_FACTOR = 20.0
@@ -75,7 +75,7 @@ def _processes_and_synops(q: QuantGraph) -> tuple[int, int]:
         procs += 1 + len(layer.synapses)
         for syn in layer.synapses:
             w = np.asarray(syn.weight)
-            if syn.kind == "dense":
+            if syn.kind is SynapseKind.DENSE:
                 synops += int(w.size)
             else:
                 synops += int(np.prod(layer.shape)) * int(np.prod(w.shape[1:]))

@@ -41,13 +41,13 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
+from core.errors import HardwareLimitError, InputError
+from core.ir import INPUT, QLayer, QSynapse, QuantGraph, SynapseKind
 from exporters.netx import read_netx
 from exporters.quantize import validate
 from hw_targets import get_target
 from hw_targets.timing import synaptic_delays
 from sims.progress import progress_bar
-from toolchain.errors import HardwareLimitError, InputError
-from toolchain.ir import INPUT, QLayer, QSynapse, QuantGraph
 
 # What Lava's CPU simulation runs exactly is the simulated target's envelope.
 LAVA_TARGET = "loihi2-sim"
@@ -180,7 +180,7 @@ def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
              bits: int, sink) -> None:
     """One Lava connection process between a flat C-order source port and the neuron
     (``bits``: message bits, the graded payload's width from the input, 0 for spikes)."""
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         from lava.proc.dense.process import Dense
         from lava.utils.weightutils import SignMode
         conn = Dense(weights=syn.weight.astype(np.int32), weight_exp=int(syn.weight_exp),
@@ -205,7 +205,7 @@ def _delayed_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, 
     from lava.proc.sparse.process import DelaySparse
     from lava.utils.weightutils import SignMode
     from scipy.sparse import csr_matrix
-    weights = (csr_matrix(np.asarray(syn.weight, dtype=np.int32)) if syn.kind == "dense"
+    weights = (csr_matrix(np.asarray(syn.weight, dtype=np.int32)) if syn.kind is SynapseKind.DENSE
                else conv_matrix(syn, src_shape, tuple(layer.shape)))
     delays = weights.copy()
     delays.data = np.full(delays.data.shape, delay, dtype=int)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph
+from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph, SynapseKind
 
 STATE_BITS = 24
 STATE_MIN, STATE_MAX = -(1 << (STATE_BITS - 1)), (1 << (STATE_BITS - 1)) - 1
@@ -92,7 +92,7 @@ def _conv2d_int(src: np.ndarray, syn: QSynapse) -> np.ndarray:
 
 def synapse_output(syn: QSynapse, src: np.ndarray) -> np.ndarray:
     """One step of one synapse: integer input current (flattened) from a source output."""
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         acc = syn.weight.astype(np.int64) @ src.reshape(-1).astype(np.int64)
     else:
         acc = _conv2d_int(src.astype(np.int64), syn).reshape(-1)

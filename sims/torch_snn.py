@@ -1,6 +1,6 @@
 """Float SNN simulator: batched over samples, vectorised over neurons, exact IR semantics.
 
-For layer l, channel c, step t = 1..T (``toolchain.ir`` SnnGraph docstring)::
+For layer l, channel c, step t = 1..T (``core.ir`` SnnGraph docstring)::
 
     I[t] = sum_syn W_syn * out_src[t]     out_src = theta_src * s_src[t]  (spike carries theta),
                                           or the (normalised) analog input x at every step
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.ir import InputSpec, SnnGraph, Synapse, SynapseKind
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan, channel_view, last_consumers
 from sims.progress import progress_bar
-from toolchain.ir import InputSpec, SnnGraph, Synapse
 
 __all__ = ["SimResult", "NetworkRun", "encode_input", "synapse_current", "layer_output",
            "run_network", "simulate", "last_consumers"]
@@ -75,7 +75,7 @@ def synapse_current(syn: Synapse, values: torch.Tensor) -> torch.Tensor:
     """An IR synapse on ``values`` (N, *source shape) -> (N, *target shape): conv2d or dense
     on the flattened source (C order). No bias: biases belong to the neuron layer."""
     w = torch.tensor(np.asarray(syn.weight), dtype=values.dtype, device=values.device)
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         return values.reshape(values.shape[0], -1) @ w.T
     return F.conv2d(values, w, None, syn.stride, syn.padding, syn.dilation, syn.groups)
 

@@ -2,11 +2,10 @@
 
 ``verify`` runs the exported file in Lava (``sims.lava_runner``) and compares, for every
 sample, every spiking layer's train and the readout's accumulated output after every step
-with the bit-exact emulator (``sims.emulator.emulate``); ``reference_outputs`` gives the
-same from the per-sample integer reference (used by the tests). It reports and never
-raises on a mismatch: the CLI turns mismatches into exit code 4. (A network Lava cannot run
-exactly, i.e. one outside ``loihi2-sim``'s limits, raises ``HardwareLimitError`` from the
-runner before anything runs.)
+with the bit-exact emulator (``sims.emulator.emulate``). It reports and never raises on a
+mismatch: the CLI turns mismatches into exit code 4. (A network Lava cannot run exactly,
+i.e. one outside ``loihi2-sim``'s limits, raises ``HardwareLimitError`` from the runner
+before anything runs.)
 """
 from __future__ import annotations
 
@@ -14,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from core.ir import QuantGraph
 from sims.lava_pool import run_lava_pool
 from sims.lava_runner import run_lava
-from sims.reference import encode_input, reference_run
-from toolchain.ir import QuantGraph
+from sims.reference import encode_input
 
 
 def verify(q: QuantGraph, net_path: str, x: np.ndarray, y: np.ndarray | None = None, *,
@@ -57,16 +56,6 @@ def expected_outputs(q: QuantGraph, x: np.ndarray
     from sims.emulator import emulate
     result = emulate(q, x, record=True)
     return result.spikes, result.readout, "emulator"
-
-
-def reference_outputs(q: QuantGraph, x_int: np.ndarray
-                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The reference, sample by sample, stacked as (T, N, n)."""
-    runs = [reference_run(q, x_int[k]) for k in range(x_int.shape[0])]
-    spikes = {layer.name: np.stack([r[layer.name] for r in runs], axis=1).astype(np.uint8)
-              for layer in q.layers if not layer.readout}
-    readout = np.stack([r[q.readout.name] for r in runs], axis=1).astype(np.int64)
-    return spikes, readout
 
 
 def _compare(q: QuantGraph, lava: Any, spikes: dict[str, np.ndarray], readout: np.ndarray

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.ir import (AddNode, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputNode,
-                          LinearNode, ReluNode, frozen_array)
+from core.ir import (AddNode, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputNode,
+                     LinearNode, ReluNode, frozen_array)
 
 
 def _pair(v) -> tuple[int, int]:

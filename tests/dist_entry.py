@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from toolchain import cli, distributed, pipeline
+from core import distributed
+from toolchain import cli, pipeline
 
 
 def _wrap(stage, fault, dump):

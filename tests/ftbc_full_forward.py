@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from core.ir import INPUT, AnnGraph, SnnGraph
 from sims.torch_snn import encode_input, synapse_current
 from toolchain import calibrate as cal
 from toolchain.ann import ann_forward
-from toolchain.ir import INPUT, AnnGraph, SnnGraph
 
 
 def ftbc_full_forward(snn: SnnGraph, ann: AnnGraph, batches: list[np.ndarray], *,

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from toolchain.errors import FtbcError, UnsupportedModelError
+from core.errors import FtbcError, UnsupportedModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "examples" / "digits_cnn.pt"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph, evolve, frozen_array
+from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph, evolve, frozen_array
 
 
 def even_weights(rng: np.random.Generator, shape: tuple[int, ...], amp: int,

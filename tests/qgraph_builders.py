@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolchain.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
-                          QuantGraph, SnnGraph, Synapse, frozen_array)
+from core.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
+                     QuantGraph, SnnGraph, Synapse, frozen_array)
 
 TOPOLOGIES = ("chain", "branch", "skip")
 

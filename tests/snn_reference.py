@@ -1,4 +1,4 @@
-"""A naive float64 reference of the SnnGraph equations (``toolchain.ir``): one sample, one
+"""A naive float64 reference of the SnnGraph equations (``core.ir``): one sample, one
 step, one synapse at a time, numpy state; the float engine is tested against it."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain.ir import INPUT, SnnGraph
+from core.ir import INPUT, SnnGraph
 
 
 def naive_snn(snn: SnnGraph, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import toolchain.calibrate as cal
+from core.errors import InputError
+from core.ir import graphs_equal
 from sims.torch_snn import run_network
 from tests.ann_builders import train_digits_cnn
-from toolchain.ann import ann_forward
 from tests.ftbc_full_forward import ftbc_full_forward
+from toolchain.ann import ann_forward
 from toolchain.calibrate import agreement, calibrate, split_calibration
 from toolchain.convert import convert
-from toolchain.errors import InputError
-from toolchain.ir import graphs_equal
 
 torch.set_num_threads(1)
 
@@ -101,7 +101,7 @@ def test_guard_sees_the_inputs_normalised_once(setup):
     report equals the input network's agreement computed from the raw held-out samples
     (regression: the encoded batch was once normalised a second time)."""
     from dataclasses import replace as dc_replace
-    from toolchain.ir import AnnGraph, frozen_array
+    from core.ir import AnnGraph, frozen_array
     ann, x_calib, _ = setup
     first = dc_replace(ann.nodes[0], mean=frozen_array(np.array([0.3])),
                        std=frozen_array(np.array([0.5])))

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 import toolchain.calibrate_fixed as cf
+from core.errors import InputError
+from core.ir import evolve, graphs_equal
 from exporters.quantize import quantize, validate
 from hw_targets import get_target
-from sims.emulator import emulate
 from sims import engine
+from sims.emulator import emulate
 from sims.reference import encode_input, reference_run
 from tests.ann_builders import train_digits_cnn
 from toolchain.calibrate import calibrate, split_calibration
-from toolchain.calibration import CalibrationOptions, running_logit_error
 from toolchain.calibrate_fixed import calibrate_fixed, float_thresholds
+from toolchain.calibration import CalibrationOptions, running_logit_error
 from toolchain.convert import convert
-from toolchain.errors import InputError
-from toolchain.ir import evolve, graphs_equal
 from toolchain.normalize import normalize
 
 torch.set_num_threads(1)
@@ -121,7 +121,7 @@ def test_mantissas_clip_to_13_bits_and_are_reported(setup):
 def test_fixed_ftbc_step_matches_float_update():
     """One step, one channel, hand-computed: rate 0 against target 0.75, vth 1000,
     bias_exp 2, alpha 0.5 -> mantissa += rint(0.5 * 0.75 * 1000 / 4) = 94."""
-    from toolchain.ir import QLayer, QSynapse, frozen_array
+    from core.ir import QLayer, QSynapse, frozen_array
     layer = QLayer(name="l", shape=(1,), synapses=(QSynapse("input", "dense",
                                                             frozen_array([[0]], np.int32)),),
                    vth=frozen_array([1000], np.int64), bias_mant=frozen_array([[0]], np.int64),

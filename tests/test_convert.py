@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.ann_builders import graph_from_sequential, residual_graph, small_cnn
+from core.errors import InputError, UnsupportedModelError
+from core.ir import (INPUT, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputNode,
+                     LinearNode, ReluNode, frozen_array)
 from sims.torch_snn import synapse_current
+from tests.ann_builders import graph_from_sequential, residual_graph, small_cnn
 from toolchain.ann import ann_forward
 from toolchain.convert import convert, threshold_mse
-from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (INPUT, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputNode,
-                          LinearNode, ReluNode, frozen_array)
 
 torch.set_num_threads(1)
 RNG = np.random.default_rng(0)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import InputError
 from toolchain.data import DataSplit, check_input_shape, load_data
-from toolchain.errors import InputError
 
 # The shared data folder lies beside the repository (CI puts a copy of shared/ there too).
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain import distributed
+from core import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "examples" / "digits_cnn.pt"

@@ -7,16 +7,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import InputError
+from core.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
+                     QuantGraph, SnnGraph, Synapse, frozen_array)
 from exporters.quantize import quantize
 from hw_targets import get_target
-from sims.emulator import emulate
 from sims import engine
+from sims.emulator import emulate
 from sims.reference import encode_input, reference_run
 from tests.qgraph_builders import (fold_avgpool_conv, fold_avgpool_dense, random_inputs,
                                    random_qgraph)
-from toolchain.errors import InputError
-from toolchain.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
-                          QuantGraph, SnnGraph, Synapse, frozen_array)
 
 
 def assert_matches_reference(q: QuantGraph, x: np.ndarray, **kwargs) -> None:

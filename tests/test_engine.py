@@ -9,14 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import InputError
+from core.ir import evolve, frozen_array
 from hw_targets import get_target
 from sims import engine
 from sims.reference import encode_input, reference_run
 from sims.torch_snn import encode_input as encode_float
 from tests.qgraph_builders import random_inputs, random_qgraph, random_snn
 from tests.snn_reference import naive_snn
-from toolchain.errors import InputError
-from toolchain.ir import evolve, frozen_array
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

@@ -24,8 +24,8 @@ import torch.nn as nn
 
 import exporters.netx
 import toolchain.report
+from core.errors import InputError
 from exporters.netx import read_netx
-from toolchain.errors import InputError
 from tests.fuzz_cases import TINY, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import InputError
 from tests.fuzz_cases import (DIGITS_MODEL, TINY, Failure, check_cli, make_seeds, outcome,
                               run_case, run_cli)
 from toolchain.data import load_data
-from toolchain.errors import InputError
 from toolchain.load import load_model
 
 FUZZ = settings(deadline=None, database=None, derandomize=True,

@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from core.errors import InputError
 from hw_targets import TARGETS, Target, get_target, register
-from toolchain.errors import InputError
 
 
 def test_registry_has_the_three_targets():

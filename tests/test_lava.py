@@ -12,15 +12,16 @@ import pytest
 from tests.lava_builders import (conv_net, dense_chain, edge_chain, random_inputs, residual_net,
                            threshold_net)
 
+from core.errors import InputError
+from core.ir import QuantGraph
 from exporters.netx import write_netx
-from tests.qgraph_builders import random_inputs as qgraph_inputs
-from tests.qgraph_builders import random_qgraph
+from sims.lava_procs.models import pack_spikes
 from sims.lava_runner import (input_stream, lava_problems, period_of, run_lava,
                               unpack_spikes)
-from sims.lava_procs.models import pack_spikes
-from sims.reference import encode_input
-from sims.verify import reference_outputs, verify
-from toolchain.errors import InputError
+from sims.reference import encode_input, reference_run
+from sims.verify import verify
+from tests.qgraph_builders import random_inputs as qgraph_inputs
+from tests.qgraph_builders import random_qgraph
 
 SAMPLES = 3
 
@@ -29,6 +30,16 @@ def _export(q, tmp_path):
     path = tmp_path / "net.net"
     write_netx(q, path)
     return str(path)
+
+
+def reference_outputs(q: QuantGraph, x_int: np.ndarray
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The reference, sample by sample, stacked as (T, N, n)."""
+    runs = [reference_run(q, x_int[k]) for k in range(x_int.shape[0])]
+    spikes = {layer.name: np.stack([r[layer.name] for r in runs], axis=1).astype(np.uint8)
+              for layer in q.layers if not layer.readout}
+    readout = np.stack([r[q.readout.name] for r in runs], axis=1).astype(np.int64)
+    return spikes, readout
 
 
 def _assert_equal_to_reference(q, result, x_int):
@@ -151,7 +162,7 @@ def test_graded_input_through_a_delayed_synapse(tmp_path):
     """A layer three hops deep that also reads the graded input: that synapse waits 2 steps
     and carries 8-bit messages (DelaySparse with num_message_bits 8)."""
     from tests.lava_builders import dense, even_weights, layer
-    from toolchain.ir import INPUT
+    from core.ir import INPUT
     q = residual_net(same_depth=False)
     a, b, c, out = q.layers
     rng = np.random.default_rng(4)
@@ -196,7 +207,7 @@ def test_what_lava_cannot_run_is_named():
 def test_a_file_lava_cannot_run_is_a_hardware_limit_error(tmp_path):
     """A loihi2 file with a conv weight exponent (fine on the chip, not in Lava's Conv):
     the runner refuses it with exit 3's error, naming the synapse."""
-    from toolchain.errors import HardwareLimitError
+    from core.errors import HardwareLimitError
     q = conv_net()
     conv2 = q.layers[1]
     shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),))

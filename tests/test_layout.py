@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.errors import UnsupportedModelError
 from exporters.quantize import quantize, validate
 from hw_targets import get_target
 from hw_targets.timing import synaptic_delays
@@ -29,7 +30,6 @@ from tests.test_trace import FORMS, as_form, assert_equivalent, kinds
 from toolchain.ann import ann_forward
 from toolchain.cli import main
 from toolchain.convert import convert
-from toolchain.errors import UnsupportedModelError
 from toolchain.normalize import normalize
 from toolchain.trace import trace
 

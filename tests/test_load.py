@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import InputError
 from tests.models import MarkerPayload, TinyNet
-from toolchain.errors import InputError
 from toolchain.load import LoadedModel, inspect_archive, load_model, pickle_globals
 
 ARCH = "tests.models:TinyNet"

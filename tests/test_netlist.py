@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from core.errors import InputError
+from core.ir import INPUT, QSynapse
 from exporters.netlist import (build_netlist, connectivity, netlist_json,
                                netlist_summary_lines, placement_order, write_netlist)
 from exporters.quantize import quantize
@@ -17,8 +19,6 @@ from sims.activity import measure_activity
 from sims.emulator import emulate
 from tests import lava_builders as lb
 from tests.qgraph_builders import mnist_like_snn, random_qgraph
-from toolchain.errors import InputError
-from toolchain.ir import INPUT, QSynapse
 
 LOIHI2_TARGET = get_target("loihi2")
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tests.lava_builders import conv_net, dense_chain, edge_chain, residual_net
 
+from core.errors import InputError
+from core.ir import graphs_equal
 from exporters.netx import netx_bias, netx_chain, read_netx, validate_graph, write_netx
-from toolchain.errors import InputError
-from toolchain.ir import graphs_equal
 
 BUILDERS = {"dense": dense_chain, "conv": conv_net, "residual": residual_net,
             "edge": edge_chain, "skip": lambda: residual_net(same_depth=False)}

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 import nir  # noqa: E402  (a required dependency: requirements.txt)
 
+from core.errors import InputError  # noqa: E402
+from core.ir import evolve  # noqa: E402
 from exporters.nir_export import to_nir, ungrouped, write_nir  # noqa: E402
 from sims.torch_snn import run_network  # noqa: E402
 from tests.qgraph_builders import mnist_like_snn, random_inputs, random_snn  # noqa: E402
-from toolchain.errors import InputError  # noqa: E402
-from toolchain.ir import evolve  # noqa: E402
 
 GRAPHS = {f"{topo}-{'conv' if conv else 'dense'}-{seed}": (seed, topo, conv)
           for seed in (0, 1) for topo in ("chain", "branch", "skip") for conv in (True, False)}

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.ir import evolve
 from sims.torch_snn import simulate
 from tests.ann_builders import graph_from_sequential, residual_graph, small_cnn
 from toolchain.convert import convert
-from toolchain.ir import evolve
 from toolchain.normalize import normalize
 
 torch.set_num_threads(1)

@@ -18,12 +18,12 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from core.errors import InputError, UnsupportedModelError
+from core.ir import AddNode, LinearNode, ReluNode
 from tests.models import IMG, LAYER_CASES, WHOLE_MODELS, UnsupportedNet
 from toolchain.ann import ann_accuracy, ann_forward
 from toolchain.cli import main
 from toolchain.data import load_data
-from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import AddNode, LinearNode, ReluNode
 from toolchain.load import LoadedModel, load_model
 from toolchain.trace import trace
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from core.errors import UnsupportedModelError
+from core.ir import AnnGraph, QcfsNode
 from sims.torch_snn import run_network
 from tests.models import IMG, QCFS, head, qcfs_net, qcfs_residual_net
 from tests.test_cli import FAST, run_cli
@@ -19,8 +21,6 @@ from tests.test_trace import TOL, as_form, assert_equivalent
 from toolchain.ann import ann_forward
 from toolchain.cli import main
 from toolchain.convert import convert
-from toolchain.errors import UnsupportedModelError
-from toolchain.ir import AnnGraph, QcfsNode
 from toolchain.load import load_model
 from toolchain.qcfs import reduce_chain
 from toolchain.trace import trace

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import HardwareLimitError, InputError
+from core.ir import (INPUT, InputSpec, NeuronLayer, QLayer, QSynapse, QuantGraph,
+                     SnnGraph, Synapse, evolve, frozen_array, graphs_equal)
 from exporters.quantize import (check, input_scale_exp, quantization_report, quantize,
                                 validate)
 from hw_targets import get_target
 from sims.reference import encode_input, synapse_output
 from tests.qgraph_builders import random_inputs, random_qgraph, random_snn
-from toolchain.errors import HardwareLimitError, InputError
-from toolchain.ir import (INPUT, InputSpec, NeuronLayer, QLayer, QSynapse, QuantGraph,
-                          SnnGraph, Synapse, evolve, frozen_array, graphs_equal)
 
 LOIHI = get_target("loihi2")
 CASES = [(seed, conv, topo) for seed in range(4) for conv in (True, False)

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 import sims.lava_pool as lava_pool
+from core.errors import LavaRuntimeError
 from exporters.netx import write_netx
 from sims.lava_pool import descendants, run_lava_pool, shards
 from sims.reference import encode_input
 from tests.lava_builders import conv_net, random_inputs
 from tests.test_faults import DIGITS_MODEL, ROOT, assert_intact, good_run  # noqa: F401
 from tests.test_lava import _assert_equal_to_reference
-from toolchain.errors import LavaRuntimeError
 
 # Stops "within seconds": generous for a loaded 2-core machine, far below the run's length.
 STOP_WITHIN_S = 20.0

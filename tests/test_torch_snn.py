@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.ir import INPUT, InputSpec, NeuronLayer, SnnGraph, Synapse, frozen_array
+from sims.torch_snn import simulate
 from tests.ann_builders import residual_graph, train_digits_cnn
 from tests.snn_reference import naive_snn
-from sims.torch_snn import simulate
 from toolchain.ann import ann_accuracy
 from toolchain.convert import convert
-from toolchain.ir import INPUT, InputSpec, NeuronLayer, SnnGraph, Synapse, frozen_array
 
 torch.set_num_threads(1)
 
@@ -84,7 +84,7 @@ def test_vectorised_simulator_equals_naive_reference_on_residual_graph():
     x = rng.random((5, 1, 8, 8))
     snn = convert(residual_graph(1), rng.random((64, 1, 8, 8)), timesteps=5)
     sched = {l.name: rng.normal(0, 0.05, (5, l.channels)) for l in snn.layers}
-    from toolchain.ir import evolve
+    from core.ir import evolve
     snn = evolve(snn, layers=tuple(evolve(l, bias_schedule=sched[l.name])
                                    for l in snn.layers))
     res = simulate(snn, x, record_spikes=True, dtype=torch.float64, batch_size=3)

@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.errors import InputError, UnsupportedModelError
+from core.ir import (AddNode, AnnGraph, AvgPoolNode, InputNode, LinearNode,
+                     ReluNode)
 from tests.models import IMG, LAYER_CASES, WHOLE_MODELS, UnsupportedNet, head, randomize_bn
 from toolchain.ann import ann_forward
 from toolchain.data import load_data
-from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (AddNode, AnnGraph, AvgPoolNode, InputNode, LinearNode,
-                          ReluNode)
 from toolchain.load import LoadedModel, load_model
 from toolchain.trace import trace
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
-                          FlattenNode, InputNode, LinearNode, PadNode, QcfsNode, ReluNode,
-                          SliceNode)
+from core.ir import (AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                     FlattenNode, InputNode, LinearNode, PadNode, QcfsNode, ReluNode,
+                     SliceNode)
 
 Evaluator = Callable[[AnnNode, list[torch.Tensor]], torch.Tensor]
 EVALUATORS: dict[type, Evaluator] = {}

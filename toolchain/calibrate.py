@@ -44,14 +44,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import distributed
+from core.ir import AnnGraph, SnnGraph, evolve
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan
 from sims.torch_snn import encode_input, layer_drive, layer_output
-from toolchain import distributed
 from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 from toolchain.calibration import agreement, split_calibration  # noqa: F401  (public here too)
-from toolchain.ir import AnnGraph, SnnGraph, evolve
 
 DTYPE = torch.float32
 CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations below 512 MiB
@@ -88,7 +88,7 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over batch and positions, per channel: (B, C, ...) -> (C, 1, ...) in x's dtype.
-    Accumulated in float64 over the batch shards of every rank (``toolchain.distributed``)."""
+    Accumulated in float64 over the batch shards of every rank (``core.distributed``)."""
     return _per_channel(distributed.mean(x, _channel_dims(x)), x, x.dtype)
 
 

@@ -45,17 +45,17 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from core import distributed
+from core.errors import InputError
+from core.ir import AnnGraph, QLayer, QuantGraph, SnnGraph, evolve
 from exporters.quantize import validate
 from hw_targets import Target
 from sims import engine
 from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state, input_current,
                          run_steps, spike_current)
 from sims.reference import encode_input
-from toolchain import distributed
 from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
-from toolchain.errors import InputError
-from toolchain.ir import AnnGraph, QLayer, QuantGraph, SnnGraph, evolve
 
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
 

@@ -24,10 +24,10 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 import torch
 
+from core import distributed
+from core.errors import InputError
 from sims.engine import last_consumers
 from sims.progress import progress_bar
-from toolchain import distributed
-from toolchain.errors import InputError
 
 METHODS = ("none", "lp", "ftbc")
 

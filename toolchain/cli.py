@@ -31,9 +31,9 @@ if __name__ == "__main__" or Path(sys.argv[0]).name == "ftbc-export":  # run as 
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, _stop_while_starting)
 
-from toolchain import distributed  # noqa: E402 - torch: after the handlers above
-from toolchain.distributed import DEFAULT_TIMEOUT_S  # noqa: E402
-from toolchain.errors import FtbcError, InputError  # noqa: E402
+from core import distributed  # noqa: E402 - torch: after the handlers above
+from core.distributed import DEFAULT_TIMEOUT_S  # noqa: E402
+from core.errors import FtbcError, InputError  # noqa: E402
 
 EXIT_CODES = """exit codes:
   0  success
@@ -302,7 +302,7 @@ def commit_outputs(staging: Path, out: Path, stale: tuple[str, ...] = ()) -> lis
 
 
 def _run(options) -> int:
-    from toolchain.errors import VerificationError
+    from core.errors import VerificationError
     from toolchain.pipeline import OUTPUT_FILES, STAGES, run_pipeline
     from toolchain.report import build_report, summary_lines
 

@@ -74,12 +74,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain import distributed
+from core import distributed
+from core.errors import InputError, UnsupportedModelError
+from core.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
+                     FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer, PadNode,
+                     QcfsNode, ReluNode, SliceNode, SnnGraph, Synapse, SynapseKind,
+                     frozen_array)
 from toolchain.ann import EVALUATORS, ann_forward
-from toolchain.errors import InputError, UnsupportedModelError
-from toolchain.ir import (INPUT, AddNode, AnnGraph, AnnNode, AvgPoolNode, ConcatNode, ConvNode,
-                          FlattenNode, InputNode, InputSpec, LinearNode, NeuronLayer, PadNode,
-                          QcfsNode, ReluNode, SliceNode, SnnGraph, Synapse, frozen_array)
 
 THRESHOLD_METHODS = ("max", "percentile", "mse")
 MSE_FRACTIONS = tuple(1.0 - 0.01 * i for i in range(96))  # the authors' candidate grid
@@ -286,7 +287,7 @@ def _synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> Synaps
                        "fuse them into one layer before conversion")
     src_shape = shapes[path.ops[0].inputs[0]] if path.ops else shape
     if len(shape) == 1:
-        return Synapse(path.source, "dense", frozen_array(_dense_matrix(path, src_shape)))
+        return Synapse(path.source, SynapseKind.DENSE, frozen_array(_dense_matrix(path, src_shape)))
     if len(src_shape) != 3:
         raise _Problem(f"{target.name} ({target.origin}): a flat source feeds a conv-shaped "
                        "layer; this cannot be expressed as a synapse")
@@ -425,7 +426,7 @@ def _conv_synapse(path: _Path, shapes: dict, shape: tuple, target: AnnNode) -> S
     has_weighted = any(isinstance(op, ConvNode) for op in path.ops)
     weight, groups = (m.weight, src_shape[0]) if m.depthwise and has_weighted else (
         _expand_depthwise(m) if m.depthwise else m.weight, 1)
-    syn = Synapse(path.source, "conv", frozen_array(weight), m.stride, m.padding, (1, 1),
+    syn = Synapse(path.source, SynapseKind.CONV, frozen_array(weight), m.stride, m.padding, (1, 1),
                   groups)
     _verify_fold(path, syn, src_shape, shape, target)
     return syn
@@ -548,7 +549,7 @@ def _activations(ann: AnnGraph, x: np.ndarray, names: list[str],
                  batch_size: int) -> dict[str, torch.Tensor]:
     """ANN activations (N, *shape) float32 of the named nodes on ``x``. Data-parallel: each
     rank runs its share of the forward chunks and every rank gets all the values back in
-    sample order (``toolchain.distributed``: thresholds need every value of a channel)."""
+    sample order (``core.distributed``: thresholds need every value of a channel)."""
     if len(x) == 0:
         raise InputError("convert needs calibration samples (x_calib is empty)")
     mine = distributed.shard(len(x), align=batch_size)

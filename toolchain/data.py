@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolchain.errors import InputError
+from core.errors import InputError
 
 SPEC_FORMS = "'digits', 'mnist:DIR', 'cifar10:DIR' or 'npz:TRAIN.npz,TEST.npz'"
 

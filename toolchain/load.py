@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from toolchain.errors import InputError
+from core.errors import InputError
 
 KINDS = ("torchscript", "export", "module", "onnx")
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",

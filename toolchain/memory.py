@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import InputError
+from core.ir import AnnGraph, ReluNode
 from toolchain.ann import ann_forward
-from toolchain.errors import InputError
-from toolchain.ir import AnnGraph, ReluNode
 
 BYTES_PER_NEURON_STEP = 6.0
 EVAL_BATCH = 256  # samples per batch of the float simulation (sims.torch_snn.simulate)

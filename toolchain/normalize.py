@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.ir import INPUT, NeuronLayer, SnnGraph, Synapse, evolve
+from core.ir import INPUT, NeuronLayer, SnnGraph, Synapse, SynapseKind, evolve
 
 
 def normalize(snn: SnnGraph) -> SnnGraph:
@@ -65,7 +65,7 @@ def _scale_synapse(syn: Synapse, src_theta: np.ndarray, out_scale: np.ndarray,
 def _column_theta(syn: Synapse, w: np.ndarray, src_theta: np.ndarray,
                   layer: NeuronLayer) -> np.ndarray:
     """src theta broadcast to the weight's shape, by the input channel of each column."""
-    if syn.kind == "dense":
+    if syn.kind is SynapseKind.DENSE:
         per_channel = w.shape[1] // src_theta.shape[0]
         return np.repeat(src_theta, per_channel)[None, :]
     out_c, in_per_group = w.shape[:2]

@@ -1,14 +1,14 @@
 """ONNX front end: an ``onnx.ModelProto`` into the same ``AnnGraph`` as the PyTorch path.
 
 The graph's nodes are visited in order (ONNX requires topological order). Each becomes an
-``OnnxOp`` for the shared ``trace.Builder``: inputs resolved (the model input as an ``Act``;
+``OnnxOp`` for the shared ``builder.Builder``: inputs resolved (the model input as an ``Act``;
 initializers, ``Constant`` nodes and whatever is computed from them alone as torch tensors),
 attributes in ``attrs``, and the example output computed by onnx's reference evaluator, one
 node at a time, so every value has an example (shapes are known, shape arithmetic folds to
 constants, and nodes after an unsupported one are still checked).
 
 The ``onnx::<OpType>`` handlers below restate a node as the equivalent aten op and call that
-op's handler in ``toolchain.trace``: BatchNorm folding, the input transform ``(x - mean) /
+op's handler in ``toolchain.builder``: BatchNorm folding, the input transform ``(x - mean) /
 std``, clip merging, node naming and the all-at-once ``UnsupportedModelError`` are the same
 code as for PyTorch models. Supported: Conv, Gemm, MatMul (+ Add), BatchNormalization, Relu,
 Clip, AveragePool, GlobalAveragePool, ReduceMean over (H, W), Flatten, Reshape, Squeeze,
@@ -27,10 +27,10 @@ import onnx
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from toolchain.errors import InputError
-from toolchain.ir import AnnGraph
-from toolchain.trace import (EXAMPLE_BATCH, HANDLERS, Act, Builder, Op, Refuse, Scope, advice,
-                             examples, handles, refuse, run_example, slice_act)
+from core.errors import InputError
+from core.ir import AnnGraph
+from toolchain.builder import (EXAMPLE_BATCH, HANDLERS, Act, Builder, Op, Refuse, Scope, advice,
+                               examples, handles, refuse, run_example, slice_act)
 
 _FLT_MAX = float(np.finfo(np.float32).max)  # old opsets' Clip "no bound" default
 _SUBGRAPH = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from toolchain import distributed
-from toolchain.ir import AnnGraph, QuantGraph, SnnGraph
+from core import distributed
+from core.ir import AnnGraph, QuantGraph, SnnGraph
 
 
 def default_workers() -> int:
@@ -217,6 +217,7 @@ def quantize(run: Run) -> Run:
     from exporters.quantize import check, quantization_report
     from exporters.quantize import quantize as quantize_snn
     from hw_targets import get_target
+    from toolchain.report import provenance
     target = get_target(run.options.target)
     if not target.quantized:
         return run
@@ -340,23 +341,6 @@ STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
     load, trace, convert, calibrate, simulate, normalize, quantize, calibrate_fixed, emulate,
     *map(_main_rank_only, (export, netlist, export_nir, verify, report)),
 ))
-
-
-def provenance(run: Run) -> dict[str, Any]:
-    """Versions, options and seed: recorded in every artifact. Nothing run-specific (paths,
-    command line, timings) so that the same inputs give byte-identical exported files."""
-    from importlib.metadata import PackageNotFoundError, version
-    versions = {}
-    for pkg in ("ftbc", "torch", "numpy", "h5py", "lava-nc", "lava-dl"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    opts = run.options
-    return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
-            "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
-            "calibrate_fixed": opts.calibrate_fixed,
-            "calibration_data": f"{opts.data} (training split)"}
 
 
 def run_pipeline(options: Options, on_stage: Callable[[int, str], None] | None = None) -> Run:

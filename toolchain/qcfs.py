@@ -29,7 +29,8 @@ matched here, on the ops, not on one spelling:
   on it, it is reported with the other unsupported ops (a chain without a floor keeps the
   tracer's own refusal of its first op).
 
-Importing this module registers its handlers (``toolchain.trace`` imports it last).
+Importing this module registers its handlers, wrapping those of ``toolchain.builder``
+(``toolchain.trace`` imports it before any front end runs).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolchain.ir import ConvNode, InputNode, LinearNode, QcfsNode, ReluNode
-from toolchain.trace import (HANDLERS, Act, Builder, Op, Refuse, Unresolved, advice, handles,
-                             per_channel, scalar)
+from core.ir import ConvNode, InputNode, LinearNode, QcfsNode, ReluNode
+from toolchain.builder import (HANDLERS, Act, Builder, Op, Refuse, Unresolved, advice, handles,
+                               per_channel, scalar)
 
 FLOOR_WHY = ("is not part of a QCFS activation (theta/L * clip(floor(x L / theta + 1/2), 0, L) "
              "after a Conv2d/Linear), and floor has no integrate-and-fire equivalent otherwise")

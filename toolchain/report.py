@@ -44,9 +44,25 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def provenance(run) -> dict[str, Any]:
+    """Versions, options and seed: recorded in every artifact. Nothing run-specific (paths,
+    command line, timings) so that the same inputs give byte-identical exported files."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for pkg in ("ftbc", "torch", "numpy", "h5py", "lava-nc", "lava-dl"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    opts = run.options
+    return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
+            "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
+            "calibrate_fixed": opts.calibrate_fixed,
+            "calibration_data": f"{opts.data} (training split)"}
+
+
 def build_report(run) -> dict[str, Any]:
     """The report.json content."""
-    from toolchain.pipeline import provenance
     opts = run.options
     return _jsonable({
         "model": str(opts.model), "data": opts.data, "target": opts.target,

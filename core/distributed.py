@@ -36,7 +36,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from toolchain.errors import InputError
+from core.errors import InputError
 
 DEFAULT_TIMEOUT_S = 600.0
 EXIT_CODE = 5  # the CLI's exit code when a peer rank failed or cannot be reached

@@ -35,6 +35,7 @@ Arrays are made read-only by ``frozen_array``; dataclasses compare by identity o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from enum import StrEnum
 from typing import Any, Mapping
 
 import numpy as np
@@ -188,21 +189,37 @@ class InputSpec:
     std: np.ndarray | None = None
 
 
+class SynapseKind(StrEnum):
+    """How a synapse's weight reads its source. A ``StrEnum``: its value is what the exported
+    files store ("conv", "dense") and it compares equal to that string."""
+    CONV = "conv"  # weight (O, I/groups, kH, kW) on the source's (C, H, W) output
+    DENSE = "dense"  # weight (O, I) on the source's output flattened in C order
+
+
+def _synapse_kind(syn: Any) -> None:
+    """``__post_init__`` of the synapse classes: ``kind`` given as a string becomes the
+    ``SynapseKind`` member (an unknown kind raises ``ValueError``)."""
+    object.__setattr__(syn, "kind", SynapseKind(syn.kind))
+
+
 @dataclass(frozen=True, eq=False)
 class Synapse:
     """A linear map from population ``source`` (or ``INPUT``) into a layer's input current.
 
-    ``kind == "conv"``: ``weight`` (O, I/groups, kH, kW) on the source's (C, H, W) output.
-    ``kind == "dense"``: ``weight`` (O, I) on the source's output flattened in C order.
-    Pooling in front of a weighted layer is folded into its weight (exact, it is linear).
+    ``kind == SynapseKind.CONV``: ``weight`` (O, I/groups, kH, kW) on the source's (C, H, W)
+    output. ``kind == SynapseKind.DENSE``: ``weight`` (O, I) on the source's output flattened
+    in C order. Pooling in front of a weighted layer is folded into its weight (exact, it is
+    linear).
     """
     source: str
-    kind: str
+    kind: SynapseKind
     weight: np.ndarray
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+
+    __post_init__ = _synapse_kind
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,13 +285,15 @@ class QSynapse:
     its clip/truncate, i.e. even numbers in [-256, 254] for 8-bit mixed sign), applied as
     ``(sum w * s) << weight_exp`` (right shift for negative exponents)."""
     source: str
-    kind: str
+    kind: SynapseKind
     weight: np.ndarray
     weight_exp: int = 0
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+
+    __post_init__ = _synapse_kind
 
 
 @dataclass(frozen=True, eq=False)
