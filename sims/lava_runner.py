@@ -166,12 +166,14 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
 
 def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
     from sims.lava_procs.process import IFBiasSchedule
+    target = get_target(q.target)
     n = int(np.prod(layer.shape))
     per_channel = n // layer.shape[0]
     return IFBiasSchedule(
         n=n, vth=np.repeat(np.broadcast_to(layer.vth, layer.shape[:1]), per_channel),
         bias=np.repeat(layer.bias_mant.astype(np.int64), per_channel, 1),
-        bias_exp=layer.bias_exp, v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
+        bias_exp=layer.bias_exp, act_shift=target.act_shift, state_bits=target.state_bits,
+        v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
         depth=layer.depth, timesteps=q.timesteps, period=period, num_samples=num,
         readout=layer.readout, name=layer.name)
 

@@ -47,11 +47,14 @@ class IFBiasSchedule(AbstractProcess):
 
     Parameters: ``vth`` (n,) per-neuron threshold in state units, ``bias`` (T, n) effective-bias mantissas per
     neuron, ``bias_exp`` (int >= 0), ``v_init`` (n,), ``depth`` (hops from the input),
+    ``act_shift`` and ``state_bits`` (the target's synaptic-input shift, 6, and state width,
+    24: ``hw_targets``),
     ``timesteps`` T, ``period`` (steps per sample), ``num_samples`` (record size),
     ``readout`` (no spikes; record v instead).
     """
 
     def __init__(self, *, n: int, vth: np.ndarray, bias: np.ndarray, bias_exp: int,
+                 act_shift: int, state_bits: int,
                  v_init: np.ndarray, depth: int, timesteps: int, period: int,
                  num_samples: int, readout: bool = False, name: str | None = None,
                  log_config: LogConfig | None = None) -> None:
@@ -64,6 +67,8 @@ class IFBiasSchedule(AbstractProcess):
         self.vth = Var(shape=(n,), init=np.asarray(vth, dtype=np.int64))
         self.bias = Var(shape=(timesteps, n), init=np.asarray(bias, dtype=np.int64))
         self.bias_exp = Var(shape=(1,), init=int(bias_exp))
+        self.act_shift = Var(shape=(1,), init=int(act_shift))
+        self.state_bits = Var(shape=(1,), init=int(state_bits))
         self.depth = Var(shape=(1,), init=int(depth))
         self.timesteps = Var(shape=(1,), init=int(timesteps))
         self.period = Var(shape=(1,), init=int(period))
