@@ -247,24 +247,30 @@ class NeuronLayer:
         return self.shape[0]
 
 
-@dataclass(frozen=True, eq=False)
-class SnnGraph:
-    """Layers in topological order; the last one is the readout. ``meta`` records how the
-    graph was made (threshold method, calibration summary, ...)."""
-    input: InputSpec
-    layers: tuple[NeuronLayer, ...]
-    timesteps: int
-    meta: Mapping[str, Any] = field(default_factory=dict)
+class _LayerChain:
+    """``layer(name)`` and ``readout`` of a graph whose ``layers`` are in topological order
+    with the readout last (SnnGraph, QuantGraph)."""
+    layers: tuple[Any, ...]
 
-    def layer(self, name: str) -> NeuronLayer:
+    def layer(self, name: str) -> Any:
         for layer in self.layers:
             if layer.name == name:
                 return layer
         raise KeyError(name)
 
     @property
-    def readout(self) -> NeuronLayer:
+    def readout(self) -> Any:
         return self.layers[-1]
+
+
+@dataclass(frozen=True, eq=False)
+class SnnGraph(_LayerChain):
+    """Layers in topological order; the last one is the readout. ``meta`` records how the
+    graph was made (threshold method, calibration summary, ...)."""
+    input: InputSpec
+    layers: tuple[NeuronLayer, ...]
+    timesteps: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- integer level
@@ -320,7 +326,7 @@ class QLayer:
 
 
 @dataclass(frozen=True, eq=False)
-class QuantGraph:
+class QuantGraph(_LayerChain):
     """The deployable integer network for ``target``. ``meta`` holds provenance (versions, T,
     alpha, seed, ...) and per-layer quantization statistics."""
     input: QInput
@@ -328,16 +334,6 @@ class QuantGraph:
     timesteps: int
     target: str
     meta: Mapping[str, Any] = field(default_factory=dict)
-
-    def layer(self, name: str) -> QLayer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    @property
-    def readout(self) -> QLayer:
-        return self.layers[-1]
 
 
 # --------------------------------------------------------------------------- helpers
