@@ -33,6 +33,7 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
     start = time.perf_counter()
     report = build_report(run_pipeline(options))
     report["wall_seconds"] = time.perf_counter() - start
+    report["peak_rss_mib_per_stage"] = report.pop("peak_rss_mib")
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
 
@@ -84,6 +85,7 @@ def main() -> None:
                   "calibration_seconds": {m: c["seconds"] for m, c in
                                           v["calibration"].items()},
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
+                  "peak_rss_mib_per_stage": v.get("peak_rss_mib_per_stage"),
                   "kept": {m: {name: layer.get("kept") for name, layer in
                                c.get("layers", {}).items()}
                            for m, c in v["calibration"].items()}}

@@ -2,6 +2,8 @@
 accuracy of none / lp / ftbc against T.
 
     .venv/bin/python bench/bench_calibration.py timing   [--timesteps 32] [--repeats 3]
+        [--model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10
+         --batches 1 --iterations 1]
     .venv/bin/python bench/bench_calibration.py accuracy [--seeds 3] [--model PATH]
 
 timing: a 6-spiking-layer CNN trained on digits (seeded); ``calibrate(method="ftbc")`` (layer
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import resource
 import statistics
@@ -71,28 +74,38 @@ def _calib_set(x_train: np.ndarray, seed: int) -> np.ndarray:
 def _child(kind: str, setup_path: Path) -> dict:
     """One measured calibration in this (fresh) process."""
     torch.set_num_threads(1)
-    ann, snn, x_calib = pickle.loads(setup_path.read_bytes())
-    parts, _ = split_calibration(x_calib, CALIB["holdout"], CALIB["batches"],
-                                 CALIB["batch_size"], CALIB["seed"])
+    ann, snn, x_calib, calib = pickle.loads(setup_path.read_bytes())
+    parts, _ = split_calibration(x_calib, calib["holdout"], calib["batches"],
+                                 calib["batch_size"], calib["seed"])
     start = time.perf_counter()
     if kind == "ours":
-        calibrate(snn, ann, x_calib, method="ftbc", **CALIB)
+        calibrate(snn, ann, x_calib, method="ftbc", **calib)
     elif kind == "ours_no_holdout_rule":
-        calibrate(snn, ann, x_calib, method="ftbc", **{**CALIB, "holdout": 0.0})
+        calibrate(snn, ann, x_calib, method="ftbc", **{**calib, "holdout": 0.0})
     elif kind == "full_forward":
-        ftbc_full_forward(snn, ann, parts, alpha=CALIB["alpha"],
-                          iterations=CALIB["iterations"])
+        ftbc_full_forward(snn, ann, parts, alpha=calib["alpha"],
+                          iterations=calib["iterations"])
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _rss_mb()}
 
 
-def timing(timesteps: int, repeats: int) -> dict:
+def timing(timesteps: int, repeats: int, model: Path | None = None, spec: str = "digits",
+           batches: int = 5, iterations: int = 3, batch_size: int = 128) -> dict:
+    """Side by side, alternating, in fresh children: ours with and without the keep rule,
+    the full-forwards loop, and a baseline child (set-up only) for the memory figure.
+    ``model``: a TorchScript model on ``spec`` data (default: the seeded digits CNN)."""
     torch.set_num_threads(1)
-    ann, data = _digits_model(0)
-    x_calib = _calib_set(data.x_train, 0)
+    calib = {**CALIB, "batches": batches, "iterations": iterations, "batch_size": batch_size}
+    if model is None:
+        ann, data = _digits_model(0)
+    else:
+        ann, data = _load_model(model, spec)
+    need = int(np.ceil(batches * calib["batch_size"] / (1 - calib["holdout"])))
+    x_calib = data.x_train[np.sort(np.random.default_rng(0).permutation(
+        len(data.x_train))[:need])]
     snn = convert(ann, x_calib, timesteps=timesteps)
     OUT.mkdir(parents=True, exist_ok=True)
     setup = OUT / f"timing_setup_T{timesteps}.pkl"
-    setup.write_bytes(pickle.dumps((ann, snn, x_calib)))
+    setup.write_bytes(pickle.dumps((ann, snn, x_calib, calib)))
     runs: dict[str, list[dict]] = {"baseline": [], "ours": [], "ours_no_holdout_rule": [],
                                    "full_forward": []}
     for _ in range(repeats):
@@ -100,9 +113,12 @@ def timing(timesteps: int, repeats: int) -> dict:
             cmd = [sys.executable, __file__, "_child", kind, str(setup)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
             runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{kind}: {runs[kind][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    setup.unlink()
     spiking = sum(not l.readout for l in snn.layers)
-    result = {"timesteps": timesteps, "spiking_layers": spiking, "repeats": repeats,
-              **CALIB, "runs": runs}
+    result = {"model": str(model or "digits deep CNN"), "timesteps": timesteps,
+              "spiking_layers": spiking, "neurons": int(sum(np.prod(l.shape) for l in snn.layers)),
+              "repeats": repeats, **calib, "load_average": os.getloadavg(), "runs": runs}
     base_rss = statistics.median(r["peak_rss_mb"] for r in runs["baseline"])
     for kind in ("ours", "ours_no_holdout_rule", "full_forward"):
         rs = runs[kind]
@@ -170,11 +186,19 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--data", default="digits", help="data for --model (default digits)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--batches", type=int, default=CALIB["batches"],
+                   help="timing: calibration batches of 128 (fewer for big models)")
+    p.add_argument("--iterations", type=int, default=CALIB["iterations"],
+                   help="timing: FTBC iterations")
+    p.add_argument("--batch-size", type=int, default=CALIB["batch_size"],
+                   help="timing: calibration batch size")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.mode == "timing":
-        result = timing(args.timesteps, args.repeats)
-        (OUT / f"calibration_timing_T{args.timesteps}.json").write_text(
+        result = timing(args.timesteps, args.repeats, args.model, args.data, args.batches,
+                        args.iterations, args.batch_size)
+        stem = f"_{args.model.stem}" if args.model else ""
+        (OUT / f"calibration_timing{stem}_T{args.timesteps}.json").write_text(
             json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     else:

@@ -1,12 +1,16 @@
 """Lava verification with 1 and 2 worker processes (``--verify-workers``), side by side.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_verify_workers.py [--samples 100]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_verify_workers.py \
+        --net OUT/network.net --data cifar10:../shared/data/cifar10 --samples 20 --repeats 1
 
 The demo network (``make demo``: examples/digits_cnn.pt, loihi2-sim, default options) is
-built once through the pipeline; then ``sims.lava_pool.run_lava_pool`` runs the same
-samples with 1 and 2 workers, alternating, ``--repeats`` times each. Reported: seconds per
-sample (wall, build of the runtimes included) as the median, and that every run's spikes
-and readout equal the emulator's (0 mismatches), with the load average.
+built once through the pipeline, or ``--net`` names an exported network (with the
+``--data`` it was exported with; its first test samples are used); then
+``sims.lava_pool.run_lava_pool`` runs the same samples with 1 and 2 workers, alternating,
+``--repeats`` times each. Reported: seconds per sample (wall, build of the runtimes
+included) as the median, and that every run's spikes and readout equal the emulator's
+(0 mismatches), with the load average.
 """
 from __future__ import annotations
 
@@ -28,16 +32,27 @@ def demo_network(out: Path):
     return run.quant, out / "network.net", run.data.x_test
 
 
+def exported_network(net: Path, data: str):
+    from exporters.netx import read_netx
+    from toolchain.data import load_data
+    return read_netx(net), net, load_data(data).x_test
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--net", type=Path, help="an exported network.net (default: the demo's)")
+    p.add_argument("--data", help="with --net: the data it was exported with")
     args = p.parse_args()
+    if (args.net is None) != (args.data is None):
+        p.error("--net and --data go together")
     from sims.lava_pool import run_lava_pool
     from sims.reference import encode_input
     from sims.verify import _compare, expected_outputs
     with tempfile.TemporaryDirectory() as tmp:
-        q, net, x_test = demo_network(Path(tmp))
+        q, net, x_test = (demo_network(Path(tmp)) if args.net is None
+                          else exported_network(args.net, args.data))
         x = x_test[:args.samples]
         spikes, readout, _ = expected_outputs(q, x)
         x_int = encode_input(q.input, x)

@@ -162,6 +162,12 @@ def rate(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     return _mean_of_sums(sums.to(torch.float64), per_count)
 
 
+def rate_of_counts(counts: torch.Tensor, per_count: int) -> torch.Tensor:
+    """``rate`` from counts of ones already summed (exact integers, e.g. accumulated over
+    time chunks) out of ``per_count`` values each: the same float64 result."""
+    return _mean_of_sums(counts.to(torch.float64), per_count)
+
+
 def _mean_of_sums(sums: torch.Tensor, count: int) -> torch.Tensor:
     if _dist() is None:  # one process: no collective (this sits in FTBC's per-step loop)
         return sums / count

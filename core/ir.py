@@ -247,24 +247,30 @@ class NeuronLayer:
         return self.shape[0]
 
 
-@dataclass(frozen=True, eq=False)
-class SnnGraph:
-    """Layers in topological order; the last one is the readout. ``meta`` records how the
-    graph was made (threshold method, calibration summary, ...)."""
-    input: InputSpec
-    layers: tuple[NeuronLayer, ...]
-    timesteps: int
-    meta: Mapping[str, Any] = field(default_factory=dict)
+class _LayerChain:
+    """``layer(name)`` and ``readout`` of a graph whose ``layers`` are in topological order
+    with the readout last (SnnGraph, QuantGraph)."""
+    layers: tuple[Any, ...]
 
-    def layer(self, name: str) -> NeuronLayer:
+    def layer(self, name: str) -> Any:
         for layer in self.layers:
             if layer.name == name:
                 return layer
         raise KeyError(name)
 
     @property
-    def readout(self) -> NeuronLayer:
+    def readout(self) -> Any:
         return self.layers[-1]
+
+
+@dataclass(frozen=True, eq=False)
+class SnnGraph(_LayerChain):
+    """Layers in topological order; the last one is the readout. ``meta`` records how the
+    graph was made (threshold method, calibration summary, ...)."""
+    input: InputSpec
+    layers: tuple[NeuronLayer, ...]
+    timesteps: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- integer level
@@ -303,7 +309,7 @@ class QLayer:
     float thresholds of a layer differ by orders of magnitude); ``bias_mant`` (T, C)
     int, effective bias ``bias_mant << bias_exp``; ``v_init`` (C,) int; ``depth`` is the
     number of synaptic hops from the input (= its step offset in Lava, where every hop
-    delivers one step late; stored as "delay" in the exported files);
+    delivers one step late; ``hw_targets.timing``; stored as "depth" in the exported files);
     ``scale`` (C,) float is state units per unit of the normalised float threshold (for
     reports and dequantization)."""
     name: str
@@ -320,7 +326,7 @@ class QLayer:
 
 
 @dataclass(frozen=True, eq=False)
-class QuantGraph:
+class QuantGraph(_LayerChain):
     """The deployable integer network for ``target``. ``meta`` holds provenance (versions, T,
     alpha, seed, ...) and per-layer quantization statistics."""
     input: QInput
@@ -328,16 +334,6 @@ class QuantGraph:
     timesteps: int
     target: str
     meta: Mapping[str, Any] = field(default_factory=dict)
-
-    def layer(self, name: str) -> QLayer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    @property
-    def readout(self) -> QLayer:
-        return self.layers[-1]
 
 
 # --------------------------------------------------------------------------- helpers

@@ -46,10 +46,11 @@ import numpy as np
 from core.errors import InputError
 from core.ir import INPUT, QLayer, QSynapse, QuantGraph, SynapseKind
 from hw_targets import Target
+from hw_targets.timing import synaptic_delays
 from hw_targets.loihi2_resources import ChipResources, describe, resources_for
 
 FORMAT = "ftbc-netlist"
-VERSION = 1
+VERSION = 2   # 2: layers say "depth" (v1: "delay"), synapses "delay", delay slots counted
 
 
 # =========================================================================== connectivity
@@ -237,9 +238,15 @@ def members_synapse_bits(layer: QLayer, conns: tuple[Connectivity, ...], members
     return total
 
 
+def delay_slots(neurons: int, delays: tuple[int, ...]) -> int:
+    """Dendritic accumulator slots of ``neurons`` whose synapses carry ``delays``: one per
+    step still to come, 1 + the longest delay each."""
+    return neurons * (1 + max(delays, default=0))
+
+
 def members_usage(layer: QLayer, conns: tuple[Connectivity, ...], shapes: Mapping,
                   members: np.ndarray, res: ChipResources, bits: Mapping[str, int],
-                  timesteps: int) -> dict[str, int]:
+                  timesteps: int, delays: tuple[int, ...] = ()) -> dict[str, int]:
     """What the neurons ``members`` of ``layer`` need on one core."""
     axons = sum(members_axons(s, shapes[s.source], tuple(layer.shape), members)
                 for s in layer.synapses)
@@ -248,12 +255,14 @@ def members_usage(layer: QLayer, conns: tuple[Connectivity, ...], shapes: Mappin
             "synapse_memory_bits": members_synapse_bits(layer, conns, members, res,
                                                         bits["weight"]),
             "fan_in_axons": axons,
-            "bias_schedule_bits": channels_of(layer, members).size * timesteps * bits["bias"]}
+            "bias_schedule_bits": channels_of(layer, members).size * timesteps * bits["bias"],
+            "delay_slots": delay_slots(int(members.size), delays)}
 
 
 LIMIT_OF = {"neurons": "neurons_per_core", "synapse_memory_bits": "synapse_memory_bits_per_core",
             "fan_in_axons": "fan_in_axons_per_core",
-            "bias_schedule_bits": "bias_memory_bits_per_core"}
+            "bias_schedule_bits": "bias_memory_bits_per_core",
+            "delay_slots": "delay_slots_per_core"}
 
 
 def overload(usage: Mapping[str, int], res: ChipResources, ignore: set[str]) -> float:
@@ -262,12 +271,13 @@ def overload(usage: Mapping[str, int], res: ChipResources, ignore: set[str]) -> 
                if q not in ignore)
 
 
-def single_neuron_violations(layer: QLayer, conns, shapes, res, bits, timesteps
+def single_neuron_violations(layer: QLayer, conns, shapes, res, bits, timesteps, delays
                              ) -> tuple[list[dict[str, Any]], set[str]]:
     """Limits that even the neediest single neuron exceeds (no split can satisfy them)."""
     needs = np.sum([c.fan_in for c in conns], axis=0) if conns else np.zeros(1)
     worst = int(np.argmax(needs))
-    usage = members_usage(layer, conns, shapes, np.array([worst]), res, bits, timesteps)
+    usage = members_usage(layer, conns, shapes, np.array([worst]), res, bits, timesteps,
+                          delays)
     bad = {q for q, lim in LIMIT_OF.items() if usage[q] > getattr(res.limits, lim)}
     return [violation(layer.name, q, usage[q], LIMIT_OF[q], res, "one neuron alone")
             for q in sorted(bad)], bad
@@ -280,18 +290,20 @@ def violation(layer: str, quantity: str, value: int, limit: str, res: ChipResour
             "limit_value": rec["value"], "limit_source": rec["source"], "why": why}
 
 
-def place_layer(layer: QLayer, conns, shapes, res: ChipResources, bits, timesteps
+def place_layer(layer: QLayer, conns, shapes, res: ChipResources, bits, timesteps,
+                delays: tuple[int, ...] = ()
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Core ranges of one layer in placement order (smallest k that fits) and the
-    violations found."""
+    violations found; ``delays`` are its synapses' synaptic delays."""
     order = placement_order(tuple(layer.shape))
     n = order.size
-    problems, ignore = single_neuron_violations(layer, conns, shapes, res, bits, timesteps)
+    problems, ignore = single_neuron_violations(layer, conns, shapes, res, bits, timesteps,
+                                                delays)
     k = max(1, math.ceil(n / res.limits.neurons_per_core))
     while True:
         ranges = even_ranges(n, k)
-        usage = [members_usage(layer, conns, shapes, order[a:b], res, bits, timesteps)
-                 for a, b in ranges]
+        usage = [members_usage(layer, conns, shapes, order[a:b], res, bits, timesteps,
+                               delays) for a, b in ranges]
         worst = max(overload(u, res, ignore) for u in usage)
         if worst <= 1.0 or k >= n:
             break
@@ -319,10 +331,11 @@ def fan_outs(q: QuantGraph, conns: Mapping[str, tuple[Connectivity, ...]]
     return out
 
 
-def synapse_record(syn: QSynapse, conn: Connectivity, weight_bits: int) -> dict[str, Any]:
+def synapse_record(syn: QSynapse, conn: Connectivity, weight_bits: int,
+                   delay: int) -> dict[str, Any]:
     return {"source": syn.source, "kind": syn.kind.value, "weight_shape": list(syn.weight.shape),
             "weights_nonzero": conn.weights_nonzero, "connections": conn.connections,
-            "weight_bits": weight_bits, "weight_exp": int(syn.weight_exp),
+            "weight_bits": weight_bits, "weight_exp": int(syn.weight_exp), "delay": int(delay),
             "stride": list(syn.stride), "padding": list(syn.padding),
             "dilation": list(syn.dilation), "groups": int(syn.groups),
             "ann_macs": conn.macs, "pool_folded": conn.pool_folded}
@@ -335,13 +348,16 @@ def bias_record(layer: QLayer, mant_bits: int) -> dict[str, Any]:
             "bits": int(t * c * mant_bits)}
 
 
-def layer_record(layer: QLayer, conns, fan_out: np.ndarray, cores: list, bits) -> dict:
+def layer_record(layer: QLayer, conns, fan_out: np.ndarray, cores: list, bits,
+                 delays: tuple[int, ...]) -> dict:
     fan_in = np.sum([c.fan_in for c in conns], axis=0)
+    n = int(np.prod(layer.shape))
     return {"name": layer.name, "origin": layer.origin,
             "kind": "readout" if layer.readout else "if", "shape": list(layer.shape),
-            "neurons": int(np.prod(layer.shape)), "delay": int(layer.depth),
+            "neurons": n, "depth": int(layer.depth), "delay_slots": delay_slots(n, delays),
             "vth": {"min": int(np.min(layer.vth)), "max": int(np.max(layer.vth))},
-            "synapses": [synapse_record(s, c, bits["weight"]) for s, c in zip(layer.synapses, conns)],
+            "synapses": [synapse_record(s, c, bits["weight"], d)
+                         for s, c, d in zip(layer.synapses, conns, delays)],
             "connections": int(fan_in.sum()), "fan_in": stats(fan_in), "fan_out": stats(fan_out),
             "weight_bits": bits["weight"], "bias_schedule": bias_record(layer, bits["bias"]),
             "placement_order": "hwc" if len(layer.shape) == 3 else "flat", "cores": cores}
@@ -363,14 +379,16 @@ def build_netlist(q: QuantGraph, target: Target, activity: Mapping[str, Any] | N
                          f"use --target loihi2")
     bits = {"weight": target.weight_bits,
             "bias": signed_bits(target.bias_mant_min, target.bias_mant_max)}
-    conns, shapes = graph_connectivity(q), shapes_of(q)
+    conns, shapes, delays = graph_connectivity(q), shapes_of(q), synaptic_delays(q.layers)
     outs, layers, violations, first = fan_outs(q, conns), [], [], 0
     for layer in q.layers:
-        cores, problems = place_layer(layer, conns[layer.name], shapes, res, bits, q.timesteps)
+        cores, problems = place_layer(layer, conns[layer.name], shapes, res, bits, q.timesteps,
+                                      delays[layer.name])
         for i, core in enumerate(cores):
             core["core"] = first + i
         first += len(cores)
-        layers.append(layer_record(layer, conns[layer.name], outs[layer.name], cores, bits))
+        layers.append(layer_record(layer, conns[layer.name], outs[layer.name], cores, bits,
+                                   delays[layer.name]))
         violations += problems
     return assemble(q, target, res, layers, violations, outs, conns, activity)
 
@@ -383,6 +401,9 @@ def assemble(q, target, res, layers, violations, outs, conns, activity) -> dict[
               "connections": sum(l["connections"] for l in layers),
               "weights_nonzero": sum(s["weights_nonzero"] for l in layers for s in l["synapses"]),
               "bias_schedule_bits": sum(l["bias_schedule"]["bits"] for l in layers),
+              "delay_slots": sum(l["delay_slots"] for l in layers),
+              "delayed_connections": sum(s["connections"] for l in layers
+                                         for s in l["synapses"] if s["delay"]),
               "ann_macs": sum(s["ann_macs"] for l in layers for s in l["synapses"]),
               "cores": cores, "chips": math.ceil(cores / res.limits.cores_per_chip)}
     return {"format": FORMAT, "version": VERSION, "target": target.name,
@@ -483,6 +504,10 @@ def netlist_summary_lines(netlist: Mapping[str, Any]) -> list[str]:
              f"{_si(t['neurons'])} neurons, {_si(t['connections'])} synapses, "
              f"{t['cores']} cores on {t['chips']} chip(s) (limits partly assumptions, "
              f"see resources)"]
+    if t["delayed_connections"]:
+        lines.append(f"residual inputs aligned by synaptic delays: "
+                     f"{_si(t['delayed_connections'])} delayed synapses, "
+                     f"{_si(t['delay_slots'])} dendritic delay slots")
     act = {a["name"]: a for a in (netlist["activity"] or {}).get("layers", [])}
     head = (f"{'layer':12s} {'neurons':>8s} {'synapses':>9s} {'fan-in':>11s} {'fan-out':>11s} "
             f"{'cores':>5s}")

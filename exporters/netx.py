@@ -29,9 +29,14 @@ One file carries two views of the same network:
     source other than the previous layer end the netx view.
 
 ``ftbc/``  (ignored by netx; the only thing ``read_netx`` builds the QuantGraph from)
-    Everything exact: neuron kind, vth, bias schedules (T, C) + exponent, v_init, delay,
-    readout flag, every synapse with its source, the input encoding, target, timesteps and
-    provenance (``QuantGraph.meta`` as JSON, numpy arrays tagged with dtype and shape).
+    Everything exact: neuron kind, vth, bias schedules (T, C) + exponent, v_init, depth,
+    readout flag, every synapse with its source and its synaptic delay, the input encoding,
+    target, timesteps and provenance (``QuantGraph.meta`` as JSON, numpy arrays tagged with
+    dtype and shape). ``depth`` is the layer's hops from the input (its step offset on the
+    chip); a synapse's ``delay`` is the extra steps it holds its spikes so that a residual
+    layer's inputs arrive together (Loihi 2's 6-bit synaptic delay field, 0..63;
+    ``hw_targets.timing``): 0 on every path but the shorter ones into a residual sum. The
+    reader checks both against the graph (``validate_graph``); layout: docs/netx.md.
     Synapse weights are stored once: the netx ``weight`` of a chain layer is a hard link to
     the exact weight when the two coincide (weight_exp == 0).
 
@@ -54,9 +59,10 @@ import numpy as np
 from core.errors import InputError
 from core.ir import INPUT, QInput, QLayer, QSynapse, QuantGraph, SynapseKind
 from hw_targets import Target, get_target
+from hw_targets.timing import synaptic_delays
 
 FORMAT = "ftbc-netx"
-VERSION = 1
+VERSION = 2   # 2: layers store "depth" (v1 called it "delay"), synapses "delay"
 # Widths, shifts and ranges come from the graph's target (hw_targets); this is the Loihi 2
 # targets' graded-input payload, kept for readers of this module's old constant.
 PAYLOAD_BITS = get_target("loihi2").input_payload_bits
@@ -112,9 +118,9 @@ def _write_file(f: h5py.File, q: QuantGraph) -> None:
     for key, value in neuron_record(target).items():
         _put(neuron, key, value)
     _write_input(_group(root, "input"), q.input)
-    layers = _group(root, "layers")
+    layers, delays = _group(root, "layers"), synaptic_delays(q.layers)
     for i, layer in enumerate(q.layers):
-        _write_layer(_group(layers, str(i)), layer)
+        _write_layer(_group(layers, str(i)), layer, delays[layer.name])
     chain = netx_chain(q)
     _put(root, "netx_layers", len(chain))
     _write_netx_view(f, q, chain, layers)
@@ -149,7 +155,7 @@ def _write_input(g: h5py.Group, qin: QInput) -> None:
         _put(g, "std", qin.std)
 
 
-def _write_layer(g: h5py.Group, layer: QLayer) -> None:
+def _write_layer(g: h5py.Group, layer: QLayer, delays: tuple[int, ...]) -> None:
     _put(g, "name", layer.name)
     _put(g, "origin", layer.origin)
     _put(g, "shape", np.asarray(layer.shape, dtype=np.int64))
@@ -157,7 +163,7 @@ def _write_layer(g: h5py.Group, layer: QLayer) -> None:
     _put(g, "bias_mant", layer.bias_mant)
     _put(g, "bias_exp", int(layer.bias_exp))
     _put(g, "v_init", layer.v_init)
-    _put(g, "delay", int(layer.depth))  # (the file's key for the depth)
+    _put(g, "depth", int(layer.depth))
     _put(g, "scale", np.asarray(layer.scale, dtype=np.float64))
     _put(g, "readout", bool(layer.readout))
     syns = _group(g, "synapses")
@@ -170,6 +176,7 @@ def _write_layer(g: h5py.Group, layer: QLayer) -> None:
         for key in ("stride", "padding", "dilation"):
             _put(s, key, np.asarray(getattr(syn, key), dtype=np.int64))
         _put(s, "groups", int(syn.groups))
+        _put(s, "delay", int(delays[k]))
 
 
 # --------------------------------------------------------------------------- netx view
@@ -322,11 +329,12 @@ def read_netx(path: str | os.PathLike) -> QuantGraph:
         raise InputError(f"{path}: not a readable HDF5 file ({_one_line(exc)})") from None
     try:
         with f:
-            q = _read_graph(f)
+            q, delays = _read_graph(f)
             problems = validate_graph(q)
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise InputError(problems[0] + more)
+            _check_delays(q, delays)
             _check_netx_view(f, q, _int(f["ftbc"], "netx_layers"))
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
@@ -345,7 +353,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read_graph(f: h5py.File) -> QuantGraph:
+def _read_graph(f: h5py.File) -> tuple[QuantGraph, dict[str, tuple[int, ...]]]:
+    """The graph and, per layer, its synapses' stored delays (checked by ``_check_delays``
+    once the graph is known to be sound)."""
     root = _need_group(f, "ftbc")
     fmt, version = _str(root, "format"), _int(root, "version")
     if fmt != FORMAT or version != VERSION:
@@ -355,11 +365,23 @@ def _read_graph(f: h5py.File) -> QuantGraph:
     if _int(root, "payload_bits") != target.input_payload_bits:
         raise InputError(f"ftbc/payload_bits must be {target.input_payload_bits}")
     layers_g = _need_group(root, "layers")
-    layers = tuple(_read_layer(_need_group(layers_g, str(i)), f"ftbc/layers/{i}")
-                   for i in range(len(layers_g)))
-    return QuantGraph(input=_read_input(_need_group(root, "input")), layers=layers,
-                      timesteps=_int(root, "timesteps"), target=_str(root, "target"),
-                      meta=meta_from_json(_str(root, "meta")))
+    read = [_read_layer(_need_group(layers_g, str(i)), f"ftbc/layers/{i}")
+            for i in range(len(layers_g))]
+    layers = tuple(layer for layer, _ in read)
+    q = QuantGraph(input=_read_input(_need_group(root, "input")), layers=layers,
+                   timesteps=_int(root, "timesteps"), target=_str(root, "target"),
+                   meta=meta_from_json(_str(root, "meta")))
+    return q, {layer.name: delays for layer, delays in read}
+
+
+def _check_delays(q: QuantGraph, stored: Mapping[str, tuple[int, ...]]) -> None:
+    """Every synapse's stored delay must be the one the graph's depths give
+    (``hw_targets.timing``): a file whose delays disagree would run misaligned."""
+    for i, (name, want) in enumerate(synaptic_delays(q.layers).items()):
+        for k, (got, need) in enumerate(zip(stored[name], want)):
+            if got != need:
+                raise InputError(f"ftbc/layers/{i}/synapses/{k}/delay is {got}, but layer "
+                                 f"{name}'s sources need {need} (hw_targets.timing)")
 
 
 def neuron_record(target: Target) -> dict:
@@ -382,15 +404,16 @@ def _read_input(g: h5py.Group) -> QInput:
                   std=_float_array(g, "std") if "std" in g else None)
 
 
-def _read_layer(g: h5py.Group, where: str) -> QLayer:
+def _read_layer(g: h5py.Group, where: str) -> tuple[QLayer, tuple[int, ...]]:
     syns = _need_group(g, "synapses")
-    synapses = tuple(_read_synapse(_need_group(syns, str(k)), f"{where}/synapses/{k}")
-                     for k in range(len(syns)))
+    groups = [_need_group(syns, str(k)) for k in range(len(syns))]
+    synapses = tuple(_read_synapse(s, f"{where}/synapses/{k}") for k, s in enumerate(groups))
+    delays = tuple(_int(s, "delay") for s in groups)
     return QLayer(name=_str(g, "name"), shape=_shape(g, "shape"), synapses=synapses,
                   vth=_int_array(g, "vth", 1), bias_mant=_int_array(g, "bias_mant", 2),
                   bias_exp=_int(g, "bias_exp"), v_init=_int_array(g, "v_init", 1),
-                  depth=_int(g, "delay"), scale=_float_array(g, "scale"),
-                  readout=bool(_int(g, "readout")), origin=_str(g, "origin"))
+                  depth=_int(g, "depth"), scale=_float_array(g, "scale"),
+                  readout=bool(_int(g, "readout")), origin=_str(g, "origin")), delays
 
 
 def _read_synapse(g: h5py.Group, where: str) -> QSynapse:
@@ -413,7 +436,7 @@ def _check_netx_view(f: h5py.File, q: QuantGraph, count: int) -> None:
     want = [("input", _chw(q.input.shape))]
     prev = tuple(q.input.shape)
     for layer in chain:
-        if layer.synapses[0].kind == "dense" and len(prev) == 3:
+        if layer.synapses[0].kind is SynapseKind.DENSE and len(prev) == 3:
             want.append(("flatten", _chw((int(np.prod(prev)),))))
         want.append((layer.synapses[0].kind, _chw(layer.shape)))
         prev = tuple(layer.shape)
@@ -500,24 +523,30 @@ def _pair(g: h5py.Group, key: str) -> tuple[int, int]:
 # =========================================================================== validation
 
 def validate_graph(q: QuantGraph) -> list[str]:
-    """Every structural problem of ``q`` (shapes, ranges, sources), one line each."""
+    """Every problem of ``q``, one line each: first its structure (shapes, sources, names:
+    what makes it a graph this file can hold), then, once that is sound, every violation of
+    its target's limits from ``exporters.quantize.validate``, the one check of widths,
+    ranges, depths and synaptic delays that the pipeline, this exporter and the Lava runner
+    all consult."""
+    from exporters.quantize import validate
     target = get_target(q.target)
     problems = _check_input(q.input)
+    if not target.quantized:
+        problems.append(f"target {q.target!r} is not a quantized hardware target")
     if q.timesteps < 1:
         problems.append(f"timesteps is {q.timesteps}, must be >= 1")
     shapes: dict[str, tuple[int, ...]] = {INPUT: tuple(q.input.shape)}
     for layer in q.layers:
         if layer.name in shapes:
             problems.append(f"layer name {layer.name!r} is used twice (or is 'input')")
-        problems += [f"layer {layer.name}: {p}"
-                     for p in _check_layer(layer, q.timesteps, target)]
+        problems += [f"layer {layer.name}: {p}" for p in _check_layer(layer, q.timesteps)]
         for k, syn in enumerate(layer.synapses):
             problems += [f"layer {layer.name} synapse {k}: {p}"
-                         for p in _check_synapse(syn, shapes, tuple(layer.shape), target)]
+                         for p in _check_synapse(syn, shapes, tuple(layer.shape))]
         shapes[layer.name] = tuple(layer.shape)
     if not q.layers:
         problems.append("the graph has no layers")
-    return problems
+    return problems or [str(v) for v in validate(q, target)]
 
 
 def _check_input(qin: QInput) -> list[str]:
@@ -534,30 +563,18 @@ def _check_input(qin: QInput) -> list[str]:
     return problems
 
 
-def _check_layer(layer: QLayer, steps: int, target: Target) -> list[str]:
+def _check_layer(layer: QLayer, steps: int) -> list[str]:
+    """Shapes of the layer's arrays (their values are the target's: ``validate``)."""
     problems = []
     if len(layer.shape) not in (1, 3) or min(layer.shape, default=0) < 1:
         return [f"shape {layer.shape} must be (C, H, W) or (F,), all >= 1"]
-    chans, bits = layer.shape[0], target.state_bits
-    lim = 1 << (bits - 1)
+    chans = layer.shape[0]
     if layer.bias_mant.shape != (steps, chans):
         problems.append(f"bias_mant has shape {layer.bias_mant.shape}, expected ({steps}, {chans})")
     if layer.v_init.shape != (chans,):
         problems.append(f"v_init has shape {layer.v_init.shape}, expected ({chans},)")
     if layer.vth.shape != (chans,):
         problems.append(f"vth has shape {layer.vth.shape}, expected ({chans},)")
-    elif not (np.all((0 <= layer.vth) & (layer.vth < lim)) if layer.readout
-              else np.all((0 < layer.vth) & (layer.vth < lim))):
-        problems.append(f"vth {layer.vth.min()}..{layer.vth.max()} outside "
-                        f"{int(layer.readout) ^ 1}..{lim - 1} ({bits}-bit state)")
-    if not 0 <= layer.bias_exp <= bits:
-        problems.append(f"bias_exp {layer.bias_exp} outside 0..{bits}")
-    if layer.bias_mant.size and np.abs(layer.bias_mant).max() >= lim:
-        problems.append("bias_mant magnitude reaches 2**23")
-    if layer.v_init.size and not (-lim <= layer.v_init.min() and layer.v_init.max() < lim):
-        problems.append(f"v_init outside the {bits}-bit state range")
-    if layer.depth < 1:
-        problems.append(f"depth {layer.depth} must be >= 1 (one hop per synapse)")
     if np.shape(layer.scale) != (chans,) or not np.all(np.isfinite(layer.scale)):
         problems.append("scale is not finite")
     if not layer.synapses:
@@ -566,27 +583,16 @@ def _check_layer(layer: QLayer, steps: int, target: Target) -> list[str]:
 
 
 def _check_synapse(syn: QSynapse, shapes: Mapping[str, tuple[int, ...]],
-                   out_shape: tuple[int, ...], target: Target) -> list[str]:
+                   out_shape: tuple[int, ...]) -> list[str]:
+    """Source and weight geometry (the weights' values are the target's: ``validate``)."""
     if syn.source not in shapes:
         return [f"source {syn.source!r} is not the input or an earlier layer"]
     src = shapes[syn.source]
-    w = syn.weight
-    problems = []
-    if w.size and (w.min() < target.weight_min or w.max() > target.weight_max):
-        problems.append(f"weights outside [{target.weight_min}, {target.weight_max}] "
-                        f"({target.weight_bits}-bit mixed sign)")
-    if not target.weight_exp_min <= syn.weight_exp <= target.weight_exp_max:
-        problems.append(f"weight_exp {syn.weight_exp} outside "
-                        f"{target.weight_exp_min}..{target.weight_exp_max}")
-    if syn.kind == "dense":
-        if w.size and np.any(w % 2):
-            problems.append("dense weights must be even (Lava's 8-bit mixed-sign Dense "
-                            "truncates the lowest bit)")
+    if syn.kind is SynapseKind.DENSE:
         want = (int(np.prod(out_shape)), int(np.prod(src)))
-        if w.shape != want:
-            problems.append(f"dense weight shape {w.shape}, expected {want}")
-        return problems
-    return problems + _check_conv(syn, src, out_shape)
+        return [] if syn.weight.shape == want else [
+            f"dense weight shape {syn.weight.shape}, expected {want}"]
+    return _check_conv(syn, src, out_shape)
 
 
 def _check_conv(syn: QSynapse, src: tuple[int, ...], out: tuple[int, ...]) -> list[str]:

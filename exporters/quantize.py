@@ -33,7 +33,7 @@ allowed by
 Bias: ``b_state[t, c] = (bias[c] + bias_schedule[t, c]) * scale[c]``; one exponent per
 layer, the smallest ``e`` in the target's range with ``max|rint(b_state / 2**e)| <= 4095``;
 ``bias_mant = rint(b_state / 2**e)``. ``v_init[c] = rint(v_init[c] * scale[c])``.
-``weight_exp = 0``; ``delay`` = synaptic hops from the input (1 + max over sources).
+``weight_exp = 0``; ``depth`` = synaptic hops from the input (``hw_targets.timing``).
 
 ``validate`` lists every violation of the target's limits; ``check`` raises them together.
 Nothing is ever clipped: a value that does not fit is reported, not bent.
@@ -47,8 +47,9 @@ import numpy as np
 
 from core.errors import HardwareLimitError, InputError, Violation
 from core.ir import (INPUT, InputSpec, NeuronLayer, QInput, QLayer, QSynapse,
-                     QuantGraph, SnnGraph, Synapse, frozen_array)
+                     QuantGraph, SnnGraph, Synapse, SynapseKind, frozen_array)
 from hw_targets import Target
+from hw_targets.timing import layer_depths, synapse_delay
 
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
 
@@ -262,7 +263,7 @@ def layer_stats(layer: NeuronLayer, q: QLayer, sigma: Mapping[str, float], b: np
             "scale_limited_by": dict(limit), "weight_error": error_stats(w_err),
             "bias_error": error_stats([b_err]), "bias_exp": int(q.bias_exp),
             "weight_exp": [int(s.weight_exp) for s in q.synapses],
-            "max_abs_mantissa": mant, "delay": int(q.depth), "vth": min_max(q.vth)}
+            "max_abs_mantissa": mant, "depth": int(q.depth), "vth": min_max(q.vth)}
 
 
 # --------------------------------------------------------------------------- graph
@@ -274,14 +275,6 @@ def require_normalised(snn: SnnGraph) -> None:
     if bad:
         raise InputError(f"quantize needs a normalised SnnGraph (thresholds 1); run "
                          f"toolchain.normalize first. Layers with other thresholds: {bad}")
-
-
-def layer_depths(layers: Iterable[NeuronLayer | QLayer]) -> dict[str, int]:
-    """Synaptic hops from the input: 1 + max over sources (the input has depth 0)."""
-    depth: dict[str, int] = {INPUT: 0}
-    for layer in layers:
-        depth[layer.name] = 1 + max(depth[s.source] for s in layer.synapses)
-    return depth
 
 
 def source_units(snn: SnnGraph, qin: QInput, input_range: tuple[float, float]
@@ -381,6 +374,10 @@ def synapse_violations(layer: QLayer, syn: QSynapse, src_max: float,
     if not target.weight_exp_min <= syn.weight_exp <= target.weight_exp_max:
         out.append(_v(name, "weight_exp", syn.weight_exp,
                       f"[{target.weight_exp_min}, {target.weight_exp_max}]"))
+    elif syn.kind is SynapseKind.CONV and syn.weight_exp != 0 and not target.conv_weight_exp:
+        out.append(_v(name, "conv weight_exp", syn.weight_exp, "0",
+                      f"{target.name} runs conv synapses as Lava's Conv, which has no weight "
+                      f"exponent; fold 2**weight_exp into the weights"))
     acc = float(np.abs(w).reshape(w.shape[0], -1).sum(axis=1).max(initial=0)) * src_max
     limit = (1 << (target.synapse_acc_bits - 1)) - 1
     if acc > limit:
@@ -425,16 +422,19 @@ def threshold_violations(layer: QLayer, target: Target) -> list[Violation]:
 
 
 def delay_violations(q: QuantGraph, target: Target) -> list[Violation]:
-    """Layer depth bookkeeping and sources reaching a layer at different depths."""
+    """Layer depths as ``hw_targets.timing`` computes them, and every synapse's delay (the
+    extra steps that align a residual input, ``timing.synapse_delay``) within the target's
+    synaptic delay field."""
     depth, out = layer_depths(q.layers), []
     for layer in q.layers:
         if layer.depth != depth[layer.name]:
             out.append(_v(layer.name, "depth", layer.depth, f"== {depth[layer.name]} hops"))
-        src = [depth[s.source] for s in layer.synapses]
-        if max(src) - min(src) > target.max_synaptic_delay:
-            out.append(_v(layer.name, "source depth mismatch", max(src) - min(src),
-                          f"{target.max_synaptic_delay} extra synaptic delay steps",
-                          _delay_hint(layer, depth, target)))
+        for syn in layer.synapses:
+            delay = synapse_delay(layer, syn, depth)
+            if delay > target.max_synaptic_delay:
+                out.append(_v(f"{layer.name}<-{syn.source}", "synaptic delay", delay,
+                              f"{target.max_synaptic_delay} steps ({target.name}'s synaptic "
+                              f"delay field)", _delay_hint(layer, depth, target)))
     return out
 
 
@@ -442,11 +442,11 @@ def _delay_hint(layer: QLayer, depth: Mapping[str, int], target: Target) -> str:
     """Which inputs arrive when, and what to do about it on ``target``."""
     arrivals = ", ".join(f"{name} at depth {d}" for name, d in sorted(
         {s.source: depth[s.source] for s in layer.synapses}.items(), key=lambda kv: kv[1]))
-    why = f"residual input: its sources ({arrivals}) need synaptic delays to be aligned"
+    why = f"residual input: its sources ({arrivals}) are aligned by synaptic delays"
     if target.max_synaptic_delay == 0:
-        return (f"{why}, which {target.name} cannot run yet; use --target loihi2 (fixed-point "
-                f"emulator and export) or --target float for residual networks")
-    return f"{why}; shorten the shortcut to at most {target.max_synaptic_delay} layers"
+        return f"{why}, which {target.name} does not have; use --target loihi2"
+    return (f"{why}; shorten the shortcut so that it skips at most "
+            f"{target.max_synaptic_delay + 1} layers")
 
 
 def validate(q: QuantGraph, target: Target) -> list[Violation]:
@@ -472,12 +472,12 @@ def check(q: QuantGraph, target: Target) -> None:
 # --------------------------------------------------------------------------- report
 
 def quantization_report(q: QuantGraph) -> dict[str, Any]:
-    """JSON-able per-layer scales, exponents, thresholds, delays and errors."""
+    """JSON-able per-layer scales, exponents, thresholds, depths and errors."""
     stats = q.meta.get("quantization", {})
     layers = {}
     for layer in q.layers:
         entry = {"vth": min_max(layer.vth), "scale": min_max(layer.scale),
-                 "bias_exp": int(layer.bias_exp), "delay": int(layer.depth),
+                 "bias_exp": int(layer.bias_exp), "depth": int(layer.depth),
                  "readout": bool(layer.readout),
                  "weight_exp": [int(s.weight_exp) for s in layer.synapses]}
         layers[layer.name] = {**entry, **stats.get(layer.name, {})}

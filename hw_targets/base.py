@@ -50,10 +50,15 @@ class Target:
     # in 24-bit ports, proc/conv/models.py s_in precision=24).
     input_payload_bits: int = 8
     # Lava Dense/Conv deliver at step t what arrived at t-1 (proc/dense/models.py a_buff):
-    # one fixed step per hop. DelayDense has 6-bit delays (proc/dense/models.py
-    # precision=6) but Conv and lava-dl netx have none, so the Lava-verified export supports
-    # 0 extra delay; the hardware target (hw_targets/loihi2.py) allows Loihi 2's 0..63.
-    max_synaptic_delay: int = 0
+    # one fixed step per hop (hw_targets/timing.py). Loihi 2 synapses add a 6-bit delay
+    # field, 0..63 extra steps (proc/sparse/models.py PyDelaySparseModelBitAcc: delays
+    # precision=6, a ValueError above 63); it aligns residual inputs, whose shorter paths
+    # wait depth(layer) - 1 - depth(source) steps (hw_targets.timing.synapse_delay).
+    max_synaptic_delay: int = 63
+    # False: conv synapses must have weight_exp 0. Lava's Conv holds a weight_exp Var but
+    # never applies it (proc/conv/models.py AbstractPyConvModel.run_spk), so the
+    # Lava-verified target cannot run one; Dense and (Delay)Sparse apply it.
+    conv_weight_exp: bool = True
 
     # --- neurons -----------------------------------------------------------------------
     # Bias mantissa: signed 13-bit; exponent: unsigned 3-bit (proc/lif/models.py

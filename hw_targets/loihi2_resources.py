@@ -53,6 +53,13 @@ class CoreLimits:
     # layer's neurons on that core), held by the microcoded neuron program. Not public;
     # 64 KiB = 524,288 bits, the part of Loihi 2's flexible core memory we reserve for it.
     bias_memory_bits_per_core: int = 64 * 1024 * 8
+    # ASSUMPTION: dendritic accumulator slots per core. A neuron whose incoming synapses
+    # carry synaptic delays up to d (hw_targets/timing.py) needs d + 1 accumulator slots, a
+    # ring buffer with one slot per step still to come (as Loihi 1's dendritic accumulator,
+    # Davies et al. 2018; lava-nc's DelaySparse keeps the same (neurons, d + 1) buffer).
+    # Loihi 2's figure is not public: we assume 2 slots for each of the 8192 neurons a core
+    # can hold, so a full core aligns one extra step and longer delays fit fewer neurons.
+    delay_slots_per_core: int = 2 * 8192
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,8 @@ SOURCES: dict[str, str] = {
     "cores_per_chip": PUBLIC, "neurons_per_core": DERIVED,
     "synapse_memory_bits_per_core": ASSUMPTION, "synapse_overhead_bits": ASSUMPTION,
     "conv_weight_sharing": ASSUMPTION, "fan_in_axons_per_core": ASSUMPTION,
-    "bias_memory_bits_per_core": ASSUMPTION, "synop_pj": ASSUMPTION,
+    "bias_memory_bits_per_core": ASSUMPTION, "delay_slots_per_core": ASSUMPTION,
+    "synop_pj": ASSUMPTION,
     "neuron_update_pj": ASSUMPTION, "spike_pj": ASSUMPTION,
     "ann_mac_int8_pj": PUBLIC, "ann_mac_fp32_pj": PUBLIC,
 }

@@ -5,19 +5,27 @@ what is verified is what is deployed:
 
     RingBuffer (graded x_int, the whole N x period stream)
       -> Dense (sign_mode MIXED, 8 weight bits, num_message_bits 8 from the input, 0 from
-         spikes) or Conv (Lava's (W, H, C) layout through reshape/transpose virtual ports)
+         spikes) or Conv (Lava's (W, H, C) layout through reshape/transpose virtual ports),
+         or, for a synapse with a synaptic delay, DelaySparse (below)
       -> IFBiasSchedule neurons (several synapses into one InPort are summed by Lava)
 
-Timing: each synaptic hop adds one step, so layer l (``QLayer.depth`` hops deep) sees its
-step-t input at local step delay + t; a sample occupies ``period = T + D`` steps (D the
-deepest delay) and the next one follows immediately. The neurons window themselves (see
-``sims.lava_procs.process``); the input sends x_int at local steps 1..T and zeros after.
+Timing (``hw_targets.timing``): each synaptic hop adds one step, so layer l
+(``QLayer.depth`` hops deep) sees its step-t input at local step depth + t; a sample
+occupies ``period = T + D`` steps (D the deepest depth) and the next one follows
+immediately. The neurons window themselves (see ``sims.lava_procs.process``); the input
+sends x_int at local steps 1..T and zeros after.
 
-Lava has no way here to delay one synaptic path against another, so a layer whose sources
-sit at different depths (a residual skip over layers) is refused with ``InputError``; so is a
-conv synapse with weight_exp != 0 (Lava's fixed-point Conv ignores weight_exp).
+Residual inputs: a synapse from a source shallower than the layer's longest input path
+holds its spikes ``delay = depth(layer) - 1 - depth(source)`` extra steps, so every input of
+the layer's step t arrives at local step depth + t. Such a synapse runs as lava-nc's
+bit-accurate ``DelaySparse`` (Loihi 2's per-synapse 6-bit delay; lava.proc.sparse.models
+PyDelaySparseModelBitAcc) with every connection's delay set to ``delay``: a dense synapse
+with its weight matrix, a conv synapse with its exact sparse connection matrix
+(``conv_matrix``; Lava's Conv has no delays). The graph is checked first by the target's one
+``validate`` (``exporters.quantize.validate`` for ``loihi2-sim``: depths, delays within
+0..63, weights, a conv's weight_exp 0 since Lava's Conv ignores it, ...).
 
-Lava facts this relies on (lava-nc 0.10.0): Dense's fixed-point model re-clips/truncates its
+Lava facts this relies on (lava-nc 0.10.0): Dense's (and Sparse's) fixed-point model re-clips/truncates its
 weights (hence sign_mode MIXED explicitly: an all-negative matrix would otherwise be inferred
 INHIBITORY and -256 clipped to -255) and applies weight_exp as a floor shift; Conv's
 fixed-point model computes with scipy ``convolve2d`` in float64 (torch is disabled inside
@@ -33,10 +41,16 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
-from core.errors import InputError
+from core.errors import HardwareLimitError, InputError
 from core.ir import INPUT, QLayer, QSynapse, QuantGraph, SynapseKind
-from exporters.netx import PAYLOAD_BITS, read_netx
+from exporters.netx import read_netx
+from exporters.quantize import validate
+from hw_targets import get_target
+from hw_targets.timing import synaptic_delays
 from sims.progress import progress_bar
+
+# What Lava's CPU simulation runs exactly is the simulated target's envelope.
+LAVA_TARGET = "loihi2-sim"
 
 
 @dataclass(frozen=True)
@@ -55,22 +69,9 @@ def period_of(q: QuantGraph) -> int:
 
 
 def lava_problems(q: QuantGraph) -> list[str]:
-    """What in ``q`` this Lava simulation cannot run exactly, one line each."""
-    depth = {INPUT: 0}
-    problems = []
-    for layer in q.layers:
-        src_delays = sorted({depth[s.source] for s in layer.synapses})
-        if len(src_delays) > 1:
-            problems.append(f"layer {layer.name}: its sources sit at different depths "
-                            f"{src_delays}; Lava would need synaptic delays to align them")
-        elif layer.depth != src_delays[0] + 1:
-            problems.append(f"layer {layer.name}: depth {layer.depth} but Lava delivers its "
-                            f"input {src_delays[0] + 1} steps after the sample starts")
-        problems += [f"layer {layer.name}: conv weight_exp {s.weight_exp} != 0 (Lava's "
-                     f"fixed-point Conv ignores weight_exp)"
-                     for s in layer.synapses if s.kind == "conv" and s.weight_exp != 0]
-        depth[layer.name] = layer.depth
-    return problems
+    """What in ``q`` Lava's simulation cannot run exactly, one line each: the violations of
+    the simulated target's limits (``exporters.quantize.validate``, the one check)."""
+    return [str(v) for v in validate(q, get_target(LAVA_TARGET))]
 
 
 def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
@@ -85,9 +86,10 @@ def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
     the first step to the last read-back; ``sims.lava_pool`` watches them there)."""
     start = time.perf_counter()
     q = read_netx(net_path)
-    problems = lava_problems(q)
-    if problems:
-        raise InputError(f"{net_path}: cannot run in Lava: {problems[0]}")
+    violations = validate(q, get_target(LAVA_TARGET))
+    if violations:
+        raise HardwareLimitError(f"{LAVA_TARGET} (Lava cannot run {net_path} exactly)",
+                                 violations)
     x_int = _check_input(q, x_int)
     num, period = x_int.shape[0], period_of(q)
     source, neurons = _build(q, x_int, period)
@@ -102,13 +104,14 @@ def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
 
 def _check_input(q: QuantGraph, x_int: np.ndarray) -> np.ndarray:
     x = np.asarray(x_int)
-    lo, hi = -(1 << (PAYLOAD_BITS - 1)), (1 << (PAYLOAD_BITS - 1)) - 1
+    bits = get_target(q.target).input_payload_bits
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if x.ndim != 1 + len(q.input.shape) or tuple(x.shape[1:]) != tuple(q.input.shape):
         raise InputError(f"x_int has shape {x.shape}, expected (N, {q.input.shape})")
     if x.shape[0] < 1 or x.dtype.kind not in "iu":
         raise InputError(f"x_int must be a non-empty integer array, got {x.dtype} {x.shape}")
     if x.min() < lo or x.max() > hi:
-        raise InputError(f"x_int outside the {PAYLOAD_BITS}-bit graded payload [{lo}, {hi}]")
+        raise InputError(f"x_int outside the {bits}-bit graded payload [{lo}, {hi}]")
     return x.astype(np.int64)
 
 
@@ -144,13 +147,18 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
     from lava.proc.io.source import RingBuffer
     source = RingBuffer(data=input_stream(x_int, q.timesteps, period))
     ports = {INPUT: (source.s_out, tuple(q.input.shape))}
-    neurons = {}
+    neurons, delays = {}, synaptic_delays(q.layers)
+    payload = get_target(q.target).input_payload_bits   # graded input; spikes carry 0 bits
     for layer in q.layers:
         neuron = _neuron(q, layer, x_int.shape[0], period)
-        for syn in layer.synapses:
+        for syn, delay in zip(layer.synapses, delays[layer.name]):
             src_port, src_shape = ports[syn.source]
-            _synapse(syn, src_port, src_shape, layer, graded=syn.source == INPUT,
-                     sink=neuron.a_in)
+            bits = payload if syn.source == INPUT else 0
+            if delay:
+                _delayed_synapse(syn, delay, src_port, src_shape, layer, bits,
+                                 sink=neuron.a_in)
+            else:
+                _synapse(syn, src_port, src_shape, layer, bits, sink=neuron.a_in)
         ports[layer.name] = (neuron.s_out, tuple(layer.shape))
         neurons[layer.name] = neuron
     return source, neurons
@@ -158,20 +166,22 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
 
 def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
     from sims.lava_procs.process import IFBiasSchedule
+    target = get_target(q.target)
     n = int(np.prod(layer.shape))
     per_channel = n // layer.shape[0]
     return IFBiasSchedule(
         n=n, vth=np.repeat(np.broadcast_to(layer.vth, layer.shape[:1]), per_channel),
         bias=np.repeat(layer.bias_mant.astype(np.int64), per_channel, 1),
-        bias_exp=layer.bias_exp, v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
-        delay=layer.depth, timesteps=q.timesteps, period=period, num_samples=num,
+        bias_exp=layer.bias_exp, act_shift=target.act_shift, state_bits=target.state_bits,
+        v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
+        depth=layer.depth, timesteps=q.timesteps, period=period, num_samples=num,
         readout=layer.readout, name=layer.name)
 
 
 def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
-             graded: bool, sink) -> None:
-    """One Lava connection process between a flat C-order source port and the neuron."""
-    bits = PAYLOAD_BITS if graded else 0
+             bits: int, sink) -> None:
+    """One Lava connection process between a flat C-order source port and the neuron
+    (``bits``: message bits, the graded payload's width from the input, 0 for spikes)."""
     if syn.kind is SynapseKind.DENSE:
         from lava.proc.dense.process import Dense
         from lava.utils.weightutils import SignMode
@@ -187,6 +197,49 @@ def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
                 num_weight_bits=8, num_message_bits=bits)
     src_port.reshape(tuple(src_shape)).transpose([2, 1, 0]).connect(conn.s_in)
     conn.a_out.transpose([2, 1, 0]).reshape((int(np.prod(layer.shape)),)).connect(sink)
+
+
+def _delayed_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, ...],
+                     layer: QLayer, bits: int, sink) -> None:
+    """A synapse whose spikes wait ``delay`` extra steps: Lava's bit-accurate DelaySparse
+    with the synapse's exact connection matrix (flat C order on both sides) and every
+    connection's delay set to ``delay`` (Lava: delay k arrives k + 1 steps later)."""
+    from lava.proc.sparse.process import DelaySparse
+    from lava.utils.weightutils import SignMode
+    from scipy.sparse import csr_matrix
+    weights = (csr_matrix(np.asarray(syn.weight, dtype=np.int32)) if syn.kind is SynapseKind.DENSE
+               else conv_matrix(syn, src_shape, tuple(layer.shape)))
+    delays = weights.copy()
+    delays.data = np.full(delays.data.shape, delay, dtype=int)
+    conn = DelaySparse(weights=weights, delays=delays, max_delay=int(delay),
+                       weight_exp=int(syn.weight_exp), num_weight_bits=8,
+                       sign_mode=SignMode.MIXED,
+                       num_message_bits=bits)
+    src_port.connect(conn.s_in)
+    conn.a_out.connect(sink)
+
+
+def conv_matrix(syn: QSynapse, src: tuple[int, ...], out: tuple[int, ...]):
+    """The (O*OH*OW, C*H*W) scipy CSR matrix (int32) of a conv synapse over flat C-order
+    source and output: row (o, y, x) holds w[o, c - g*I, i, j] at column (c, y*s - p + i*d,
+    x*s - p + j*d) for every in-range tap (taps on padding connect to nothing), zero weights
+    left out. Exactly the cross-correlation the reference computes."""
+    from scipy.sparse import csr_matrix
+    w = np.asarray(syn.weight, dtype=np.int64)
+    o_n, i_n, kh, kw = w.shape
+    (c_n, h, wd), (_, oh, ow) = src, out
+    per_group = o_n // syn.groups
+    o, c, i, j, y, x = np.meshgrid(np.arange(o_n), np.arange(i_n), np.arange(kh),
+                                   np.arange(kw), np.arange(oh), np.arange(ow), indexing="ij")
+    iy = y * syn.stride[0] - syn.padding[0] + i * syn.dilation[0]
+    ix = x * syn.stride[1] - syn.padding[1] + j * syn.dilation[1]
+    cin = (o // per_group) * i_n + c
+    value = w[o, c, i, j]
+    keep = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd) & (value != 0)
+    rows = (o * oh + y) * ow + x
+    cols = (cin * h + iy) * wd + ix
+    return csr_matrix((value[keep].astype(np.int32), (rows[keep], cols[keep])),
+                      shape=(o_n * oh * ow, c_n * h * wd))
 
 
 def lava_conv_weight(weight: np.ndarray) -> np.ndarray:

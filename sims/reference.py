@@ -28,7 +28,8 @@ The ``<< 6`` is Loihi's convention (synaptic input enters the state with 6 fract
 so the bias has 1/64 of a weight unit resolution. A readout layer has no compare and no reset;
 its output after step t is v. Layers are evaluated in topological order; a layer's step t
 sees its sources' step-t outputs (no delay: Lava's one-step synaptic delay per hop is an
-offset of ``QLayer.depth`` steps, applied only when running on Lava).
+offset of ``QLayer.depth`` steps, and a residual input's shorter path is held back by a
+synaptic delay to match, both applied only when running on Lava; ``hw_targets.timing``).
 """
 from __future__ import annotations
 

@@ -21,13 +21,13 @@ them on cached upstream spike trains.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.ir import InputSpec, SnnGraph, Synapse, SynapseKind
+from core.ir import INPUT, InputSpec, SnnGraph, Synapse, SynapseKind
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan, channel_view, last_consumers
 from sims.progress import progress_bar
@@ -98,23 +98,33 @@ def layer_output(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.
     across chunks and layers (a fresh tens-of-MB buffer per chunk would be page-faulted in
     every time)."""
     batch = x_enc.shape[0]
+    result = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.bool,
+                         device=x_enc.device)
+    t0 = 0
+    for out in layer_chunks(lp, x_enc, spikes, steps, buffer):
+        result[t0:t0 + len(out)].copy_(out)  # spikes: 0.0 / 1.0 -> bool
+        t0 += len(out)
+    return result.reshape((steps, batch) + lp.shape)
+
+
+def layer_chunks(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.Tensor],
+                 steps: int, buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """``layer_output`` one time chunk after the other: (k, B, n) outputs of consecutive
+    steps, spikes as 0.0 / 1.0 in a scratch buffer that the next chunk overwrites (copy what
+    you keep before asking for the next)."""
+    batch = x_enc.shape[0]
     v = engine.initial_state(lp, batch)
     scratch = torch.empty_like(v)
     steady = engine.input_current(lp, x_enc)
     k = engine.float_chunk_steps(lp, steps, batch)
-    result = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.bool,
-                         device=v.device)
-    if not lp.readout and buffer is None:
+    if buffer is None:
         buffer = torch.empty(chunk_elements(lp, steps, batch), dtype=lp.dtype, device=v.device)
     for t0 in range(0, steps, k):
         t1 = min(t0 + k, steps)
-        out = (result[t0:t1] if lp.readout
-               else buffer[:(t1 - t0) * batch * lp.n].view(t1 - t0, batch, lp.n))
+        out = buffer[:(t1 - t0) * batch * lp.n].view(t1 - t0, batch, lp.n)
         engine.run_steps(lp, layer_drive(lp, x_enc, spikes, t0, t1, steady), v, t0, out,
                          scratch)
-        if not lp.readout:
-            result[t0:t1].copy_(out)  # 0.0 / 1.0 -> bool
-    return result.reshape((steps, batch) + lp.shape)
+        yield out
 
 
 def chunk_elements(lp: LayerPlan, steps: int, batch: int) -> int:
@@ -122,32 +132,135 @@ def chunk_elements(lp: LayerPlan, steps: int, batch: int) -> int:
     return engine.float_chunk_steps(lp, steps, batch) * batch * lp.n
 
 
+class _Stream:
+    """Every planned layer of one batch run in its own time chunks (``float_chunk_steps``,
+    exactly the chunks ``layer_output`` uses, so every synapse call sees the same rows and
+    the results are bit-identical), pulled on demand: a layer computes its next chunk once
+    its sources have produced those steps, and a source's chunks are dropped once every
+    consumer is past them. Memory is a few chunks per layer (each at most
+    FLOAT_CHUNK_ELEMENTS values), whatever T.
+
+    ``given``: spike trains (T, B, *shape) of layers already known (not recomputed);
+    ``start``: the first layer to compute (earlier ones must be in ``given`` where read)."""
+
+    def __init__(self, plan: engine.Plan, x_enc: torch.Tensor, steps: int,
+                 given: Mapping[str, torch.Tensor] | None = None, start: int = 0,
+                 keep: bool = False, layers: tuple[LayerPlan, ...] | None = None):
+        self.layers = tuple(plan.layers if layers is None else layers)
+        self.x, self.steps, self.batch, self.keep = x_enc, steps, x_enc.shape[0], keep
+        self.given = dict(given or {})
+        self.index = {lp.name: i for i, lp in enumerate(self.layers)}
+        self.active = [i for i in range(start, len(self.layers))
+                       if self.layers[i].name not in self.given]
+        self.consumers: dict[str, list[int]] = {}
+        for i in self.active:
+            for p in self.layers[i].synapses:
+                if p.source != INPUT:
+                    self.consumers.setdefault(p.source, []).append(i)
+        self.done = {i: 0 for i in self.active}
+        self.chunks: dict[int, list[tuple[int, int, torch.Tensor]]] = {i: [] for i in
+                                                                       self.active}
+        self.state: dict[int, tuple] = {}
+        self.totals: dict[str, int] = {}
+        self.held = self.peak_held = 0  # spike values held in chunks, now and at most
+        size = max([chunk_elements(self.layers[i], steps, self.batch) for i in self.active
+                    if not self.layers[i].readout] + [1])
+        self.buffer = torch.empty(size, dtype=plan.arithmetic.dtype, device=x_enc.device)
+
+    def readout(self) -> torch.Tensor:
+        """The last layer's output after every step: (T, B, *shape)."""
+        last = self.active[-1]
+        self.pull(last, self.steps)
+        for i in self.active:  # layers no later layer reads (their spike totals)
+            self.pull(i, self.steps)
+        return self.train(last)
+
+    def train(self, i: int) -> torch.Tensor:
+        """Layer i's kept chunks as one (T, B, *shape) tensor (``keep`` or the readout)."""
+        parts = [c for _, _, c in self.chunks[i]]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape((self.steps, self.batch) + self.layers[i].shape)
+
+    def pull(self, i: int, until: int) -> None:
+        """Compute layer i's chunks until it has produced ``until`` steps."""
+        lp = self.layers[i]
+        if i not in self.state:
+            self.state[i] = (engine.initial_state(lp, self.batch),
+                             engine.input_current(lp, self.x),
+                             engine.float_chunk_steps(lp, self.steps, self.batch))
+        v, steady, k = self.state[i]
+        while self.done[i] < until:
+            t0 = self.done[i]
+            t1 = min(t0 + k, self.steps)
+            sources = {}
+            for p in lp.synapses:
+                if p.source != INPUT and p.source not in sources:
+                    sources[p.source] = self.window(p.source, t0, t1)
+            cur = engine.spike_current(lp, sources, t1 - t0, self.batch)
+            drive = steady if cur is None else (cur if steady is None else cur.add_(steady))
+            if lp.readout:
+                out = torch.empty((t1 - t0, self.batch, lp.n), dtype=lp.dtype, device=v.device)
+                engine.run_steps(lp, drive, v, t0, out, torch.empty_like(v))
+            else:
+                scratch = self.buffer[:(t1 - t0) * self.batch * lp.n]
+                scratch = scratch.view(t1 - t0, self.batch, lp.n)
+                engine.run_steps(lp, drive, v, t0, scratch, torch.empty_like(v))
+                out = scratch.bool()  # 0.0 / 1.0 -> bool
+                self.totals[lp.name] = self.totals.get(lp.name, 0) + int(out.sum())
+            if lp.readout or self.keep or lp.name in self.consumers:
+                self.chunks[i].append((t0, t1, out))
+                self.held += 0 if lp.readout else out.numel()
+                self.peak_held = max(self.peak_held, self.held)
+            self.done[i] = t1
+            for p in lp.synapses:
+                if p.source in self.index and self.index[p.source] in self.chunks:
+                    self.release(self.index[p.source])
+
+    def window(self, name: str, t0: int, t1: int) -> torch.Tensor:
+        """Steps t0..t1-1 of a source's spikes (T axis first)."""
+        if name in self.given:
+            return self.given[name][t0:t1]
+        i = self.index[name]
+        self.pull(i, t1)
+        parts = [c[max(t0, a) - a:min(t1, b) - a] for a, b, c in self.chunks[i]
+                 if a < t1 and b > t0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def release(self, i: int) -> None:
+        """Drop layer i's chunks that every consumer has read."""
+        if self.keep or self.layers[i].readout:
+            return
+        low = min(self.done[c] for c in self.consumers.get(self.layers[i].name, []))
+        self.held -= sum(c[2].numel() for c in self.chunks[i] if c[1] <= low)
+        self.chunks[i] = [c for c in self.chunks[i] if c[1] > low]
+
+
+@torch.no_grad()
+def stream_readout(plan: engine.Plan, x_enc: torch.Tensor, steps: int,
+                   given: Mapping[str, torch.Tensor], start: int,
+                   layers: tuple[LayerPlan, ...] | None = None) -> torch.Tensor:
+    """The readout (T, B, K) of ``layers`` (default the plan's) from layer ``start`` on, the
+    earlier layers' spike trains read from ``given``; streamed in time chunks (``_Stream``),
+    bit-identical to running the layers one after another over all T."""
+    return _Stream(plan, x_enc, steps, given, start, layers=layers).readout()
+
+
 @torch.no_grad()
 def run_network(snn: SnnGraph, x: np.ndarray | torch.Tensor, *,
                 dtype: torch.dtype = torch.float32, keep_spikes: bool = False,
                 plan: engine.Plan | None = None) -> NetworkRun:
-    """One batch through every layer; spike trains are freed after their last consumer
-    unless ``keep_spikes``. ``plan``: ``engine.compile(snn, FloatArithmetic(dtype), device)``
-    when already compiled."""
+    """One batch through every layer, streamed in time chunks (``_Stream``: memory does not
+    grow with T unless ``keep_spikes``, which returns every layer's whole spike trains).
+    ``plan``: ``engine.compile(snn, FloatArithmetic(dtype), device)`` when already compiled."""
     plan = plan or engine.compile(snn, FloatArithmetic(dtype))
     x_enc = encode_input(snn.input, x, plan.arithmetic.dtype, plan.device)
-    last = last_consumers(snn)
-    spikes: dict[str, torch.Tensor] = {}
-    totals: dict[str, float] = {}
-    readout = None
-    size = max(chunk_elements(lp, snn.timesteps, x_enc.shape[0]) for lp in plan.layers)
-    buffer = torch.empty(size, dtype=plan.arithmetic.dtype, device=plan.device)
-    for i, lp in enumerate(plan.layers):
-        out = layer_output(lp, x_enc, spikes, snn.timesteps, buffer)
-        if lp.readout:
-            readout = out
-            continue
-        spikes[lp.name] = out
-        totals[lp.name] = float(out.sum())
-        if not keep_spikes:
-            for name in [n for n in spikes if last.get(n, -1) <= i]:
-                del spikes[name]
-    return NetworkRun(readout, totals, spikes if keep_spikes else None)
+    stream = _Stream(plan, x_enc, snn.timesteps, keep=keep_spikes)
+    readout = stream.readout()
+    totals = {lp.name: float(stream.totals.get(lp.name, 0)) for lp in plan.layers
+              if not lp.readout}
+    spikes = ({lp.name: stream.train(i) for i, lp in enumerate(plan.layers) if not lp.readout}
+              if keep_spikes else None)
+    return NetworkRun(readout, totals, spikes)
 
 
 # --------------------------------------------------------------------------- whole data set

@@ -3,8 +3,9 @@
 ``verify`` runs the exported file in Lava (``sims.lava_runner``) and compares, for every
 sample, every spiking layer's train and the readout's accumulated output after every step
 with the bit-exact emulator (``sims.emulator.emulate``). It reports and never raises on a
-mismatch: the CLI turns mismatches into exit code 4. (A network Lava cannot run at all,
-e.g. a residual skip across depths, still raises ``InputError`` from the runner.)
+mismatch: the CLI turns mismatches into exit code 4. (A network Lava cannot run exactly,
+i.e. one outside ``loihi2-sim``'s limits, raises ``HardwareLimitError`` from the runner
+before anything runs.)
 """
 from __future__ import annotations
 

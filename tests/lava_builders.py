@@ -96,7 +96,8 @@ def conv_net(seed: int = 0, steps: int = 5) -> QuantGraph:
 def residual_net(seed: int = 0, steps: int = 4, same_depth: bool = True) -> QuantGraph:
     """A layer fed by two synapses (a residual-style sum). ``same_depth``: both sources are one
     hop from the input, so Lava delivers them together; otherwise the sum skips over a layer
-    (sources at depths 2 and 1) and Lava must refuse."""
+    (sources at depths 2 and 1): the synapse from the shallower one has a synaptic delay of
+    1 step (a DelaySparse in Lava)."""
     rng = np.random.default_rng(seed)
     a = layer(rng, "a", (8,), (dense(INPUT, even_weights(rng, (8, 6), 12)),), steps, 1,
               vth=64 * 800)
@@ -122,8 +123,9 @@ def random_inputs(q: QuantGraph, num: int, seed: int = 1) -> np.ndarray:
 def edge_chain(seed: int = 0, steps: int = 5) -> QuantGraph:
     """Corners of the arithmetic: a negative weight_exp (floor shift) on the graded input, a
     positive weight_exp, all-negative weight matrices holding -256 (the sign mode must stay
-    MIXED), and a readout (vth 0, as the quantizer writes it) whose bias drives v into the
-    24-bit saturation at both ends in channels 0 and 1."""
+    MIXED), and a readout (vth 0, as the quantizer writes it) whose bias (the largest
+    mantissa and exponent the target allows) drives v, started near the rails, into the
+    24-bit saturation at both ends in channels 0 and 1 from the first step on."""
     rng = np.random.default_rng(seed)
     l1 = layer(rng, "fc1", (10,), (dense(INPUT, even_weights(rng, (10, 6), 30), -1),),
                steps, 1, vth=64 * 400)
@@ -136,11 +138,12 @@ def edge_chain(seed: int = 0, steps: int = 5) -> QuantGraph:
     neg_out = -np.abs(np.asarray(even_weights(rng, (4, 8), 120)))
     neg_out[:, 0] = -256  # visible in the readout if Lava clipped it
     out = layer(rng, "out", (4,), (dense("fc2", frozen_array(neg_out, np.int32)),), steps, 3,
-                vth=0, readout=True, bias_exp=11)
-    bias = np.array(out.bias_mant, dtype=np.int32)
-    bias[:, 0], bias[:, 1] = 4000, -4000
-    out = evolve(out, bias_mant=bias)
-    return QuantGraph(input=QInput(shape=(6,), scale_exp=7), layers=(l1, l2, l3, out),
+                vth=0, readout=True, bias_exp=7)
+    bias, v_init = np.array(out.bias_mant, dtype=np.int32), np.array(out.v_init, np.int32)
+    bias[:, 0], bias[:, 1] = 4095, -4096
+    v_init[0], v_init[1] = (1 << 23) - 1 - 100_000, -(1 << 23) + 100_000
+    out = evolve(out, bias_mant=bias, v_init=v_init)
+    return QuantGraph(input=QInput(shape=(6,), scale_exp=6), layers=(l1, l2, l3, out),
                       timesteps=steps, target="loihi2-sim", meta=meta(seed))
 
 

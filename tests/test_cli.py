@@ -105,7 +105,8 @@ def test_same_inputs_give_byte_identical_network(tmp_path, target):
     assert (outs[0] / "network.net").read_bytes() == (outs[1] / "network.net").read_bytes()
     reports = [json.loads((out / "report.json").read_text()) for out in outs]
     for r in reports:
-        r.pop("seconds")
+        peaks = r.pop("peak_rss_mib")  # per stage, like the seconds
+        assert set(peaks) == set(r.pop("seconds")) and min(peaks.values()) > 0
         r["provenance"].pop("command_line")
         r["calibration"] = {m: {k: v for k, v in c.items() if k != "seconds"}
                             for m, c in r["calibration"].items()}

@@ -32,10 +32,11 @@ def test_duplicate_registration_refused():
 def test_sim_and_hardware_share_every_limit():
     hw, sim = get_target("loihi2"), get_target("loihi2-sim")
     differ = {f.name for f in dataclasses.fields(Target) if getattr(hw, f.name) != getattr(sim, f.name)}
-    # Loihi 2 has 6-bit synaptic delays; the Lava-verified export has none yet (residual
-    # layers are refused there), so only the delay range differs.
-    assert differ == {"name", "description", "simulated", "max_synaptic_delay"}
-    assert (hw.max_synaptic_delay, sim.max_synaptic_delay) == (63, 0)
+    # Both have Loihi 2's 6-bit synaptic delays (Lava runs them as DelaySparse); only Lava's
+    # Conv lacks a weight exponent.
+    assert differ == {"name", "description", "simulated", "conv_weight_exp"}
+    assert (hw.max_synaptic_delay, sim.max_synaptic_delay) == (63, 63)
+    assert (hw.conv_weight_exp, sim.conv_weight_exp) == (True, False)
 
 
 def test_target_is_frozen():

@@ -138,22 +138,83 @@ def test_quantized_random_graph_verifies_against_emulator(topology, tmp_path):
     assert report["spike_mismatches"] == 0 and report["readout_mismatches"] == 0
 
 
+@pytest.mark.lava
 @pytest.mark.parametrize("q", [residual_net(same_depth=False),
                                random_qgraph(0, topology="skip")], ids=["hand", "quantized"])
-def test_skip_connection_across_depths_is_refused(q, tmp_path):
-    x_int = encode_input(q.input, random_inputs(q, 1))
-    with pytest.raises(InputError, match="different depths"):
-        run_lava(_export(q, tmp_path), x_int)
+def test_skip_connection_across_depths_runs_with_a_synaptic_delay(q, tmp_path, monkeypatch):
+    """The shortcut's synapse waits depth difference steps in a DelaySparse (dense weights,
+    or a conv as its sparse matrix): Lava equals the reference. Without the delay the same
+    file runs misaligned, so the delay is what makes it exact."""
+    import sims.lava_runner
+    from hw_targets.timing import synaptic_delays
+    assert max(max(d) for d in synaptic_delays(q.layers).values()) == 1
+    x_int = encode_input(q.input, random_inputs(q, SAMPLES))
+    path = _export(q, tmp_path)
+    _assert_equal_to_reference(q, run_lava(path, x_int), x_int)
+    monkeypatch.setattr(sims.lava_runner, "synaptic_delays",
+                        lambda layers: {l.name: (0,) * len(l.synapses) for l in layers})
+    with pytest.raises(AssertionError):
+        _assert_equal_to_reference(q, run_lava(path, x_int), x_int)
+
+
+@pytest.mark.lava
+def test_graded_input_through_a_delayed_synapse(tmp_path):
+    """A layer three hops deep that also reads the graded input: that synapse waits 2 steps
+    and carries 8-bit messages (DelaySparse with num_message_bits 8)."""
+    from tests.lava_builders import dense, even_weights, layer
+    from core.ir import INPUT
+    q = residual_net(same_depth=False)
+    a, b, c, out = q.layers
+    rng = np.random.default_rng(4)
+    c = replace(c, synapses=(dense(INPUT, even_weights(rng, (5, 6), 12)), c.synapses[1]))
+    q = replace(q, layers=(a, b, c, out))
+    from hw_targets.timing import synaptic_delays
+    assert synaptic_delays(q.layers)["c"] == (2, 0)
+    x_int = encode_input(q.input, random_inputs(q, SAMPLES))
+    result = run_lava(_export(q, tmp_path), x_int)
+    _assert_equal_to_reference(q, result, x_int)
+    assert result.spikes["c"].any()
+
+
+def test_conv_matrix_is_the_reference_conv():
+    """The sparse matrix a delayed conv runs as equals the reference's cross-correlation
+    (stride, padding, dilation, groups), zero weights left out."""
+    from sims.lava_runner import conv_matrix
+    from sims.reference import synapse_output
+    q = conv_net()
+    rng = np.random.default_rng(0)
+    shapes = {"input": q.input.shape, **{l.name: l.shape for l in q.layers}}
+    for layer in q.layers[:3]:
+        syn = layer.synapses[0]
+        src = rng.integers(-128, 128, size=shapes[syn.source])
+        matrix = conv_matrix(syn, tuple(src.shape), tuple(layer.shape))
+        assert matrix.nnz == np.count_nonzero(matrix.toarray())
+        np.testing.assert_array_equal(matrix @ src.ravel(),
+                                      synapse_output(syn, src).ravel())
 
 
 def test_what_lava_cannot_run_is_named():
+    """lava_problems is the target's one validate for loihi2-sim: every violation named."""
     q = conv_net()
     conv2 = q.layers[1]
     shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),), depth=3)
     problems = lava_problems(replace(q, layers=(q.layers[0], shifted) + q.layers[2:]))
-    assert any("conv2: conv weight_exp 1" in p for p in problems)
-    assert any("conv2: depth 3" in p for p in problems)
+    assert any("conv2<-conv1: conv weight_exp = 1" in p for p in problems)
+    assert any("conv2: depth = 3" in p and "== 2 hops" in p for p in problems)
     assert lava_problems(q) == []
+
+
+def test_a_file_lava_cannot_run_is_a_hardware_limit_error(tmp_path):
+    """A loihi2 file with a conv weight exponent (fine on the chip, not in Lava's Conv):
+    the runner refuses it with exit 3's error, naming the synapse."""
+    from core.errors import HardwareLimitError
+    q = conv_net()
+    conv2 = q.layers[1]
+    shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),))
+    q = replace(q, layers=(q.layers[0], shifted) + q.layers[2:], target="loihi2")
+    path = _export(q, tmp_path)
+    with pytest.raises(HardwareLimitError, match="conv2<-conv1: conv weight_exp"):
+        run_lava(path, encode_input(q.input, random_inputs(q, 1)))
 
 
 def test_bad_input_is_refused(tmp_path):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from core.errors import UnsupportedModelError
 from exporters.quantize import quantize, validate
 from hw_targets import get_target
+from hw_targets.timing import synaptic_delays
 from sims.torch_snn import run_network
 from tests.residual_models import LAYOUT_ZOO, RESIDUAL_MODELS, SHAPE
 from tests.test_convert import _pre_activation_check
@@ -264,20 +265,41 @@ def test_residual_nets_quantize_for_loihi2_and_emulate_exactly(case: str) -> Non
     q = quantize(normalize(convert(_graph(case), X, timesteps=5)), get_target("loihi2"))
     assert validate(q, get_target("loihi2")) == []
     assert_matches_reference(q, X[:5], batch_size=2)  # every spike == sims.reference
-    mismatch = [v for v in validate(q, get_target("loihi2-sim"))
-                if v.quantity == "source depth mismatch"]
+    assert validate(q, get_target("loihi2-sim")) == []   # delays 0..63 on both targets
+    delayed = {(name, d) for name, ds in synaptic_delays(q.layers).items() for d in ds if d}
     residual = {"identity", "option_a", "conv1x1", "span3", "dense"}
-    assert bool(mismatch) == (case in residual)  # inception's branches arrive together
-    assert all("use --target loihi2" in v.hint for v in mismatch)
+    assert bool(delayed) == (case in residual)  # inception's branches arrive together
+    assert {d for _, d in delayed} == ({2} if case == "span3" else {1} if delayed else set())
+
+
+@pytest.mark.lava
+@pytest.mark.parametrize("case", sorted(RESIDUAL_MODELS))
+def test_residual_nets_run_in_lava_spike_for_spike(case: str, tmp_path) -> None:
+    """Identity, option-A and 1x1-conv shortcuts, a shortcut around 3 layers and two
+    concatenations: converted, quantized for loihi2-sim, exported and run in real Lava;
+    every spike and the readout equal the emulator's (shortcuts through DelaySparse)."""
+    from exporters.netx import write_netx
+    from sims.emulator import emulate
+    from sims.verify import verify
+    q = quantize(normalize(convert(_graph(case), X, timesteps=3)), get_target("loihi2-sim"))
+    assert validate(q, get_target("loihi2-sim")) == []
+    write_netx(q, tmp_path / "net.net")
+    report = verify(q, str(tmp_path / "net.net"), X[:2])
+    assert report["spike_mismatches"] == 0 and report["readout_mismatches"] == 0
+    spikes = emulate(q, X[:2], record=True).spikes     # what was compared is not silent
+    assert all(trains.any() for trains in spikes.values()), {
+        name: float(trains.mean()) for name, trains in spikes.items()}
+    delays = max(max(d) for d in synaptic_delays(q.layers).values())
+    assert delays == {"span3": 2, "inception": 0}.get(case, 1)
 
 
 def test_shortcut_longer_than_the_delay_range_is_a_violation() -> None:
     q = quantize(normalize(convert(_graph("span3"), X, timesteps=3)), get_target("loihi2"))
     short = dataclasses.replace(get_target("loihi2"), max_synaptic_delay=1)
-    found = [v for v in validate(q, short) if v.quantity == "source depth mismatch"]
-    assert [(v.layer, v.value) for v in found] == [("body_3", 2)]
+    found = [v for v in validate(q, short) if v.quantity == "synaptic delay"]
+    assert [(v.layer, v.value) for v in found] == [("body_3<-stem.1", 2)]
     assert "sources (stem.1 at depth 1, body_1 at depth 3)" in found[0].hint
-    assert "shorten the shortcut to at most 1 layers" in found[0].hint
+    assert "shorten the shortcut so that it skips at most 2 layers" in found[0].hint
 
 
 # --------------------------------------------------------------------------- command line
@@ -314,12 +336,32 @@ def test_cli_runs_option_a_resnet(option_a_files, target: str) -> None:
     assert (out / "network.net").exists() == (target == "loihi2")
 
 
-def test_cli_loihi2_sim_refuses_residuals_naming_layer_and_fix(option_a_files, capsys) -> None:
+@pytest.mark.lava
+def test_cli_loihi2_sim_runs_residuals_in_lava(option_a_files) -> None:
+    """The option-A ResNet block end to end on loihi2-sim: its shortcut waits one step in a
+    DelaySparse, and Lava equals the emulator spike for spike."""
     root, data = option_a_files
+    out = root / "sim"
     assert main([str(root / "model.pt"), "--target", "loihi2-sim", "--data", data,
-                 "--out", str(root / "sim"), *FAST]) == 3
+                 "--out", str(out), "--verify-samples", "3", "--verify-workers", "1",
+                 *FAST]) == 0
+    lava = json.loads((out / "report.json").read_text())["lava"]
+    assert lava["samples"] == 3
+    assert lava["spike_mismatches"] == 0 and lava["readout_mismatches"] == 0
+
+
+def test_cli_refuses_a_delay_beyond_the_targets_range(option_a_files, capsys,
+                                                      monkeypatch) -> None:
+    """A shortcut longer than the target's synaptic delay field is exit 3, naming the
+    synapse, the delay and the fix (here a target whose field holds 0 steps)."""
+    import hw_targets.base
+    root, data = option_a_files
+    narrow = dataclasses.replace(get_target("loihi2-sim"), max_synaptic_delay=0)
+    monkeypatch.setitem(hw_targets.base.TARGETS, "loihi2-sim", narrow)
+    assert main([str(root / "model.pt"), "--target", "loihi2-sim", "--data", data,
+                 "--out", str(root / "narrow"), *FAST]) == 3
     err = capsys.readouterr().err
-    assert "layer body_2: source depth mismatch" in err
+    assert "layer body_2<-stem.1: synaptic delay = 1.0 exceeds 0 steps" in err
     assert "sources (stem.1 at depth 1, body at depth 2)" in err
-    assert "use --target loihi2 (fixed-point emulator and export) or --target float" in err
-    assert not (root / "sim" / "network.net").exists()
+    assert "use --target loihi2" in err
+    assert not (root / "narrow" / "network.net").exists()

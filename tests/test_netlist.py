@@ -213,18 +213,41 @@ def test_schema_keys():
     n = build_netlist(q, LOIHI2_TARGET, measure_activity(q, lb.random_inputs(q, 3)))
     assert list(n) == ["format", "version", "target", "timesteps", "resources", "input",
                        "layers", "totals", "fits", "violations", "activity"]
-    assert set(n["layers"][0]) == {"name", "origin", "kind", "shape", "neurons", "delay", "vth",
-                                   "synapses", "connections", "fan_in", "fan_out",
-                                   "weight_bits", "bias_schedule", "placement_order", "cores"}
+    assert set(n["layers"][0]) == {"name", "origin", "kind", "shape", "neurons", "depth",
+                                   "delay_slots", "vth", "synapses", "connections", "fan_in",
+                                   "fan_out", "weight_bits", "bias_schedule",
+                                   "placement_order", "cores"}
     assert set(n["layers"][0]["cores"][0]) == {"core", "range", "neurons", "synapses",
                                                "synapse_memory_bits", "fan_in_axons",
-                                               "bias_schedule_bits"}
+                                               "bias_schedule_bits", "delay_slots"}
     assert set(n["totals"]) == {"neurons", "connections", "weights_nonzero",
-                                "bias_schedule_bits", "ann_macs", "cores", "chips"}
+                                "bias_schedule_bits", "delay_slots", "delayed_connections",
+                                "ann_macs", "cores", "chips"}
     assert set(n["activity"]) == {"samples", "source", "layers", "totals", "energy"}
     assert n["resources"]["cores_per_chip"] == {"value": 128, "source": "public"}
     assert len(n["layers"][2]["synapses"]) == 2          # the residual layer
     assert [l["kind"] for l in n["layers"]] == ["if", "if", "if", "readout"]
+
+
+def test_synaptic_delays_and_their_slots_are_counted():
+    """The skip net's shortcut a -> c waits one step: its synapse says delay 1, c's neurons
+    need 2 accumulator slots each, every other layer 1; the totals count both."""
+    q = lb.residual_net(0, same_depth=False)
+    n = build_netlist(q, LOIHI2_TARGET)
+    layers = {l["name"]: l for l in n["layers"]}
+    assert [(s["source"], s["delay"]) for s in layers["c"]["synapses"]] == [("a", 1), ("b", 0)]
+    assert [l["depth"] for l in n["layers"]] == [1, 2, 3, 4]
+    assert {name: l["delay_slots"] for name, l in layers.items()} == {
+        "a": 8, "b": 8, "c": 2 * 5, "out": 3}
+    assert sum(core["delay_slots"] for core in layers["c"]["cores"]) == 10
+    assert n["totals"]["delay_slots"] == 29
+    assert n["totals"]["delayed_connections"] == layers["c"]["synapses"][0]["connections"] > 0
+    assert any("delayed synapses" in line for line in netlist_summary_lines(n))
+    # a core whose accumulator holds fewer slots splits the delayed layer
+    small = replace(LOIHI2, limits=replace(LOIHI2.limits, delay_slots_per_core=4))
+    cores = {l["name"]: len(l["cores"]) for l in build_netlist(q, LOIHI2_TARGET,
+                                                                 resources=small)["layers"]}
+    assert cores == {"a": 2, "b": 2, "c": 3, "out": 1}   # 4 + 4, 4 + 4, 2 x 2 + 2 x 2 + 2, 3
 
 
 def test_non_chip_target_refused():

@@ -16,7 +16,7 @@ from core.ir import graphs_equal
 from exporters.netx import netx_bias, netx_chain, read_netx, validate_graph, write_netx
 
 BUILDERS = {"dense": dense_chain, "conv": conv_net, "residual": residual_net,
-            "edge": edge_chain}
+            "edge": edge_chain, "skip": lambda: residual_net(same_depth=False)}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -114,6 +114,44 @@ def test_netx_view_of_residual_is_the_chain_prefix(tmp_path):
     assert len(net.layers) == 1
 
 
+def test_synaptic_delays_are_stored_checked_and_load_in_netx(tmp_path):
+    """The skip net's shortcut a -> c waits one step: the file says so per synapse, with
+    each layer's depth; the graph comes back identical; lava-dl netx opens the file (its
+    view is the chain before the residual layer, so it never sees a delay to clamp); a file
+    whose delay disagrees with the graph's depths is refused, naming the dataset."""
+    from lava.lib.dl.netx import hdf5
+    q = residual_net(same_depth=False)
+    path = tmp_path / "net.net"
+    write_netx(q, path)
+    with h5py.File(path, "r") as f:
+        assert [int(f[f"ftbc/layers/{i}/depth"][()]) for i in range(4)] == [1, 2, 3, 4]
+        assert [int(f[f"ftbc/layers/2/synapses/{k}/delay"][()]) for k in (0, 1)] == [1, 0]
+        assert int(f["ftbc/layers/1/synapses/0/delay"][()]) == 0
+        assert int(f["ftbc/version"][()]) == 2
+    assert graphs_equal(read_netx(path), q)
+    bad = tmp_path / "bad.net"
+    bad.write_bytes(path.read_bytes())
+    _corrupt(bad, lambda f: f["ftbc/layers/2/synapses/0/delay"].__setitem__((), 0))
+    with pytest.raises(InputError, match="layers/2/synapses/0/delay is 0, but layer c's "
+                                         "sources need 1"):
+        read_netx(bad)
+    net = hdf5.Network(net_config=str(path), input_message_bits=8)
+    assert len(net.layers) == len(netx_chain(q)) == 2
+
+
+def test_a_delay_beyond_the_targets_field_is_refused(tmp_path, monkeypatch):
+    """A target whose delay field holds 0 steps cannot take the skip net: the exporter
+    refuses it naming the synapse, nothing is written."""
+    import hw_targets.base
+    from hw_targets import get_target
+    narrow = replace(get_target("loihi2"), name="narrow", max_synaptic_delay=0)
+    monkeypatch.setitem(hw_targets.base.TARGETS, "narrow", narrow)
+    q = replace(residual_net(same_depth=False), target="narrow")
+    with pytest.raises(InputError, match=r"c<-a: synaptic delay = 1\.0 exceeds 0 steps"):
+        write_netx(q, tmp_path / "net.net")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _corrupt(path: Path, edit) -> None:
     with h5py.File(path, "r+") as f:
         edit(f)
@@ -167,9 +205,13 @@ def test_validate_graph_names_each_problem():
     bad = replace(layer, synapses=(replace(layer.synapses[0], weight=odd),), vth=np.zeros_like(layer.vth),
                   depth=0)
     problems = validate_graph(replace(q, layers=(q.layers[0], bad) + q.layers[2:]))
-    assert any("must be even" in p for p in problems)
-    assert any("vth 0..0" in p for p in problems)
-    assert any("depth 0" in p for p in problems)
+    # the target's limits, from exporters.quantize.validate (the one check), each named
+    assert any("fc2<-fc1: odd weights = 1" in p for p in problems)
+    assert any("fc2: vth = 0" in p for p in problems)
+    assert any("fc2: depth = 0" in p and "== 2 hops" in p for p in problems)
+    structural = replace(bad, bias_mant=np.zeros((2, 10), np.int64))
+    problems = validate_graph(replace(q, layers=(q.layers[0], structural) + q.layers[2:]))
+    assert problems == ["layer fc2: bias_mant has shape (2, 10), expected (6, 10)"]
 
 
 def test_exporter_imports_neither_torch_nor_sims():
@@ -190,4 +232,4 @@ def test_limits_are_the_targets():
         problems = validate_graph(replace(q, layers=(q.layers[0], replace(layer, synapses=(syn,)))
                                           + q.layers[2:]))
         assert (not any("weight_exp" in p for p in problems)) == ok, (exp, problems)
-    assert any(f"outside {t.weight_exp_min}..{t.weight_exp_max}" in p for p in problems)
+    assert any(f"exceeds [{t.weight_exp_min}, {t.weight_exp_max}]" in p for p in problems)

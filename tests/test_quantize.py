@@ -1,6 +1,8 @@
 """exporters.quantize: scheme, determinism, limits, validation of every violation kind."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -53,14 +55,18 @@ def test_delays_are_depths():
         ("l1", 1), ("l2", 2), ("l2b", 2), ("l3", 3), ("out", 4)]
 
 
-def test_skip_connection_is_flagged_where_there_are_no_delays():
+def test_skip_connection_needs_a_synaptic_delay_within_the_targets_range():
+    """l3 sums l2 (depth 2) and l1 (depth 1): the synapse from l1 waits 1 extra step. Both
+    Loihi 2 targets hold 0..63; a target without delays names the shortcut and the fix."""
+    from hw_targets.timing import synaptic_delays
     q = random_qgraph(0, topology="skip")
-    found = [v for v in validate(q, get_target("loihi2-sim"))
-             if v.quantity == "source depth mismatch"]
-    assert len(found) == 1 and found[0].layer == "l3" and found[0].value == 1
+    assert synaptic_delays(q.layers)["l3"] == (0, 1)   # from l2, from l1
+    assert validate(q, LOIHI) == [] and validate(q, get_target("loihi2-sim")) == []
+    none = dataclasses.replace(LOIHI, name="nodelay", max_synaptic_delay=0)
+    found = [v for v in validate(q, none) if v.quantity == "synaptic delay"]
+    assert len(found) == 1 and found[0].layer == "l3<-l1" and found[0].value == 1
     assert "sources (l1 at depth 1, l2 at depth 2)" in found[0].hint  # names the shortcut
     assert "use --target loihi2" in found[0].hint                    # and the fix
-    assert validate(q, LOIHI) == []  # Loihi 2 itself has 6-bit synaptic delays (0..63)
 
 
 def test_input_scale_exp():
@@ -141,9 +147,10 @@ def test_mixed_input_and_spike_sources_share_one_scale():
         per_row = l2.scale[:, None]
         np.testing.assert_allclose(syn.weight * 64 * sig / per_row, fsyn.weight,
                                    atol=float(np.max(64 * sig / per_row)) + 1e-12)
-    found = [v.quantity for v in validate(q, get_target("loihi2-sim"))
-             if v.layer.startswith("l2")]
-    assert found == ["source depth mismatch"]  # input at depth 0, l1 at depth 1
+    assert validate(q, get_target("loihi2-sim")) == []
+    none = dataclasses.replace(LOIHI, name="nodelay", max_synaptic_delay=0)
+    found = [(v.layer, v.quantity) for v in validate(q, none)]
+    assert found == [("l2<-input", "synaptic delay")]  # input at depth 0, l1 at depth 1
 
 
 def test_readout_never_saturates_by_default():
@@ -222,4 +229,4 @@ def test_report_is_json():
     report = quantization_report(random_qgraph(1))
     text = json.dumps(report)
     assert set(report["layers"]) == {"l1", "l2", "l3", "out"}
-    assert json.loads(text)["layers"]["l1"]["delay"] == 1
+    assert json.loads(text)["layers"]["l1"]["depth"] == 1

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ from core import distributed
 from core.ir import AnnGraph, SnnGraph, evolve
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan
-from sims.torch_snn import encode_input, layer_drive, layer_output
+from sims.torch_snn import (encode_input, layer_chunks, layer_drive, layer_output,
+                            stream_readout)
 from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 from toolchain.calibration import agreement, split_calibration  # noqa: F401  (public here too)
@@ -113,7 +114,8 @@ def _per_channel(values: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
 
 class FloatRule:
     """Float FTBC / LP for ``toolchain.calibration``: candidates are bias schedules (T, C, 1)
-    of the float engine; batches carry the clipped ANN activations ``abar`` as targets."""
+    of the float engine; batches carry the per-channel means of the clipped ANN activations
+    ``abar`` as targets (``channel_mean``: all the updates use; the activations are dropped)."""
 
     def __init__(self, snn: SnnGraph, ann: AnnGraph, opts: CalibrationOptions):
         self.graph, self.ann, self.opts = snn, ann, opts
@@ -130,19 +132,15 @@ class FloatRule:
             if not layer.readout:
                 theta = torch.tensor(np.asarray(layer.threshold), dtype=DTYPE)
                 theta = theta.reshape((-1,) + (1,) * (len(layer.shape) - 1))
-                targets[layer.name] = torch.minimum(values[layer.name].clamp(min=0),
-                                                    theta).to(dev)
+                abar = torch.minimum(values[layer.name].clamp(min=0), theta).to(dev)
+                targets[layer.name] = channel_mean(abar)  # all the updates read of it
         return Batch(encode_input(self.graph.input, x, DTYPE, dev), targets, logits.to(dev), {})
 
     def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
         """The readout (T, B, K) on the batch's already *encoded* input: layers ``start``
-        onwards as they are in the input graph, earlier ones from ``trains`` (added to)."""
-        for lp in self.plan.layers[start:]:
-            out = layer_output(lp, b.x, trains, self.graph.timesteps)
-            if lp.readout:
-                return out
-            trains[lp.name] = out
-        raise AssertionError("the last layer is the readout")
+        onwards as they are in the input graph, earlier ones from ``trains``; streamed in time
+        chunks (``sims.torch_snn.stream_readout``: no layer's whole spike train is held)."""
+        return stream_readout(self.plan, b.x, self.graph.timesteps, trains, start)
 
     def final_readout(self, b: Batch) -> torch.Tensor:
         """The calibrated graph's readout (its schedule is zeros) on the cached trains."""
@@ -179,20 +177,27 @@ class FloatFit:
                 fit(self, p, b)
         self.candidate, self.entry = sched, {}
 
-    def output(self, candidate: torch.Tensor | None, b: Batch) -> torch.Tensor:
-        """The layer's (T, B, *shape) spikes on b (``candidate``: a schedule; None: as kept),
-        from the cached currents when there are any."""
+    def output(self, candidate: torch.Tensor | None, b: Batch) -> Iterator[torch.Tensor]:
+        """The layer's spikes on b (``candidate``: a schedule; None: as kept), one time chunk
+        (k, B, n) of 0.0 / 1.0 after the other (``sims.torch_snn.layer_chunks``), from the
+        cached currents when there are any."""
         lp = self.rule.layers[self.index]
-        return self.spikes(lp if candidate is None else replace(lp, schedule=candidate), b)
+        return self.chunks(lp if candidate is None else replace(lp, schedule=candidate), b)
 
-    def spikes(self, lp: LayerPlan, b: Batch) -> torch.Tensor:
+    def chunks(self, lp: LayerPlan, b: Batch) -> Iterator[torch.Tensor]:
         currents = self.currents.get(id(b))
         if currents is None:
-            return layer_output(lp, b.x, b.spikes, self.steps)
+            yield from layer_chunks(lp, b.x, b.spikes, self.steps)
+            return
         v = engine.initial_state(lp, b.x.shape[0])
-        out = torch.empty((self.steps,) + tuple(v.shape), dtype=lp.dtype, device=v.device)
-        engine.run_steps(lp, currents, v, 0, out, torch.empty_like(v))
-        return out.bool().reshape((self.steps,) + tuple(b.x.shape[:1]) + lp.shape)
+        scratch = torch.empty_like(v)
+        k = engine.float_chunk_steps(lp, self.steps, b.x.shape[0])
+        buffer = torch.empty((k,) + tuple(v.shape), dtype=lp.dtype, device=v.device)
+        for t0 in range(0, self.steps, k):
+            t1 = min(t0 + k, self.steps)
+            drive = currents if currents.dim() == 2 else currents[t0:t1]
+            engine.run_steps(lp, drive, v, t0, buffer[:t1 - t0], scratch)
+            yield buffer[:t1 - t0]
 
     def drives(self, b: Batch):
         """Per step the (B, n) current of the layer on batch b."""
@@ -224,7 +229,7 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """One FTBC sweep t = 1..T over batch b (``engine.bias_sweep``); updates ``p.schedule``
     in place (a tensor owned by this calibration)."""
     v = engine.initial_state(p, b.x.shape[0])
-    target = channel_mean(b.targets[p.name]).reshape(p.channels, 1)
+    target = b.targets[p.name].reshape(p.channels, 1)
     theta = _theta(p)
     alpha = fit.rule.opts.alpha
 
@@ -238,10 +243,15 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
 def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """SNN-Calibration bias correction: one constant shift for all steps, full step
     (``alpha`` is not used, as in SNN-Calibration)."""
-    spikes = fit.spikes(p, b)
-    rate = channel_rate(spikes.reshape((-1,) + tuple(spikes.shape[2:])))  # over steps too
-    shift = channel_mean(b.targets[p.name]) - _theta(p).reshape(rate.shape) * rate
-    p.schedule.add_(shift.reshape(p.channels, 1))
+    counts, rows = torch.zeros(p.channels, dtype=torch.int64, device=p.vth.device), 0
+    for chunk in fit.chunks(p, b):  # spikes over all steps, counted chunk by chunk
+        view = chunk.view(-1, p.channels, p.n // p.channels)
+        counts += view.sum(dim=(0, 2), dtype=torch.float64).to(torch.int64)  # exact
+        rows += view.shape[0]
+    rate = distributed.rate_of_counts(counts, rows * (p.n // p.channels)).to(DTYPE)
+    target = b.targets[p.name].reshape(p.channels, 1)
+    shift = target - _theta(p).reshape(p.channels, 1) * rate.reshape(p.channels, 1)
+    p.schedule.add_(shift)
 
 
 def _theta(p: LayerPlan) -> torch.Tensor:

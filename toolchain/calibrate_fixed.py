@@ -39,8 +39,9 @@ held-out set for the keep rule (no L x T full-network forwards).
 """
 from __future__ import annotations
 
+import itertools
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -52,12 +53,13 @@ from exporters.quantize import validate
 from hw_targets import Target
 from sims import engine
 from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state, input_current,
-                         run_steps, spike_current)
+                         last_consumers, run_steps, spike_current)
 from sims.reference import encode_input
 from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
+CHUNK_ELEMENTS = 1 << 22  # uncached drives and layer outputs: steps x batch x neurons per chunk
 
 
 # --------------------------------------------------------------------------- public API
@@ -159,12 +161,16 @@ class IntegerRule:
 
     def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
         """Readout (T, B, K) in float logit units: layers ``start`` onwards as planned in the
-        input graph, earlier ones from ``trains`` (added to)."""
-        for lp in self.plan.layers[start:]:
+        input graph, earlier ones from ``trains``; a computed train is dropped after its last
+        reader (one batch's live trains at a time)."""
+        last, trains = last_consumers(self.graph), dict(trains)
+        for i, lp in enumerate(self.plan.layers[start:], start):
             out = layer_output(lp, b.x, trains, self.graph.timesteps)
             if lp.readout:
                 return readout_float(self.graph, out)
             trains[lp.name] = out
+            for name in [n for n in trains if last.get(n, -1) <= i]:
+                del trains[name]
         raise AssertionError("the last layer is the readout")
 
     def final_readout(self, b: Batch) -> torch.Tensor:
@@ -192,7 +198,8 @@ class IntegerFit:
         clamped = 0
         for _ in range(rule.opts.iterations):
             for i, b in enumerate(cal):
-                cur = cache[i] if cache[i] is not None else fit_drive(lp, b.x, b.spikes, steps)
+                cur = (cache[i] if cache[i] is not None
+                       else fit_drives(lp, b.x, b.spikes, steps))
                 clamped += _ftbc_pass(lp, layer, cur, b.targets[layer.name], mant,
                                       rule.opts.alpha, limits)
         new = mant.cpu().numpy().astype(np.int64)
@@ -202,10 +209,12 @@ class IntegerFit:
                       "changed": int(np.count_nonzero(new != layer.bias_mant)),
                       "max_abs_change": int(np.max(np.abs(new - layer.bias_mant), initial=0))}
 
-    def output(self, candidate: tuple[QLayer, LayerPlan] | None, b: Batch) -> torch.Tensor:
-        """The layer's integer spikes (T, B, n) uint8 on b (None: as kept)."""
+    def output(self, candidate: tuple[QLayer, LayerPlan] | None, b: Batch
+               ) -> Iterator[torch.Tensor]:
+        """The layer's integer spikes on b (None: as kept): time chunks (k, B, n) of uint8."""
         lp = self.rule.plans[self.index] if candidate is None else candidate[1]
-        return layer_output(lp, b.x, b.spikes, self.rule.graph.timesteps).to(torch.uint8)
+        return (c.to(torch.uint8) for c in layer_chunks(lp, b.x, b.spikes,
+                                                         self.rule.graph.timesteps))
 
 
 def _fit_currents(lp: LayerPlan, cal: list[Batch], steps: int) -> list[torch.Tensor | None]:
@@ -227,11 +236,40 @@ def fit_drive(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor]
     return (a if const is None else a.add_(const)).mul_(lp.shift)
 
 
-def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor, target: torch.Tensor,
-               mant: torch.Tensor, alpha: float, limits: tuple[float, float]) -> int:
-    """One integer FTBC sweep t = 1..T over a batch (``engine.bias_sweep``); updates ``mant``
-    (T, C) in place. Returns how many updated mantissas were clipped to the 13-bit range."""
-    v = initial_state(lp, drive.shape[-2])
+def fit_drives(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor],
+               steps: int) -> Iterator[torch.Tensor]:
+    """``fit_drive`` step by step, computed in time chunks of at most CHUNK_ELEMENTS values
+    (exact integers: the same values whatever the chunking)."""
+    const = input_current(lp, x, steps)
+    if not lp.spiking_inputs:
+        drive = const.mul_(lp.shift)
+        yield from [drive] * steps
+        return
+    k = _chunk_steps(lp, steps, x.shape[0])
+    for t0 in range(0, steps, k):
+        a = spike_current(lp, trains, min(k, steps - t0), x.shape[0], t0=t0)
+        yield from (a if const is None else a.add_(const)).mul_(lp.shift)
+
+
+def _chunk_steps(lp: LayerPlan, steps: int, batch: int) -> int:
+    widest = max([int(np.prod(p.src_shape)) for p in lp.synapses] + [lp.n])
+    return max(1, min(steps, CHUNK_ELEMENTS // max(1, widest * batch)))
+
+
+def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor],
+               target: torch.Tensor, mant: torch.Tensor, alpha: float,
+               limits: tuple[float, float]) -> int:
+    """One integer FTBC sweep t = 1..T over a batch (``engine.bias_sweep``) on a cached
+    drive tensor or a stream of per-step drives (``fit_drives``); updates ``mant`` (T, C) in
+    place. Returns how many updated mantissas were clipped to the 13-bit range."""
+    if not isinstance(drive, torch.Tensor):
+        first = next(drive)
+        drives = itertools.chain([first], drive)
+        batch = first.shape[-2]
+    else:
+        drives = (drive if drive.dim() == 2 else drive[t] for t in range(mant.shape[0]))
+        batch = drive.shape[-2]
+    v = initial_state(lp, batch)
     vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(v.device)
     unit = float(2 ** layer.bias_exp)
     clamped = [0]
@@ -242,7 +280,6 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor, target: torch.Tensor,
         clamped[0] += int(((updated < limits[0]) | (updated > limits[1])).sum())
         mant[t] = updated.clamp_(*limits)
 
-    drives = (drive if drive.dim() == 2 else drive[t] for t in range(mant.shape[0]))
     bias_sweep(lp, drives, v, lambda t: (mant[t] * unit).to(v.dtype), update)
     return clamped[0]
 
@@ -252,13 +289,32 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor, target: torch.Tensor,
 def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor],
                  steps: int) -> torch.Tensor:
     """All T steps of one layer on cached source spike trains, as ``sims.emulator`` runs
-    it (bit-exact with ``sims.reference``): (T, B, n) spikes 0/1, or the readout membrane
-    after each step, in the layer's float dtype (exact integers)."""
-    drive = fit_drive(lp, x, trains, steps)
-    v = initial_state(lp, x.shape[0])
-    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype, device=v.device)
-    run_steps(lp, drive, v, 0, out, torch.empty_like(v))
+    it (bit-exact with ``sims.reference``): (T, B, n) uint8 spikes 0/1, or the readout
+    membrane after each step in the layer's float dtype (exact integers)."""
+    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype if lp.readout else torch.uint8,
+                      device=x.device)
+    t0 = 0
+    for chunk in layer_chunks(lp, x, trains, steps):
+        out[t0:t0 + len(chunk)].copy_(chunk)
+        t0 += len(chunk)
     return out
+
+
+def layer_chunks(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor],
+                 steps: int) -> Iterator[torch.Tensor]:
+    """``layer_output`` in time chunks of at most CHUNK_ELEMENTS values: (k, B, n) in the
+    layer's float dtype, in a buffer the next chunk overwrites."""
+    batch = x.shape[0]
+    v = initial_state(lp, batch)
+    k = _chunk_steps(lp, steps, batch)
+    buffer, scratch = torch.empty((k, batch, lp.n), dtype=lp.dtype, device=v.device), \
+        torch.empty_like(v)
+    drives = fit_drives(lp, x, trains, steps)
+    for t0 in range(0, steps, k):
+        chunk = buffer[:min(k, steps - t0)]
+        for t in range(len(chunk)):
+            run_steps(lp, next(drives), v, t0 + t, chunk[t:t + 1], scratch)
+        yield chunk
 
 
 def readout_float(q: QuantGraph, readout: torch.Tensor) -> torch.Tensor:

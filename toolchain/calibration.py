@@ -2,7 +2,7 @@
 integer FTBC (``toolchain.calibrate_fixed``); the update rule is the only difference.
 
 For each spiking layer in topological order (upstream layers as kept, their spike trains
-cached per batch): the rule fits a candidate on the calibration batches; the candidate is kept
+cached per batch, bit-packed on disk: ``DiskTrain``): the rule fits a candidate on the calibration batches; the candidate is kept
 only if it lowers the held-out error of the network's output against the ANN logits::
 
     E = (1/T) sum_t mean (readout(t) / t - z_ANN)^2
@@ -24,8 +24,10 @@ of one layer (``LayerFit``), how a kept candidate is stored, and the resulting g
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -91,11 +93,12 @@ class Batch:
 
 class LayerFit(Protocol):
     """One layer's fit: ``candidate`` (whatever the rule keeps), ``entry`` (report fields that
-    precede ``kept``), and the layer's output on a batch for a candidate (None: as it is)."""
+    precede ``kept``), and the layer's output on a batch for a candidate (None: as it is): its
+    (T, B, ...) 0/1 spikes, or their consecutive time chunks (``DiskTrain`` takes either)."""
     candidate: Any
     entry: dict
 
-    def output(self, candidate: Any, b: Batch) -> torch.Tensor: ...
+    def output(self, candidate: Any, b: Batch) -> torch.Tensor | Iterable[torch.Tensor]: ...
 
 
 class Rule(Protocol):
@@ -112,6 +115,56 @@ class Rule(Protocol):
     def fit(self, index: int, cal: list[Batch], hold: Batch | None) -> LayerFit: ...
 
     def keep(self, index: int, candidate: Any) -> None: ...
+
+
+# --------------------------------------------------------------------------- spike cache
+
+class DiskTrain:
+    """A cached (T, B, *shape) 0/1 spike train (bool or uint8) kept bit-packed in an anonymous
+    temporary file (removed when the object goes), one packed row per step: the calibration
+    keeps the outputs of calibrated layers for every batch, and held in memory they would grow
+    with the calibration set and T (VGG-16 at T = 64: gigabytes). ``train[t0:t1]`` reads and
+    unpacks those steps only, as a tensor on the train's device; the values are exactly the
+    ones cached."""
+
+    def __init__(self, train: torch.Tensor | Iterable[torch.Tensor]):
+        """``train``: the whole (T, B, *shape) tensor, or its consecutive time chunks (k, B, ...)
+        of 0/1 values (floats are stored as bool; each chunk is written before the next is
+        asked for, so a scratch buffer reused across chunks is fine)."""
+        chunks = [train] if isinstance(train, torch.Tensor) else train
+        self.file = tempfile.TemporaryFile()
+        self.shape, steps = None, 0
+        for chunk in chunks:
+            if self.shape is None:
+                self.dtype = torch.uint8 if chunk.dtype == torch.uint8 else torch.bool
+                self.device, self.shape = chunk.device, tuple(chunk.shape[1:])
+                self.row = int(np.prod(self.shape, dtype=np.int64))
+                self.stride = (self.row + 7) // 8
+            flat = chunk.reshape(len(chunk), self.row)
+            step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
+            for t0 in range(0, len(flat), step):
+                part = flat[t0:t0 + step].cpu().numpy()
+                self.file.write(np.packbits(part.astype(bool, copy=False), axis=1).tobytes())
+            steps += len(chunk)
+        if self.shape is None:
+            raise ValueError("DiskTrain: no steps to cache")
+        self.shape = (steps,) + self.shape
+        self.file.flush()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a DiskTrain is read by a slice of steps")
+        t0, t1, _ = key.indices(self.shape[0])
+        t1 = max(t0, t1)
+        raw = os.pread(self.file.fileno(), (t1 - t0) * self.stride, t0 * self.stride)
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8).reshape(t1 - t0, self.stride),
+                             axis=1, count=self.row)
+        out = torch.from_numpy(bits)
+        out = out.view(torch.bool) if self.dtype == torch.bool else out.to(self.dtype)
+        return out.reshape((t1 - t0,) + self.shape[1:]).to(self.device)
 
 
 # --------------------------------------------------------------------------- data
@@ -187,7 +240,7 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
         rule.keep(index, fit.candidate)
         entry = {**fit.entry, "kept": True}
     else:
-        out = fit.output(fit.candidate, hold)
+        out = DiskTrain(fit.output(fit.candidate, hold))
         after = running_logit_error(rule.readout(hold, {**hold.spikes, name: out}, index + 1),
                                     hold.logits)
         kept = after < before
@@ -198,7 +251,7 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
                  "holdout_error_after": after, "holdout_error": min(before, after)}
     for b in cal + ([hold] if hold else []):
         if name not in b.spikes:
-            b.spikes[name] = fit.output(None, b)
+            b.spikes[name] = DiskTrain(fit.output(None, b))
     return entry
 
 

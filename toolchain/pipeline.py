@@ -75,6 +75,7 @@ class Run:
     results: Mapping[str, Any] = field(default_factory=dict)
     activity: Mapping[str, Any] | None = None  # per-neuron spikes of the emulate stage
     timings: Mapping[str, float] = field(default_factory=dict)
+    peak_rss: Mapping[str, int] = field(default_factory=dict)  # stage -> peak RSS bytes
 
     def with_results(self, **items: Any) -> "Run":
         return replace(self, results={**self.results, **items})
@@ -125,10 +126,15 @@ def _calib_data(opts: Options, data: Any) -> np.ndarray:
 
 
 def _timed(name: str, fn: Stage) -> Stage:
+    """The stage, recording its wall seconds and the peak resident memory while it ran."""
+    from toolchain.memory import peak_rss_bytes, reset_peak_rss
+
     def stage(run: Run) -> Run:
+        reset_peak_rss()
         start = time.perf_counter()
         new = fn(run)
-        return replace(new, timings={**new.timings, name: time.perf_counter() - start})
+        return replace(new, timings={**new.timings, name: time.perf_counter() - start},
+                       peak_rss={**new.peak_rss, name: peak_rss_bytes()})
     stage.__name__ = name
     return stage
 
@@ -155,7 +161,8 @@ def trace(run: Run) -> Run:
     opts = run.options
     memory = check_memory(ann, run.calib, timesteps=opts.timesteps,
                           calib_batch=opts.calib_batch_size,
-                          eval_samples=len(_eval_split(run)[0]))
+                          eval_samples=len(_eval_split(run)[0]),
+                          holdout_samples=int(round(opts.holdout * len(run.calib))))
     x, _ = _local_eval(run)
     accuracy = float(_accuracy(run, ann_predictions(ann, x)))
     return replace(run, ann=ann).with_results(ann_accuracy=accuracy,

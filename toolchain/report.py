@@ -73,6 +73,7 @@ def build_report(run) -> dict[str, Any]:
         **run.results,
         "provenance": {**provenance(run), "command_line": opts.command_line},
         "seconds": {k: round(v, 3) for k, v in run.timings.items()},
+        "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in run.peak_rss.items()},
     })
 
 

@@ -23,7 +23,6 @@ from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
 from sims.lava_procs.process import PACK_BITS, IFBiasSchedule
-from sims.reference import ACT_SHIFT, STATE_MAX, STATE_MIN  # one definition of the arithmetic
 _PACK_WEIGHTS = np.left_shift(np.int64(1), np.arange(PACK_BITS, dtype=np.int64))
 
 
@@ -38,7 +37,9 @@ class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
     """Sample windowing and recording shared by both models; ``integrate`` is the neuron."""
 
     bias_exp: int = LavaPyType(int, np.int32, precision=5)
-    delay: int = LavaPyType(int, np.int32, precision=16)
+    act_shift: int = LavaPyType(int, np.int32, precision=5)
+    state_bits: int = LavaPyType(int, np.int32, precision=6)
+    depth: int = LavaPyType(int, np.int32, precision=16)
     timesteps: int = LavaPyType(int, np.int32, precision=16)
     period: int = LavaPyType(int, np.int32, precision=16)
     readout: int = LavaPyType(int, np.int32, precision=1)
@@ -52,7 +53,7 @@ class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
         tau, sample = k % self.period + 1, k // self.period
         if tau == 1:
             self.v[:] = self.v_init
-        t = tau - self.delay
+        t = tau - self.depth
         spikes = np.zeros(self.v.shape, dtype=bool)
         if 1 <= t <= self.timesteps:
             row = sample * self.timesteps + t - 1
@@ -65,6 +66,11 @@ class AbstractIFBiasScheduleModel(PyLoihiProcessModel):
 
     def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
         raise NotImplementedError
+
+    def state_range(self) -> tuple[int, int]:
+        """The saturating state's bounds, -2**(bits-1) .. 2**(bits-1) - 1 (the target's)."""
+        top = 1 << (int(self.state_bits) - 1)
+        return -top, top - 1
 
 
 @implements(proc=IFBiasSchedule, protocol=LoihiProtocol)
@@ -83,8 +89,8 @@ class PyIFBiasScheduleFixed(AbstractIFBiasScheduleModel):
 
     def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
         bias = self.bias[t - 1].astype(np.int64) << self.bias_exp
-        v = self.v.astype(np.int64) + (a_in.astype(np.int64) << ACT_SHIFT) + bias
-        v = np.clip(v, STATE_MIN, STATE_MAX)
+        v = self.v.astype(np.int64) + (a_in.astype(np.int64) << int(self.act_shift)) + bias
+        v = np.clip(v, *self.state_range())
         spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
         self.v[:] = v - spikes * self.vth.astype(np.int64)
         return spikes
@@ -109,7 +115,7 @@ class PyIFBiasScheduleFloat(AbstractIFBiasScheduleModel):
 
     def integrate(self, a_in: np.ndarray, t: int) -> np.ndarray:
         bias = self.bias[t - 1] * float(2 ** self.bias_exp)
-        v = np.clip(self.v + a_in * float(1 << ACT_SHIFT) + bias, STATE_MIN, STATE_MAX)
+        v = np.clip(self.v + a_in * float(1 << int(self.act_shift)) + bias, *self.state_range())
         spikes = np.zeros(v.shape, dtype=bool) if self.readout else v >= self.vth
         self.v[:] = v - spikes * self.vth
         return spikes

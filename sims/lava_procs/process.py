@@ -1,15 +1,17 @@
 """``IFBiasSchedule``: integrate-and-fire neurons with a per-step bias schedule, for Lava.
 
 The neuron arithmetic is ``sims.reference`` (the integer specification), run inside Lava's
-timing: Lava's Dense/Conv deliver at step k what was sent at step k-1, so a layer ``delay``
-hops from the input sees its step-t input at local step ``tau = delay + t``.
+timing: Lava's Dense/Conv/Sparse deliver at step k what was sent at step k-1, so a layer
+``depth`` hops from the input sees its step-t input at local step ``tau = depth + t``
+(``hw_targets.timing``; the synapses of residual inputs carry the synaptic delays that make
+every input of the layer's step t arrive then).
 
-Samples are run back to back, ``period = T + D`` steps each (D = deepest layer's delay), so
+Samples are run back to back, ``period = T + D`` steps each (D = deepest layer's depth), so
 the last layer finishes its T steps inside the sample's window. Within a sample, at local
 step tau = 1..period:
 
 - tau == 1: ``v = v_init`` (a new sample starts from the calibrated initial membrane);
-- delay < tau <= delay + T (the layer's window, t = tau - delay)::
+- depth < tau <= depth + T (the layer's window, t = tau - depth)::
 
       v = clamp(v + (a << 6) + (bias_mant[t-1] << bias_exp), -2**23, 2**23 - 1)
       s = v >= vth;  v -= s * vth          (spiking layers; the readout keeps v, never spikes)
@@ -44,13 +46,16 @@ class IFBiasSchedule(AbstractProcess):
     """A population of ``n`` IF neurons (flat C order) with a time-indexed bias.
 
     Parameters: ``vth`` (n,) per-neuron threshold in state units, ``bias`` (T, n) effective-bias mantissas per
-    neuron, ``bias_exp`` (int >= 0), ``v_init`` (n,), ``delay`` (hops from the input),
+    neuron, ``bias_exp`` (int >= 0), ``v_init`` (n,), ``depth`` (hops from the input),
+    ``act_shift`` and ``state_bits`` (the target's synaptic-input shift, 6, and state width,
+    24: ``hw_targets``),
     ``timesteps`` T, ``period`` (steps per sample), ``num_samples`` (record size),
     ``readout`` (no spikes; record v instead).
     """
 
     def __init__(self, *, n: int, vth: np.ndarray, bias: np.ndarray, bias_exp: int,
-                 v_init: np.ndarray, delay: int, timesteps: int, period: int,
+                 act_shift: int, state_bits: int,
+                 v_init: np.ndarray, depth: int, timesteps: int, period: int,
                  num_samples: int, readout: bool = False, name: str | None = None,
                  log_config: LogConfig | None = None) -> None:
         super().__init__(n=n, name=name, log_config=log_config)
@@ -62,7 +67,9 @@ class IFBiasSchedule(AbstractProcess):
         self.vth = Var(shape=(n,), init=np.asarray(vth, dtype=np.int64))
         self.bias = Var(shape=(timesteps, n), init=np.asarray(bias, dtype=np.int64))
         self.bias_exp = Var(shape=(1,), init=int(bias_exp))
-        self.delay = Var(shape=(1,), init=int(delay))
+        self.act_shift = Var(shape=(1,), init=int(act_shift))
+        self.state_bits = Var(shape=(1,), init=int(state_bits))
+        self.depth = Var(shape=(1,), init=int(depth))
         self.timesteps = Var(shape=(1,), init=int(timesteps))
         self.period = Var(shape=(1,), init=int(period))
         self.readout = Var(shape=(1,), init=int(bool(readout)))
