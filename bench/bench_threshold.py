@@ -1,6 +1,6 @@
 """MSE threshold search: ours (``toolchain.convert.threshold_mse``: one sort and prefix sums per
 channel, every candidate scored by binary search) against a per-channel grid search written
-the straightforward way (``grid_search_mse`` below: for every candidate fraction, quantize
+the straightforward way (``tests.threshold_reference.grid_search_mse``, the reference the tests check ours against: for every candidate fraction, quantize
 every value of every channel and sum the squared error), side by side, median of 3.
 
     .venv/bin/python bench/bench_threshold.py --model bench/models/cifar_resnet20.pt \
@@ -29,26 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolchain.convert import (MSE_FRACTIONS, _activations, activation_nodes,  # noqa: E402
-                               channel_values, threshold_mse)
-
-
-def grid_search_mse(values: torch.Tensor, timesteps: int, offset: float) -> torch.Tensor:
-    """The reference: theta = f * max per channel, for every f in the grid quantize all values
-    with q_T(a; theta) = clamp(floor(a T / theta + offset), 0, T) theta / T and keep the f of
-    the smallest sum of squared errors (first on ties). Vectorised over channels and values,
-    one pass per candidate: the direct writing of the definition."""
-    vmax = values.max(1).values.clamp(min=1e-30)
-    best_err = torch.full_like(vmax, float("inf"))
-    best = vmax.clone()
-    for f in MSE_FRACTIONS:
-        theta = (vmax * f)[:, None]
-        q = torch.clamp(torch.floor(values * timesteps / theta + offset), 0, timesteps)
-        err = ((values - q * theta / timesteps) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, theta[:, 0], best)
-    return best
+from tests.threshold_reference import grid_search_mse  # noqa: E402
+from toolchain.convert import (_activations, activation_nodes, channel_values,  # noqa: E402
+                               threshold_mse)
 
 
 def main() -> None:

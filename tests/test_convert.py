@@ -11,6 +11,7 @@ from core.ir import (INPUT, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputN
                      LinearNode, ReluNode, frozen_array)
 from sims.torch_snn import synapse_current
 from tests.ann_builders import graph_from_sequential, residual_graph, small_cnn
+from tests.threshold_reference import grid_search_mse
 from toolchain.ann import ann_forward
 from toolchain.convert import convert, threshold_mse
 
@@ -171,21 +172,6 @@ def test_meta_options_and_encoding_choices():
         convert(ann, X, timesteps=4, threshold="bogus")
 
 
-def _threshold_mse_brute_force(values, timesteps, offset):
-    """One full pass per candidate fraction (the authors' loop), the slow reference."""
-    from toolchain.convert import MSE_FRACTIONS
-    vmax = values.max(1).values.clamp(min=1e-30)
-    best_err, best = torch.full_like(vmax, float("inf")), vmax.clone()
-    for frac in MSE_FRACTIONS:
-        theta = (vmax * frac)[:, None]
-        q = torch.clamp(torch.floor(values * timesteps / theta + offset), 0, timesteps)
-        err = ((values - q * theta / timesteps) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, theta[:, 0], best)
-    return best
-
-
 @pytest.mark.parametrize("timesteps,offset", [(1, 0.0), (4, 0.5), (16, 0.0), (32, 0.5)])
 def test_sorted_mse_search_equals_brute_force(timesteps, offset):
     from toolchain.convert import threshold_mse
@@ -194,4 +180,4 @@ def test_sorted_mse_search_equals_brute_force(timesteps, offset):
     values = values * torch.rand(6, 1, generator=gen, dtype=torch.float64)
     values[2] = 0.0  # a silent channel
     got = threshold_mse(values, timesteps, offset)
-    assert torch.equal(got, _threshold_mse_brute_force(values, timesteps, offset))
+    assert torch.equal(got, grid_search_mse(values, timesteps, offset))
