@@ -1,7 +1,8 @@
 """MSE threshold search: ours (``toolchain.convert.threshold_mse``: one sort and prefix sums per
 channel, every candidate scored by binary search) against a per-channel grid search written
-the straightforward way (``tests.threshold_reference.grid_search_mse``, the reference the tests check ours against: for every candidate fraction, quantize
-every value of every channel and sum the squared error), side by side, median of 3.
+the straightforward way (``tests.threshold_reference.grid_search_mse``, the reference the
+tests check ours against: for every candidate fraction, quantize every value of every
+channel and sum the squared error), side by side, median of 3.
 
     .venv/bin/python bench/bench_threshold.py --model bench/models/cifar_resnet20.pt \
         --data cifar10:../shared/data/cifar10 --timesteps 4 --samples 800
