@@ -101,39 +101,39 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
-    from sims.lava_runner import run_lava
-    from sims.reference import encode_input
-    from sims.verify import _compare, expected_outputs
+    from sims.emulator import emulate
+    from sims.verify import verify
     from toolchain.data import load_data
     q = read_netx(args.net)
     relay = with_relays(q)
     data = load_data(args.data)
     x = np.asarray(data.x_test[:args.samples])
-    spikes, readout, _ = expected_outputs(q, x)
-    r_spikes, r_readout, _ = expected_outputs(relay, x)
-    for name, trains in spikes.items():            # the relays are exact in the emulator too
-        np.testing.assert_array_equal(r_spikes[name], trains, err_msg=name)
-    np.testing.assert_array_equal(r_readout, readout)
-    x_int = encode_input(q.input, x)
-    forms = {"delays": (q, spikes, readout), "relays": (relay, r_spikes, r_readout)}
+    forms = {"delays": (q, emulate(q, x, record=True)),
+             "relays": (relay, emulate(relay, x, record=True))}
+    want, got = forms["delays"][1], forms["relays"][1]
+    for name, trains in want.spikes.items():       # the relays are exact in the emulator too
+        np.testing.assert_array_equal(got.spikes[name], trains, err_msg=name)
+    np.testing.assert_array_equal(got.readout, want.readout)
     times: dict[str, list[float]] = {name: [] for name in forms}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (graph, _, _) in forms.items():
+        for name, (graph, _) in forms.items():
             write_netx(graph, Path(tmp) / f"{name}.net")
         for _ in range(args.repeats):
-            for name, (graph, want_spikes, want_readout) in forms.items():
-                result = run_lava(str(Path(tmp) / f"{name}.net"), x_int)
-                mismatches = _compare(graph, result, want_spikes, want_readout)[:2]
+            for name, (graph, expected) in forms.items():
+                result = verify(graph, str(Path(tmp) / f"{name}.net"), x,
+                                emulator_result=expected)
+                mismatches = result["spike_mismatches"], result["readout_mismatches"]
                 assert mismatches == (0, 0), f"{name}: mismatches {mismatches}"
-                times[name].append(result.seconds / args.samples)
-                print(f"{name}: {result.seconds:.1f} s for {args.samples} samples", flush=True)
+                times[name].append(result["seconds"] / args.samples)
+                print(f"{name}: {result['seconds']:.1f} s for {args.samples} samples",
+                      flush=True)
     load = os.getloadavg()
     print(f"\n{args.net}: T={q.timesteps}, {args.samples} samples, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; 0 mismatches in every run")
     print("| form | layers | neurons | connections | cores | delay slots | Lava processes "
           "| Lava s/sample |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (graph, _, _) in forms.items():
+    for name, (graph, _) in forms.items():
         c = costs(graph)
         print(f"| {name} | {c['layers']} | {c['neurons']:,} | {c['connections']:,} | "
               f"{c['cores']} | {c['delay_slots']:,} | {c['lava_processes']} | "

@@ -52,10 +52,8 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)
     from sims.emulator import emulate
-    from sims.lava_pool import run_lava_pool
-    from sims.reference import encode_input
     from sims.torch_snn import simulate
-    from sims.verify import _compare, expected_outputs
+    from sims.verify import verify
     times: dict[str, list[float]] = {"float SNN": [], "emulator": [], "lava 1 worker": [],
                                      "lava 2 workers": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,9 +63,7 @@ def main() -> None:
         q, snn, steps = run.quant, run.snn["ftbc"], args.timesteps
         x = run.data.x_test[:args.samples]
         xl = run.data.x_test[:args.lava_samples]
-        if len(xl):
-            spikes, readout, _ = expected_outputs(q, xl)
-            x_int = encode_input(q.input, xl)
+        expected = emulate(q, xl, record=True) if len(xl) else None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             simulate(snn, x)
@@ -76,10 +72,11 @@ def main() -> None:
             emulate(q, x)
             times["emulator"].append(time.perf_counter() - t0)
             for workers in (1, 2) if len(xl) else ():
-                result = run_lava_pool(q, str(net), x_int, workers=workers)
-                assert _compare(q, result, spikes, readout)[:2] == (0, 0), workers
+                result = verify(q, str(net), xl, emulator_result=expected, workers=workers)
+                assert (result["spike_mismatches"], result["readout_mismatches"]) == (0, 0), \
+                    workers
                 times[f"lava {workers} worker" + ("s" if workers > 1 else "")].append(
-                    result.seconds)
+                    result["seconds"])
             print({k: round(v[-1], 2) for k, v in times.items() if v}, file=sys.stderr,
                   flush=True)
     load = os.getloadavg()

@@ -47,23 +47,21 @@ def main() -> None:
     args = p.parse_args()
     if (args.net is None) != (args.data is None):
         p.error("--net and --data go together")
-    from sims.lava_pool import run_lava_pool
-    from sims.reference import encode_input
-    from sims.verify import _compare, expected_outputs
+    from sims.emulator import emulate
+    from sims.verify import verify
     with tempfile.TemporaryDirectory() as tmp:
         q, net, x_test = (demo_network(Path(tmp)) if args.net is None
                           else exported_network(args.net, args.data))
         x = x_test[:args.samples]
-        spikes, readout, _ = expected_outputs(q, x)
-        x_int = encode_input(q.input, x)
+        expected = emulate(q, x, record=True)
         times = {1: [], 2: []}
         for _ in range(args.repeats):
             for workers in times:
-                result = run_lava_pool(q, str(net), x_int, workers=workers)
-                mismatches = _compare(q, result, spikes, readout)[:2]
+                result = verify(q, str(net), x, emulator_result=expected, workers=workers)
+                mismatches = result["spike_mismatches"], result["readout_mismatches"]
                 assert mismatches == (0, 0), f"{workers} workers: mismatches {mismatches}"
-                times[workers].append(result.seconds / args.samples)
-                print(f"{workers} worker(s): {result.seconds:.1f} s", flush=True)
+                times[workers].append(result["seconds"] / args.samples)
+                print(f"{workers} worker(s): {result['seconds']:.1f} s", flush=True)
     load = os.getloadavg()
     print(f"\nT={q.timesteps}, {args.samples} samples, load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f}; median of {args.repeats}, 0 mismatches in every run")
