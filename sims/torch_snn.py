@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from core.ir import INPUT, InputSpec, SnnGraph, Synapse, SynapseKind
 from sims import engine
-from sims.engine import FloatArithmetic, LayerPlan, channel_view, last_consumers
+from sims.engine import FloatArithmetic, LayerPlan, channel_view
 from sims.progress import progress_bar
 
 __all__ = ["SimResult", "NetworkRun", "encode_input", "synapse_current", "layer_output",
-           "run_network", "simulate", "last_consumers"]
+           "run_network", "simulate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,8 +196,7 @@ class _Stream:
             for p in lp.synapses:
                 if p.source != INPUT and p.source not in sources:
                     sources[p.source] = self.window(p.source, t0, t1)
-            cur = engine.spike_current(lp, sources, t1 - t0, self.batch)
-            drive = steady if cur is None else (cur if steady is None else cur.add_(steady))
+            drive = layer_drive(lp, self.x, sources, 0, t1 - t0, steady)  # windowed sources
             if lp.readout:
                 out = torch.empty((t1 - t0, self.batch, lp.n), dtype=lp.dtype, device=v.device)
                 engine.run_steps(lp, drive, v, t0, out, torch.empty_like(v))
