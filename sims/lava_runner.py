@@ -25,12 +25,13 @@ with its weight matrix, a conv synapse with its exact sparse connection matrix
 ``validate`` (``exporters.quantize.validate`` for ``loihi2-sim``: depths, delays within
 0..63, weights, a conv's weight_exp 0 since Lava's Conv ignores it, ...).
 
-Lava facts this relies on (lava-nc 0.10.0): Dense's (and Sparse's) fixed-point model re-clips/truncates its
-weights (hence sign_mode MIXED explicitly: an all-negative matrix would otherwise be inferred
-INHIBITORY and -256 clipped to -255) and applies weight_exp as a floor shift; Conv's
-fixed-point model computes with scipy ``convolve2d`` in float64 (torch is disabled inside
-Lava processes), exact for our integers, then clamps to 24 bits, the reference's clamp; it
-is also the slow part (one 2-D convolution per (out, in) channel pair per step).
+Lava facts this relies on (lava-nc 0.10.0): Dense's (and Sparse's) fixed-point model
+re-clips/truncates its weights (hence sign_mode MIXED explicitly: an all-negative matrix
+would otherwise be inferred INHIBITORY and -256 clipped to -255) and applies weight_exp as
+a floor shift; Conv's fixed-point model computes with scipy ``convolve2d`` in float64
+(torch is disabled inside Lava processes), exact for our integers, then clamps to 24 bits,
+the reference's clamp; it is also the slow part (one 2-D convolution per (out, in) channel
+pair per step).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
-from core.errors import HardwareLimitError, InputError
+from core.errors import HardwareLimitError, InputError, Violation
 from core.ir import INPUT, QLayer, QSynapse, QuantGraph, SynapseKind
 from exporters.netx import read_netx
 from exporters.quantize import validate
@@ -68,10 +69,11 @@ def period_of(q: QuantGraph) -> int:
     return q.timesteps + max(layer.depth for layer in q.layers)
 
 
-def lava_problems(q: QuantGraph) -> list[str]:
-    """What in ``q`` Lava's simulation cannot run exactly, one line each: the violations of
-    the simulated target's limits (``exporters.quantize.validate``, the one check)."""
-    return [str(v) for v in validate(q, get_target(LAVA_TARGET))]
+def lava_problems(q: QuantGraph) -> list[Violation]:
+    """What in ``q`` Lava's simulation cannot run exactly: the violations of the simulated
+    target's limits (``exporters.quantize.validate``, the one check; ``run_lava`` refuses a
+    network with any)."""
+    return validate(q, get_target(LAVA_TARGET))
 
 
 def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
@@ -86,7 +88,7 @@ def run_lava(net_path: str, x_int: np.ndarray, *, progress: bool = False,
     the first step to the last read-back; ``sims.lava_pool`` watches them there)."""
     start = time.perf_counter()
     q = read_netx(net_path)
-    violations = validate(q, get_target(LAVA_TARGET))
+    violations = lava_problems(q)
     if violations:
         raise HardwareLimitError(f"{LAVA_TARGET} (Lava cannot run {net_path} exactly)",
                                  violations)
@@ -207,7 +209,8 @@ def _delayed_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, 
     from lava.proc.sparse.process import DelaySparse
     from lava.utils.weightutils import SignMode
     from scipy.sparse import csr_matrix
-    weights = (csr_matrix(np.asarray(syn.weight, dtype=np.int32)) if syn.kind is SynapseKind.DENSE
+    weights = (csr_matrix(np.asarray(syn.weight, dtype=np.int32))
+               if syn.kind is SynapseKind.DENSE
                else conv_matrix(syn, src_shape, tuple(layer.shape)))
     delays = weights.copy()
     delays.data = np.full(delays.data.shape, delay, dtype=int)

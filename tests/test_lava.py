@@ -198,7 +198,8 @@ def test_what_lava_cannot_run_is_named():
     q = conv_net()
     conv2 = q.layers[1]
     shifted = replace(conv2, synapses=(replace(conv2.synapses[0], weight_exp=1),), depth=3)
-    problems = lava_problems(replace(q, layers=(q.layers[0], shifted) + q.layers[2:]))
+    problems = [str(v) for v in
+                lava_problems(replace(q, layers=(q.layers[0], shifted) + q.layers[2:]))]
     assert any("conv2<-conv1: conv weight_exp = 1" in p for p in problems)
     assert any("conv2: depth = 3" in p and "== 2 hops" in p for p in problems)
     assert lava_problems(q) == []
