@@ -1,8 +1,10 @@
 """FTBC with the authors' loop structure and the same math, for tests and benchmarks only.
 
 For each iteration, batch, spiking layer l and step t: one full ANN forward and one step of
-the whole SNN (all layers, stateful), then ``b_l[t] += alpha * mean_c(abar - theta s)`` and
-layer l's step is re-fired: L x T full-network forwards per batch, nothing cached, no holdout
+the whole SNN (all layers, stateful), then ``b_l[t] += alpha * (target_c(t) - theta mean_c(s))``
+and layer l's step is re-fired (``target_c(t)``: the ideal neuron's firing at step t, shifted to
+sum to T mean_c(abar), as ``toolchain.calibrate.step_targets``, written again here): L x T
+full-network forwards per batch, nothing cached, no holdout
 rule. With one batch and one iteration it computes what ``toolchain.calibrate.calibrate``
 computes with ``holdout=0`` (same loop order then). Written in plain torch on the IR, apart
 from the engine, so that the two can be compared.
@@ -59,10 +61,24 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
         _, values = ann_forward(ann, xb, record=True, dtype=cal.DTYPE)
         target = torch.minimum(values[layer.name].clamp(min=0), p["theta"])
         v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
-        p["schedule"][t] += alpha * (cal.channel_mean(target)
+        p["schedule"][t] += alpha * (_ideal_target(target, p, t, snn.timesteps)
                                      - p["theta"] * cal.channel_rate(spikes))
         pre = v_prev + cur + p["bias"] + p["schedule"][t]
         state[layer.name] = torch.where(pre >= p["theta"], pre - p["theta"], pre)
+
+
+def _ideal_target(abar, p: dict, t: int, steps: int) -> torch.Tensor:
+    """Step t's target: theta times the channel's mean number of spikes an IF neuron (v_init,
+    theta, reset by subtraction) with constant input abar fires at step t, plus the same
+    shift at every step so that the T targets sum to T mean_c(abar)."""
+    a, theta = abar.double(), p["theta"].double()
+
+    def count(k):  # spikes after k steps
+        return torch.clamp(torch.floor((p["v_init"].double() + k * a) / theta + cal.TIE), 0, k)
+
+    at_t = cal.channel_mean(count(t + 1) - count(t))
+    shift = cal.channel_mean(a) - theta * cal.channel_mean(count(steps)) / steps
+    return (theta * at_t + shift).to(abar.dtype)
 
 
 def _step(p: dict, v: torch.Tensor, current, t: int) -> tuple[torch.Tensor, torch.Tensor]:

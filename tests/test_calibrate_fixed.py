@@ -150,7 +150,7 @@ def test_fixed_ftbc_step_matches_float_update():
                                    torch.device("cpu"))
     mant = torch.zeros((1, 1), dtype=torch.float64)
     drive = torch.zeros((4, 1), dtype=lp.dtype)
-    cf._ftbc_pass(lp, layer, drive, torch.tensor([0.75], dtype=torch.float64), mant, 0.5,
+    cf._ftbc_pass(lp, layer, drive, torch.tensor([[0.75]], dtype=torch.float64), mant, 0.5,
                   (-4096.0, 4095.0))
     assert mant.item() == 94
 

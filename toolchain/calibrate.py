@@ -9,8 +9,28 @@ ftbc. For each layer in topological order (upstream layers already calibrated, t
 trains cached), for each iteration and calibration batch, for t = 1..T::
 
     v  = v + I[t] + bias + b[t];  s(t) = v >= theta                      (as simulated)
-    b[t] += alpha * mean_c(abar - theta * s(t))                          (paper's update)
+    b[t] += alpha * (target_c(t) - theta * mean_c(s(t)))                 (paper's update form)
     the step is re-fired with the updated b[t] before moving to t + 1     (authors' code)
+
+Per-step target (``step_targets``). The paper's target is the same at every step,
+``mean_c(abar)``: each step's firing rate is pulled to the ANN's mean activation. Ours is the
+firing of an *ideal* neuron of the layer at step t: an IF neuron with the layer's threshold and
+v_init, reset by subtraction, fed its ANN activation abar as a constant input, so its count
+after t steps is ``n_t(abar) = clip(floor((v_init theta + t abar) / theta), 0, t)``; then every
+step is shifted by the same amount so that the T steps together still target the ANN's mean
+activation exactly as LP does::
+
+    target_c(t) = theta mean_c(n_t - n_{t-1}) + (mean_c(abar) - theta mean_c(n_T) / T)
+
+Why: with v_init = theta / 2 a neuron of small activation cannot fire at step 1 and fires at
+the step its charge crosses theta, so even a perfect network fires few spikes early and more
+late. Pulling step 1's rate up to mean_c(abar) makes a neuron fire there that would fire later
+anyway (reset by subtraction conserves its charge) and the next steps' biases are pushed down
+to compensate: every step's bias absorbs this shape, not only the network's temporal error,
+and on networks run at T below their quantisation levels (QCFS L = 8 at T = 2, 4) the T-step
+count lost 3-10 points of validation accuracy to LP (bench/README.md, "Accuracy on residual
+networks", part 4). With the ideal neuron's profile as target, b[t] corrects only the
+deviation from it; summed over t the target is the paper's (and LP's).
 
 lp. One bias per channel for all steps: b += mean_c(abar - theta * rate), rate = spikes / T,
 full step per batch as SNN-Calibration's bias correction does.
@@ -55,6 +75,7 @@ from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, s
 from toolchain.calibration import agreement, split_calibration  # noqa: F401  (public here too)
 
 DTYPE = torch.float32
+TIE = 1e-5  # an activation this close (in thresholds) below a count's boundary counts as on it
 CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations below 512 MiB
 
 
@@ -88,6 +109,27 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
     new = rule.result(details["holdout"].get("reverted", False))
     report.update(details, seconds=time.perf_counter() - start)
     return evolve(new, meta={**new.meta, "calibration": summary(report)}), report
+
+
+def step_targets(abar: torch.Tensor, theta: torch.Tensor, v_init: torch.Tensor,
+                 steps: int) -> torch.Tensor:
+    """FTBC's per-step targets (T, C, 1, ...) in x's dtype (module docstring): per step t the
+    channel mean of theta (n_t - n_{t-1}), the ideal neuron's firing, shifted so that the
+    steps sum to T mean_c(abar). ``abar`` (B, C, ...): clipped ANN activations in [0, theta];
+    ``theta``, ``v_init`` (fraction of theta): per channel, broadcastable to (C, 1, ...).
+    Counts are computed in float64; ``TIE`` absorbs the float rounding of activations that
+    sit exactly on a count boundary (QCFS levels: the neuron fires on v >= theta)."""
+    a, th = abar.to(torch.float64), theta.to(torch.float64)
+    v0 = v_init.to(torch.float64) * th
+    per_step, previous = [], torch.zeros_like(a)
+    for t in range(1, steps + 1):
+        count = torch.clamp(torch.floor((v0 + t * a) / th + TIE), 0, t)
+        per_step.append(channel_mean(count - previous))
+        previous = count
+    fired = torch.stack(per_step)  # (T, C, 1, ...) mean spikes per neuron at each step
+    th_c = th.expand(fired.shape[1:])
+    shift = channel_mean(a) - th_c * fired.sum(0) / steps
+    return (th_c * fired + shift).to(abar.dtype)
 
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +175,13 @@ class FloatRule:
                 theta = torch.tensor(np.asarray(layer.threshold), dtype=DTYPE)
                 theta = theta.reshape((-1,) + (1,) * (len(layer.shape) - 1))
                 abar = torch.minimum(values[layer.name].clamp(min=0), theta).to(dev)
-                targets[layer.name] = channel_mean(abar)  # all the updates read of it
+                if self.opts.method == "ftbc":  # (T, C, 1, ...): all the updates read of it
+                    v_init = torch.tensor(np.asarray(layer.v_init), dtype=DTYPE)
+                    v_init = v_init.reshape((-1,) + (1,) * (theta.dim() - 1))
+                    targets[layer.name] = step_targets(abar, theta.to(dev), v_init.to(dev),
+                                                       self.graph.timesteps)
+                else:
+                    targets[layer.name] = channel_mean(abar)
         return Batch(encode_input(self.graph.input, x, DTYPE, dev), targets, logits.to(dev), {})
 
     def readout(self, b: Batch, trains: dict, start: int) -> torch.Tensor:
@@ -229,13 +277,13 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """One FTBC sweep t = 1..T over batch b (``engine.bias_sweep``); updates ``p.schedule``
     in place (a tensor owned by this calibration)."""
     v = engine.initial_state(p, b.x.shape[0])
-    target = b.targets[p.name].reshape(p.channels, 1)
+    target = b.targets[p.name].reshape(-1, p.channels, 1)  # (T, C, 1): ``step_targets``
     theta = _theta(p)
     alpha = fit.rule.opts.alpha
 
     def update(t: int, fired: torch.Tensor) -> None:
         rate = channel_rate(fired.view(fired.shape[0], p.channels, -1))
-        p.schedule[t] += alpha * (target - theta * rate)
+        p.schedule[t] += alpha * (target[t] - theta * rate)
 
     engine.bias_sweep(p, fit.drives(b), v, lambda t: p.schedule[t], update)
 

@@ -16,12 +16,15 @@ integer spike trains cached), each iteration and calibration batch, for t = 1..T
 
     v  = clamp(v + (a[t] << 6) + (bias_mant[t, c] << bias_exp))     (sims.reference)
     s(t) = v >= vth[c]
-    bias_mant[t, c] += rint(alpha * mean_c(abar - s(t)) * vth[c] / 2**bias_exp)
+    bias_mant[t, c] += rint(alpha * (target_c(t) - mean_c(s(t))) * vth[c] / 2**bias_exp)
     bias_mant[t, c]  = clip(bias_mant[t, c], target.bias_mant_min, target.bias_mant_max)
     the step is re-fired with the updated bias before moving on (as toolchain.calibrate)
 
-(vth[c] state units = one float threshold, so ``mean_c(abar - s) * vth`` is the float
-update ``mean_c(abar_float - theta * s)`` in state units.) The layer's ``bias_exp`` is kept:
+(vth[c] state units = one float threshold, so ``(target - mean_c(s)) * vth`` is the float
+update in state units.) ``target_c(t)`` is the float calibration's per-step target
+(``toolchain.calibrate.step_targets``) in spikes per step: the firing of an ideal IF neuron
+with this layer's v_init / vth fed abar as a constant input, shifted so that the T steps sum
+to T mean_c(abar). The layer's ``bias_exp`` is kept:
 an update that does not fit 13 bits is clipped to the limit and counted in the report
 (``clamped``), so the graph stays valid for the target; nothing else changes (weights, vth,
 v_init, the readout).
@@ -56,6 +59,7 @@ from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state
                          last_consumers, run_steps, spike_current)
 from sims.reference import encode_input
 from toolchain.ann import ann_forward
+from toolchain.calibrate import step_targets
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
@@ -153,7 +157,11 @@ class IntegerRule:
                 a = values[layer.name].to(torch.float64).reshape(len(x), layer.shape[0], -1)
                 theta = torch.from_numpy(np.array(self.thresholds[layer.name], np.float64))
                 rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
-                targets[layer.name] = distributed.mean(rate, (0, 2)).to(self.plan.device)
+                v_init = torch.from_numpy(np.asarray(layer.v_init, np.float64)
+                                          / np.asarray(layer.vth, np.float64))
+                targets[layer.name] = step_targets(  # (T, C): per-step rates
+                    rate, torch.ones(1, 1, dtype=torch.float64), v_init.reshape(-1, 1),
+                    self.graph.timesteps).reshape(self.graph.timesteps, -1).to(self.plan.device)
         x_int = encode_input(self.graph.input, x, self.plan.arithmetic.payload_bits)
         dev = self.plan.device
         return Batch(torch.from_numpy(x_int.astype(np.float32)).to(dev), targets,
@@ -276,7 +284,7 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
 
     def update(t: int, spikes: torch.Tensor) -> None:
         rate = distributed.rate(spikes.view(spikes.shape[0], lp.channels, -1), (0, 2))
-        updated = mant[t] + torch.round(alpha * (target - rate) * vth_c / unit)
+        updated = mant[t] + torch.round(alpha * (target[t] - rate) * vth_c / unit)
         clamped[0] += int(((updated < limits[0]) | (updated > limits[1])).sum())
         mant[t] = updated.clamp_(*limits)
 
