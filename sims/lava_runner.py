@@ -6,7 +6,8 @@ what is verified is what is deployed:
     RingBuffer (graded x_int, the whole N x period stream)
       -> Dense (sign_mode MIXED, 8 weight bits, num_message_bits 8 from the input, 0 from
          spikes) or Conv (Lava's (W, H, C) layout through reshape/transpose virtual ports),
-         or, for a synapse with a synaptic delay, DelaySparse (below)
+         or Sparse for a conv with a small output plane (``runs_sparse``), or, for a
+         synapse with a synaptic delay, DelaySparse (below)
       -> IFBiasSchedule neurons (several synapses into one InPort are summed by Lava)
 
 Timing (``hw_targets.timing``): each synaptic hop adds one step, so layer l
@@ -31,7 +32,7 @@ would otherwise be inferred INHIBITORY and -256 clipped to -255) and applies wei
 a floor shift; Conv's fixed-point model computes with scipy ``convolve2d`` in float64
 (torch is disabled inside Lava processes), exact for our integers, then clamps to 24 bits,
 the reference's clamp; it is also the slow part (one 2-D convolution per (out, in) channel
-pair per step).
+pair per step), hence Sparse where the plane is small and the channel pairs many.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ from sims.progress import progress_bar
 
 # What Lava's CPU simulation runs exactly is the simulated target's envelope.
 LAVA_TARGET = "loihi2-sim"
+CONV_MATRIX_BLOCK = 1 << 22  # candidate taps per block of output channels (conv_matrix)
+SPARSE_CONV_MAX_PIXELS = 16  # convs with output planes up to 4 x 4 run as Sparse (runs_sparse)
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,9 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
         for syn, delay in zip(layer.synapses, delays[layer.name]):
             src_port, src_shape = ports[syn.source]
             bits = payload if syn.source == INPUT else 0
-            if delay:
-                _delayed_synapse(syn, delay, src_port, src_shape, layer, bits,
-                                 sink=neuron.a_in)
+            if delay or runs_sparse(syn, layer):
+                _sparse_synapse(syn, delay, src_port, src_shape, layer, bits,
+                                sink=neuron.a_in)
             else:
                 _synapse(syn, src_port, src_shape, layer, bits, sink=neuron.a_in)
         ports[layer.name] = (neuron.s_out, tuple(layer.shape))
@@ -201,23 +204,37 @@ def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
     conn.a_out.transpose([2, 1, 0]).reshape((int(np.prod(layer.shape)),)).connect(sink)
 
 
-def _delayed_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, ...],
-                     layer: QLayer, bits: int, sink) -> None:
-    """A synapse whose spikes wait ``delay`` extra steps: Lava's bit-accurate DelaySparse
-    with the synapse's exact connection matrix (flat C order on both sides) and every
-    connection's delay set to ``delay`` (Lava: delay k arrives k + 1 steps later)."""
-    from lava.proc.sparse.process import DelaySparse
+def runs_sparse(syn: QSynapse, layer: QLayer) -> bool:
+    """Whether an undelayed conv synapse runs as its sparse matrix instead of Lava's Conv:
+    when the output plane has at most ``SPARSE_CONV_MAX_PIXELS`` pixels. Lava's Conv makes
+    one scipy ``convolve2d`` call per (out, in) channel pair and step, so deep layers with
+    many channels on a small plane (VGG-16's 512 x 512 channels at 4 x 4 and 2 x 2: 262k
+    calls per step each) cost far more than their few synapses; large planes keep Conv,
+    whose memory does not grow with the plane (bench/README.md, "Lava: Conv or Sparse")."""
+    return (syn.kind is SynapseKind.CONV
+            and int(np.prod(layer.shape[1:])) <= SPARSE_CONV_MAX_PIXELS)
+
+
+def _sparse_synapse(syn: QSynapse, delay: int, src_port, src_shape: tuple[int, ...],
+                    layer: QLayer, bits: int, sink) -> None:
+    """A synapse as its exact connection matrix (flat C order on both sides): Lava's
+    bit-accurate Sparse, or with ``delay`` > 0 DelaySparse with every connection's delay set
+    to ``delay`` (Lava: delay k arrives k + 1 steps later). Sparse and DelaySparse apply
+    weight_exp and do not clamp; the reference's 24-bit clamp never binds (validate)."""
+    from lava.proc.sparse.process import DelaySparse, Sparse
     from lava.utils.weightutils import SignMode
     from scipy.sparse import csr_matrix
     weights = (csr_matrix(np.asarray(syn.weight, dtype=np.int32))
                if syn.kind is SynapseKind.DENSE
                else conv_matrix(syn, src_shape, tuple(layer.shape)))
-    delays = weights.copy()
-    delays.data = np.full(delays.data.shape, delay, dtype=int)
-    conn = DelaySparse(weights=weights, delays=delays, max_delay=int(delay),
-                       weight_exp=int(syn.weight_exp), num_weight_bits=8,
-                       sign_mode=SignMode.MIXED,
-                       num_message_bits=bits)
+    common = dict(weight_exp=int(syn.weight_exp), num_weight_bits=8,
+                  sign_mode=SignMode.MIXED, num_message_bits=bits)
+    if delay:
+        delays = weights.copy()
+        delays.data = np.full(delays.data.shape, delay, dtype=int)
+        conn = DelaySparse(weights=weights, delays=delays, max_delay=int(delay), **common)
+    else:
+        conn = Sparse(weights=weights, **common)
     src_port.connect(conn.s_in)
     conn.a_out.connect(sink)
 
@@ -226,23 +243,32 @@ def conv_matrix(syn: QSynapse, src: tuple[int, ...], out: tuple[int, ...]):
     """The (O*OH*OW, C*H*W) scipy CSR matrix (int32) of a conv synapse over flat C-order
     source and output: row (o, y, x) holds w[o, c - g*I, i, j] at column (c, y*s - p + i*d,
     x*s - p + j*d) for every in-range tap (taps on padding connect to nothing), zero weights
-    left out. Exactly the cross-correlation the reference computes."""
-    from scipy.sparse import csr_matrix
+    left out. Exactly the cross-correlation the reference computes. Built over blocks of
+    output channels (at most ``CONV_MATRIX_BLOCK`` candidate taps each), so the index
+    arrays stay small beside the matrix itself."""
+    from scipy.sparse import csr_matrix, vstack
     w = np.asarray(syn.weight, dtype=np.int64)
     o_n, i_n, kh, kw = w.shape
     (c_n, h, wd), (_, oh, ow) = src, out
     per_group = o_n // syn.groups
-    o, c, i, j, y, x = np.meshgrid(np.arange(o_n), np.arange(i_n), np.arange(kh),
-                                   np.arange(kw), np.arange(oh), np.arange(ow), indexing="ij")
-    iy = y * syn.stride[0] - syn.padding[0] + i * syn.dilation[0]
-    ix = x * syn.stride[1] - syn.padding[1] + j * syn.dilation[1]
-    cin = (o // per_group) * i_n + c
-    value = w[o, c, i, j]
-    keep = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd) & (value != 0)
-    rows = (o * oh + y) * ow + x
-    cols = (cin * h + iy) * wd + ix
-    return csr_matrix((value[keep].astype(np.int32), (rows[keep], cols[keep])),
-                      shape=(o_n * oh * ow, c_n * h * wd))
+    step = max(1, CONV_MATRIX_BLOCK // (i_n * kh * kw * oh * ow))
+    blocks = []
+    for o0 in range(0, o_n, step):
+        o1 = min(o0 + step, o_n)
+        o, c, i, j, y, x = np.meshgrid(np.arange(o0, o1), np.arange(i_n), np.arange(kh),
+                                       np.arange(kw), np.arange(oh), np.arange(ow),
+                                       indexing="ij", sparse=True)
+        iy = y * syn.stride[0] - syn.padding[0] + i * syn.dilation[0]
+        ix = x * syn.stride[1] - syn.padding[1] + j * syn.dilation[1]
+        value = w[o, c, i, j]
+        keep = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd) & (value != 0)
+        rows = np.broadcast_to(((o - o0) * oh + y) * ow + x, keep.shape)[keep]
+        cols = np.broadcast_to((((o // per_group) * i_n + c) * h + iy) * wd + ix,
+                               keep.shape)[keep]
+        blocks.append(csr_matrix(
+            (np.broadcast_to(value, keep.shape)[keep].astype(np.int32), (rows, cols)),
+            shape=((o1 - o0) * oh * ow, c_n * h * wd)))
+    return blocks[0] if len(blocks) == 1 else vstack(blocks, format="csr")
 
 
 def lava_conv_weight(weight: np.ndarray) -> np.ndarray:

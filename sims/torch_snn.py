@@ -113,23 +113,36 @@ def layer_chunks(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.
     steps, spikes as 0.0 / 1.0 in a scratch buffer that the next chunk overwrites (copy what
     you keep before asking for the next)."""
     batch = x_enc.shape[0]
-    v = engine.initial_state(lp, batch)
-    scratch = torch.empty_like(v)
-    steady = engine.input_current(lp, x_enc)
-    k = engine.float_chunk_steps(lp, steps, batch)
+    v, steady, k = _layer_start(lp, x_enc, steps)
     if buffer is None:
         buffer = torch.empty(chunk_elements(lp, steps, batch), dtype=lp.dtype, device=v.device)
     for t0 in range(0, steps, k):
         t1 = min(t0 + k, steps)
         out = buffer[:(t1 - t0) * batch * lp.n].view(t1 - t0, batch, lp.n)
-        engine.run_steps(lp, layer_drive(lp, x_enc, spikes, t0, t1, steady), v, t0, out,
-                         scratch)
+        _run_chunk(lp, x_enc, spikes, 0, t0, t1, v, steady, out)
         yield out
 
 
 def chunk_elements(lp: LayerPlan, steps: int, batch: int) -> int:
     """Values in one time chunk of ``layer_output``'s spike buffer."""
     return engine.float_chunk_steps(lp, steps, batch) * batch * lp.n
+
+
+def _layer_start(lp: LayerPlan, x_enc: torch.Tensor, steps: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A layer's run before step 0: (membrane, constant input current, chunk length)."""
+    batch = x_enc.shape[0]
+    return (engine.initial_state(lp, batch), engine.input_current(lp, x_enc),
+            engine.float_chunk_steps(lp, steps, batch))
+
+
+def _run_chunk(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.Tensor],
+               first: int, t0: int, t1: int, v: torch.Tensor, steady: torch.Tensor | None,
+               out: torch.Tensor) -> None:
+    """Steps t0..t1-1 of a layer into ``out`` (k, B, n), advancing ``v``; the sources'
+    ``spikes`` start at step ``first`` (0: whole trains; t0: windows of these steps)."""
+    drive = layer_drive(lp, x_enc, spikes, t0 - first, t1 - first, steady)
+    engine.run_steps(lp, drive, v, t0, out, torch.empty_like(v))
 
 
 class _Stream:
@@ -185,9 +198,7 @@ class _Stream:
         """Compute layer i's chunks until it has produced ``until`` steps."""
         lp = self.layers[i]
         if i not in self.state:
-            self.state[i] = (engine.initial_state(lp, self.batch),
-                             engine.input_current(lp, self.x),
-                             engine.float_chunk_steps(lp, self.steps, self.batch))
+            self.state[i] = _layer_start(lp, self.x, self.steps)
         v, steady, k = self.state[i]
         while self.done[i] < until:
             t0 = self.done[i]
@@ -196,14 +207,13 @@ class _Stream:
             for p in lp.synapses:
                 if p.source != INPUT and p.source not in sources:
                     sources[p.source] = self.window(p.source, t0, t1)
-            drive = layer_drive(lp, self.x, sources, 0, t1 - t0, steady)  # windowed sources
             if lp.readout:
                 out = torch.empty((t1 - t0, self.batch, lp.n), dtype=lp.dtype, device=v.device)
-                engine.run_steps(lp, drive, v, t0, out, torch.empty_like(v))
+                _run_chunk(lp, self.x, sources, t0, t0, t1, v, steady, out)
             else:
                 scratch = self.buffer[:(t1 - t0) * self.batch * lp.n]
                 scratch = scratch.view(t1 - t0, self.batch, lp.n)
-                engine.run_steps(lp, drive, v, t0, scratch, torch.empty_like(v))
+                _run_chunk(lp, self.x, sources, t0, t0, t1, v, steady, scratch)
                 out = scratch.bool()  # 0.0 / 1.0 -> bool
                 self.totals[lp.name] = self.totals.get(lp.name, 0) + int(out.sum())
             if lp.readout or self.keep or lp.name in self.consumers:

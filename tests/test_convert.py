@@ -181,3 +181,20 @@ def test_sorted_mse_search_equals_brute_force(timesteps, offset):
     values[2] = 0.0  # a silent channel
     got = threshold_mse(values, timesteps, offset)
     assert torch.equal(got, grid_search_mse(values, timesteps, offset))
+
+
+@pytest.mark.parametrize("method", ["mse", "percentile"])
+def test_blocked_threshold_search_changes_no_threshold(monkeypatch, method):
+    """The search runs over blocks of channels to bound its float64 workspace; with blocks
+    of one channel (and of a few) every threshold is bit-identical to one block per layer."""
+    import toolchain.convert as conv
+    ann = _seeded_cnn(3)
+    whole = convert(ann, X, timesteps=4, threshold=method, percentile=99.0)
+    # 1: one channel per block; 3 x 4,096: relu1 (8 channels of 64 samples x 64 values) in
+    # blocks of 3, 3, 2, relu4 (16 of 1,024) in blocks of 12 and 4, relu8 in one block
+    for block in (1, 3 * 64 * 64):
+        monkeypatch.setattr(conv, "SEARCH_BLOCK_VALUES", block)
+        blocked = convert(ann, X, timesteps=4, threshold=method, percentile=99.0)
+        for a, b in zip(whole.layers, blocked.layers):
+            assert np.array_equal(a.threshold, b.threshold), (method, block, a.name)
+    assert len({float(t) for t in whole.layer("relu1").threshold}) > 1  # per-channel values

@@ -176,11 +176,32 @@ def test_graded_input_through_a_delayed_synapse(tmp_path):
     assert result.spikes["c"].any()
 
 
-def test_conv_matrix_is_the_reference_conv():
-    """The sparse matrix a delayed conv runs as equals the reference's cross-correlation
-    (stride, padding, dilation, groups), zero weights left out."""
+@pytest.mark.lava
+@pytest.mark.parametrize("pixels", [0, 1 << 20], ids=["all-conv", "all-sparse"])
+def test_conv_synapses_run_exactly_as_conv_or_as_sparse(pixels, tmp_path, monkeypatch):
+    """Every conv synapse through Lava's Conv, then every one through Sparse (its exact
+    matrix; what small output planes use): the same spikes as the reference either way."""
+    import sims.lava_runner
+    from sims.lava_runner import runs_sparse
+    monkeypatch.setattr(sims.lava_runner, "SPARSE_CONV_MAX_PIXELS", pixels)
+    q = conv_net()
+    convs = [(s, l) for l in q.layers for s in l.synapses if s.kind == "conv"]
+    assert len(convs) >= 2 and {runs_sparse(s, l) for s, l in convs} == {pixels > 0}
+    x_int = encode_input(q.input, random_inputs(q, SAMPLES))
+    result = run_lava(_export(q, tmp_path), x_int)
+    _assert_equal_to_reference(q, result, x_int)
+    assert max(s.mean() for s in result.spikes.values()) > 0.05
+
+
+@pytest.mark.parametrize("block", [1, 1 << 22], ids=["one-channel-blocks", "default"])
+def test_conv_matrix_is_the_reference_conv(monkeypatch, block):
+    """The sparse matrix a conv runs as in Lava (delayed, or small outputs) equals the
+    reference's cross-correlation (stride, padding, dilation, groups), zero weights left
+    out, however it is blocked over output channels."""
+    import sims.lava_runner
     from sims.lava_runner import conv_matrix
     from sims.reference import synapse_output
+    monkeypatch.setattr(sims.lava_runner, "CONV_MATRIX_BLOCK", block)
     q = conv_net()
     rng = np.random.default_rng(0)
     shapes = {"input": q.input.shape, **{l.name: l.shape for l in q.layers}}

@@ -65,9 +65,33 @@ def test_4_file_too_large_while_writing_the_network_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot write outputs" in one_line_error(proc.stderr)
     assert "File too large" in one_line_error(proc.stderr)
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_4b_a_full_temporary_directory_during_calibration_is_one_line(tmp_path):
+    """The calibration caches spike trains in anonymous files under TMPDIR; a write that
+    fails there (RLIMIT_FSIZE, as a full disk would) is exit 2 with one line naming the
+    directory and the fix, and nothing is left in --out or in TMPDIR."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    args = [str(DIGITS_MODEL), "--out", str(out), "--target", "loihi2", *TINY,
+            "--calib-batch-size", "64", "--timesteps", "4", "--no-progress"]
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+            "from toolchain.cli import main\n"
+            f"sys.exit(main({args!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_line_error(proc.stderr)
+    assert f"temporary directory {tmp}" in line and "TMPDIR" in line, line
+    assert "File too large" in line and "Traceback" not in proc.stderr
+    assert not out.exists() and os.listdir(tmp) == []
 
 
 def test_6_a_run_commits_exactly_its_own_outputs(tmp_path):

@@ -132,24 +132,31 @@ class DiskTrain:
         of 0/1 values (floats are stored as bool; each chunk is written before the next is
         asked for, so a scratch buffer reused across chunks is fine)."""
         chunks = [train] if isinstance(train, torch.Tensor) else train
-        self.file = tempfile.TemporaryFile()
         self.shape, steps = None, 0
-        for chunk in chunks:
-            if self.shape is None:
-                self.dtype = torch.uint8 if chunk.dtype == torch.uint8 else torch.bool
-                self.device, self.shape = chunk.device, tuple(chunk.shape[1:])
-                self.row = int(np.prod(self.shape, dtype=np.int64))
-                self.stride = (self.row + 7) // 8
-            flat = chunk.reshape(len(chunk), self.row)
-            step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
-            for t0 in range(0, len(flat), step):
-                part = flat[t0:t0 + step].cpu().numpy()
-                self.file.write(np.packbits(part.astype(bool, copy=False), axis=1).tobytes())
-            steps += len(chunk)
+        try:
+            self.file = tempfile.TemporaryFile()
+            for chunk in chunks:
+                if self.shape is None:
+                    self.dtype = torch.uint8 if chunk.dtype == torch.uint8 else torch.bool
+                    self.device, self.shape = chunk.device, tuple(chunk.shape[1:])
+                    self.row = int(np.prod(self.shape, dtype=np.int64))
+                    self.stride = (self.row + 7) // 8
+                flat = chunk.reshape(len(chunk), self.row)
+                step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
+                for t0 in range(0, len(flat), step):
+                    part = flat[t0:t0 + step].cpu().numpy()
+                    self.file.write(np.packbits(part.astype(bool, copy=False),
+                                                axis=1).tobytes())
+                steps += len(chunk)
+            self.file.flush()
+        except OSError as exc:
+            raise InputError(
+                f"cannot cache calibration spike trains in the temporary directory "
+                f"{tempfile.gettempdir()}: {exc.strerror or exc}; free space there or set "
+                f"TMPDIR to a directory on a larger disk") from None
         if self.shape is None:
             raise ValueError("DiskTrain: no steps to cache")
         self.shape = (steps,) + self.shape
-        self.file.flush()
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -91,6 +91,7 @@ SOURCES = ACTIVATIONS + (InputNode,)
 QCFS_V_INIT = 0.5  # QCFS's prescription: v[0] = theta / 2 makes T = L steps exact
 DEFAULT_V_INIT = 0.5
 DEFAULT_INPUT_SHIFT = False
+SEARCH_BLOCK_VALUES = 1 << 23  # values per block of the threshold search (64 MB in float64)
 FOLD_RTOL = 1e-9
 
 
@@ -124,8 +125,8 @@ def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: st
     offset = v_init + (0.5 if input_shift else 0.0)
     layers, fallbacks = [], {}
     for spec in structure:
-        theta, fb = _layer_threshold(spec, acts.get(spec.name), threshold, percentile,
-                                     timesteps, offset)
+        theta, fb = _layer_threshold(spec, acts.pop(spec.name, None), threshold,
+                                     percentile, timesteps, offset)
         if fb:
             fallbacks[spec.name] = fb
         layers.append(_neuron_layer(spec, theta, v_init, input_shift, timesteps))
@@ -561,7 +562,8 @@ def _activations(ann: AnnGraph, x: np.ndarray, names: list[str],
     if not parts or not parts[names[0]]:  # an idle rank (fewer chunks than ranks)
         _, values = ann_forward(ann, x[:0], record=True)
         parts = {n: [values[n]] for n in names}
-    return {n: distributed.gather_rows(torch.cat(p)) for n, p in parts.items()}
+    # one layer's pieces at a time next to their concatenation, not every layer's twice
+    return {n: distributed.gather_rows(torch.cat(parts.pop(n))) for n in list(parts)}
 
 
 def channel_values(act: torch.Tensor) -> torch.Tensor:
@@ -602,11 +604,21 @@ def threshold_mse(values: torch.Tensor, timesteps: int, offset: float) -> torch.
 
 def _raw_threshold(values: torch.Tensor, method: str, percentile: float, timesteps: int,
                    offset: float) -> np.ndarray:
+    """Per-channel thresholds, searched over blocks of channels of at most
+    ``SEARCH_BLOCK_VALUES`` values: each channel's search is independent, so blocking
+    changes no threshold, and the float64 workspace (the block's values, their sorted copy
+    and two prefix sums) stays bounded whatever the layer's width and the calibration
+    set's size."""
     if method == "max":
         return values.max(1).values.double().numpy()
-    if method == "percentile":
-        return np.percentile(values.double().numpy(), percentile, axis=1)
-    return threshold_mse(values.double(), timesteps, offset).numpy()
+    step = max(1, SEARCH_BLOCK_VALUES // max(1, values.shape[1]))
+    blocks = []
+    for c in range(0, values.shape[0], step):
+        block = values[c:c + step].double()
+        blocks.append(np.percentile(block.numpy(), percentile, axis=1)
+                      if method == "percentile"
+                      else threshold_mse(block, timesteps, offset).numpy())
+    return np.concatenate(blocks)
 
 
 def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,

@@ -14,8 +14,10 @@ size (interpreter, torch, the data set as loaded, the model) is estimated as the
 * the calibration's current cache: one layer's input currents over T for every calibration
   sample (4 bytes each), kept only up to ``CURRENT_CACHE_BYTES``;
 * the MSE threshold search, which needs every value of a channel: the calibration set's
-  activations (4 bytes per sample and neuron) and one layer's values sorted in float64
-  with two prefix sums (``SEARCH_BYTES`` per sample and neuron of the widest layer);
+  activations (4 bytes per sample and neuron), the widest layer's values regrouped by
+  channel (``REGROUP_BYTES`` per sample and neuron: the copy and a concatenation in
+  flight), and one block of channels sorted in float64 with two prefix sums
+  (``SEARCH_BYTES`` per value, at most ``convert.SEARCH_BLOCK_VALUES`` values);
 * the readouts of the whole evaluation set: 8 bytes per (sample, step, class), a few times.
 
 The constants are measured from each stage's peak RSS (``peak_rss_mib`` in report.json,
@@ -23,7 +25,9 @@ minus the ``load`` stage's): the digits CNN at T = 32 and 128 (calibrate peaks 2
 MB above the cache and readout terms with 256 x 3,658 neurons at once: the fixed part) and
 VGG-16 at T = 64 (about 0.7 GB above the loaded process while calibrating its widest layers
 with 128 x 277,002 neurons at once: about 12 bytes per (sample, neuron) beyond the fixed part),
-rounded up (bench/README.md, "Scale"). The estimate is meant to be on the safe side. Before
+rounded up, and the trained VGG-16's convert stage (1.63 GiB above trace with 800 threshold
+samples: 0.83 activations, 0.33 the search block, the rest the widest layer regrouped)
+(bench/README.md, "Scale"). The estimate is meant to be on the safe side. Before
 streaming it was 6 bytes per (sample, step, neuron): it grew with T, and so did the memory.
 """
 from __future__ import annotations
@@ -37,10 +41,12 @@ import numpy as np
 from core.errors import InputError
 from core.ir import AnnGraph, ReluNode
 from toolchain.ann import ann_forward
+from toolchain.convert import SEARCH_BLOCK_VALUES
 
 FIXED_BYTES = 256e6
 BYTES_PER_NEURON = 16.0
 SEARCH_BYTES = 40.0  # float64 values, their sorted copy, two float64 prefix sums
+REGROUP_BYTES = 12.0
 CURRENT_CACHE_BYTES = 1 << 29  # toolchain.calibrate's (the integer calibration's is half)
 READOUT_COPIES = 3  # the emulator's int64 readout, its argmax, the gathered predictions
 EVAL_BATCH = 256  # samples per batch of the float simulation (sims.torch_snn.simulate)
@@ -87,7 +93,9 @@ def estimate_bytes(ann: AnnGraph, example: np.ndarray, *, timesteps: int, at_onc
         "batch": BYTES_PER_NEURON * at_once * neurons,
         "current_cache": float(min(4 * timesteps * calib_samples * widest,
                                    CURRENT_CACHE_BYTES)),
-        "threshold_search": float(calib_samples * (4 * neurons + SEARCH_BYTES * widest)),
+        "threshold_search": float(calib_samples * (4 * neurons + REGROUP_BYTES * widest)
+                                  + SEARCH_BYTES * min(calib_samples * widest,
+                                                       SEARCH_BLOCK_VALUES)),
         "readouts": float(8 * READOUT_COPIES * timesteps * eval_samples * classes),
     }
     return sum(parts.values()), parts
