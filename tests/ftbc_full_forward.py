@@ -60,21 +60,24 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
     for t in range(snn.timesteps):
         _, values = ann_forward(ann, xb, record=True, dtype=cal.DTYPE)
         target = torch.minimum(values[layer.name].clamp(min=0), p["theta"])
+        node = ann.node(layer.name)  # a QCFS layer's ideal neuron gets the activation's input
+        current = (torch.minimum(values[node.inputs[0]].clamp(min=0), p["theta"])
+                   if type(node).__name__ == "QcfsNode" else target)
         v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
-        p["schedule"][t] += alpha * (_ideal_target(target, p, t, snn.timesteps)
+        p["schedule"][t] += alpha * (_ideal_target(target, current, p, t, snn.timesteps)
                                      - p["theta"] * cal.channel_rate(spikes))
         pre = v_prev + cur + p["bias"] + p["schedule"][t]
         state[layer.name] = torch.where(pre >= p["theta"], pre - p["theta"], pre)
 
 
-def _ideal_target(abar, p: dict, t: int, steps: int) -> torch.Tensor:
+def _ideal_target(abar, current, p: dict, t: int, steps: int) -> torch.Tensor:
     """Step t's target: theta times the channel's mean number of spikes an IF neuron (v_init,
-    theta, reset by subtraction) with constant input abar fires at step t, plus the same
-    shift at every step so that the T targets sum to T mean_c(abar)."""
-    a, theta = abar.double(), p["theta"].double()
+    theta, reset by subtraction) with constant input ``current`` fires at step t, plus the
+    same shift at every step so that the T targets sum to T mean_c(abar)."""
+    a, c, theta = abar.double(), current.double(), p["theta"].double()
 
     def count(k):  # spikes after k steps
-        return torch.clamp(torch.floor((p["v_init"].double() + k * a) / theta + cal.TIE), 0, k)
+        return torch.clamp(torch.floor((p["v_init"].double() + k * c) / theta + cal.TIE), 0, k)
 
     at_t = cal.channel_mean(count(t + 1) - count(t))
     shift = cal.channel_mean(a) - theta * cal.channel_mean(count(steps)) / steps

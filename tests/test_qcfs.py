@@ -238,3 +238,33 @@ def test_nir_target(tmp_path: Path) -> None:
     assert main([str(tmp_path / "model.pt2"), "--target", "nir", "--data", "digits", "--out",
                  str(tmp_path / "nir"), *FAST]) == 0
     assert (tmp_path / "nir" / "network.nir").stat().st_size > 0
+
+
+def test_ftbc_ideal_neuron_of_a_qcfs_layer_is_fed_the_activations_input(monkeypatch) -> None:
+    """FTBC's per-step target on a QCFS net at T < L (``toolchain.calibrate.step_targets``):
+    the ideal neuron gets the QCFS activation's *input* (its quantised output sits on count
+    boundaries). The first layer's current is constant, so unbiased it fires exactly the ideal
+    neuron's profile and step 1's update is the shift alone, alpha (mean_c(abar) - theta
+    mean_c(n_T) / T), n_T counted on the input; the cached FTBC still equals the authors'
+    full-forwards loop (which computes the target on its own)."""
+    import toolchain.calibrate as cal
+    from tests.ftbc_full_forward import ftbc_full_forward
+    monkeypatch.setattr(cal, "DTYPE", torch.float64)
+    graph = _graph(qcfs_net(per_channel=True, levels=8), "export")
+    x = torch.rand(64, *IMG, generator=torch.Generator().manual_seed(3)).numpy()
+    steps = 3
+    snn = convert(graph, x, timesteps=steps)
+    ours, _ = cal.calibrate(snn, graph, x, method="ftbc", batches=1, batch_size=64,
+                            iterations=1, holdout=0.0)
+    first = snn.layers[0]
+    _, values = ann_forward(graph, x, record=True, dtype=torch.float64)
+    node = graph.node(first.name)
+    theta = torch.tensor(np.asarray(first.threshold, np.float64)).reshape(-1, 1, 1)
+    z = torch.minimum(values[node.inputs[0]].clamp(min=0), theta)
+    n_t = torch.clamp(torch.floor((theta / 2 + steps * z) / theta + cal.TIE), 0, steps)
+    abar = torch.minimum(values[first.name].clamp(min=0), theta)
+    shift = abar.mean((0, 2, 3)) - theta.reshape(-1) * n_t.mean((0, 2, 3)) / steps
+    np.testing.assert_allclose(ours.layers[0].bias_schedule[0], 0.5 * shift.numpy(), atol=1e-9)
+    ref = ftbc_full_forward(snn, graph, [x], alpha=0.5, iterations=1)
+    for mine, theirs in zip(ours.layers, ref.layers):
+        np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)

@@ -15,8 +15,9 @@ trains cached), for each iteration and calibration batch, for t = 1..T::
 Per-step target (``step_targets``). The paper's target is the same at every step,
 ``mean_c(abar)``: each step's firing rate is pulled to the ANN's mean activation. Ours is the
 firing of an *ideal* neuron of the layer at step t: an IF neuron with the layer's threshold and
-v_init, reset by subtraction, fed its ANN activation abar as a constant input, so its count
-after t steps is ``n_t(abar) = clip(floor((v_init theta + t abar) / theta), 0, t)``; then every
+v_init, reset by subtraction, fed its ANN activation abar as a constant input (a QCFS layer:
+the activation's input, ``ideal_current``), so its count after t steps is
+``n_t(abar) = clip(floor((v_init theta + t abar) / theta), 0, t)``; then every
 step is shifted by the same amount so that the T steps together still target the ANN's mean
 activation exactly as LP does::
 
@@ -65,7 +66,7 @@ import numpy as np
 import torch
 
 from core import distributed
-from core.ir import AnnGraph, SnnGraph, evolve
+from core.ir import AnnGraph, QcfsNode, SnnGraph, evolve
 from sims import engine
 from sims.engine import FloatArithmetic, LayerPlan
 from sims.torch_snn import (encode_input, layer_chunks, layer_drive, layer_output,
@@ -112,24 +113,36 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
 
 
 def step_targets(abar: torch.Tensor, theta: torch.Tensor, v_init: torch.Tensor,
-                 steps: int) -> torch.Tensor:
-    """FTBC's per-step targets (T, C, 1, ...) in x's dtype (module docstring): per step t the
-    channel mean of theta (n_t - n_{t-1}), the ideal neuron's firing, shifted so that the
+                 steps: int, current: torch.Tensor | None = None) -> torch.Tensor:
+    """FTBC's per-step targets (T, C, 1, ...) in abar's dtype (module docstring): per step t
+    the channel mean of theta (n_t - n_{t-1}), the ideal neuron's firing, shifted so that the
     steps sum to T mean_c(abar). ``abar`` (B, C, ...): clipped ANN activations in [0, theta];
-    ``theta``, ``v_init`` (fraction of theta): per channel, broadcastable to (C, 1, ...).
-    Counts are computed in float64; ``TIE`` absorbs the float rounding of activations that
-    sit exactly on a count boundary (QCFS levels: the neuron fires on v >= theta)."""
+    ``current``: the ideal neuron's constant input (default abar; a QCFS layer's is the
+    activation's *input*: its quantised output sits exactly on count boundaries when T < L,
+    where the count of the real neuron, fed the unquantised current, is decided by which side
+    of the level its input lies), clipped to [0, theta]; ``theta``, ``v_init`` (fraction of
+    theta): per channel, broadcastable to (C, 1, ...). Counts are computed in float64; ``TIE``
+    absorbs the float rounding of an input exactly on a count boundary (the neuron fires on
+    v >= theta)."""
     a, th = abar.to(torch.float64), theta.to(torch.float64)
+    c = a if current is None else torch.minimum(current.to(torch.float64).clamp(min=0), th)
     v0 = v_init.to(torch.float64) * th
-    per_step, previous = [], torch.zeros_like(a)
+    per_step, previous = [], torch.zeros_like(c)
     for t in range(1, steps + 1):
-        count = torch.clamp(torch.floor((v0 + t * a) / th + TIE), 0, t)
+        count = torch.clamp(torch.floor((v0 + t * c) / th + TIE), 0, t)
         per_step.append(channel_mean(count - previous))
         previous = count
     fired = torch.stack(per_step)  # (T, C, 1, ...) mean spikes per neuron at each step
     th_c = th.expand(fired.shape[1:])
     shift = channel_mean(a) - th_c * fired.sum(0) / steps
     return (th_c * fired + shift).to(abar.dtype)
+
+
+def ideal_current(ann: AnnGraph, values: dict, name: str) -> torch.Tensor | None:
+    """The constant input of ``step_targets``' ideal neuron for spiking layer ``name``: the
+    input of a QCFS activation (None otherwise: the clipped activation itself)."""
+    node = ann.node(name)
+    return values[node.inputs[0]] if isinstance(node, QcfsNode) else None
 
 
 def channel_mean(x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +191,9 @@ class FloatRule:
                 if self.opts.method == "ftbc":  # (T, C, 1, ...): all the updates read of it
                     v_init = torch.tensor(np.asarray(layer.v_init), dtype=DTYPE)
                     v_init = v_init.reshape((-1,) + (1,) * (theta.dim() - 1))
-                    targets[layer.name] = step_targets(abar, theta.to(dev), v_init.to(dev),
-                                                       self.graph.timesteps)
+                    targets[layer.name] = step_targets(
+                        abar, theta.to(dev), v_init.to(dev), self.graph.timesteps,
+                        ideal_current(self.ann, values, layer.name))
                 else:
                     targets[layer.name] = channel_mean(abar)
         return Batch(encode_input(self.graph.input, x, DTYPE, dev), targets, logits.to(dev), {})

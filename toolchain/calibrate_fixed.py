@@ -59,7 +59,7 @@ from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state
                          last_consumers, run_steps, spike_current)
 from sims.reference import encode_input
 from toolchain.ann import ann_forward
-from toolchain.calibrate import step_targets
+from toolchain.calibrate import ideal_current, step_targets
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
@@ -159,9 +159,14 @@ class IntegerRule:
                 rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
                 v_init = torch.from_numpy(np.asarray(layer.v_init, np.float64)
                                           / np.asarray(layer.vth, np.float64))
+                current = ideal_current(self.ann, values, layer.name)
+                if current is not None:
+                    current = (current.to(torch.float64).reshape(a.shape)
+                               / theta.reshape(1, -1, 1))
                 targets[layer.name] = step_targets(  # (T, C): per-step rates
                     rate, torch.ones(1, 1, dtype=torch.float64), v_init.reshape(-1, 1),
-                    self.graph.timesteps).reshape(self.graph.timesteps, -1).to(self.plan.device)
+                    self.graph.timesteps, current).reshape(self.graph.timesteps, -1).to(
+                        self.plan.device)
         x_int = encode_input(self.graph.input, x, self.plan.arithmetic.payload_bits)
         dev = self.plan.device
         return Batch(torch.from_numpy(x_int.astype(np.float32)).to(dev), targets,
