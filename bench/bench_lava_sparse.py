@@ -19,6 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _connections(syn, src: tuple, out: tuple) -> int:
+    """Non-zero connections of a conv synapse (what ``conv_matrix`` holds): per kernel tap,
+    its non-zero weights times the output pixels whose input position is in range."""
+    import numpy as np
+    _, h, w = src
+    _, oh, ow = out
+    (sy, sx), (py, px), (dy, dx) = syn.stride, syn.padding, syn.dilation
+
+    def valid(n_out: int, n_in: int, s: int, p: int, d: int, k: int) -> int:
+        pos = np.arange(n_out) * s - p + k * d
+        return int(((pos >= 0) & (pos < n_in)).sum())
+    return sum(int(np.count_nonzero(syn.weight[:, :, i, j]))
+               * valid(oh, h, sy, py, dy, i) * valid(ow, w, sx, px, dx, j)
+               for i in range(syn.weight.shape[2]) for j in range(syn.weight.shape[3]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net", type=Path, required=True)
@@ -34,6 +50,7 @@ def main() -> None:
     from sims.verify import verify
     from toolchain.data import load_data
     q = read_netx(str(args.net))
+    shapes = {"input": tuple(q.input.shape), **{l.name: tuple(l.shape) for l in q.layers}}
     x = load_data(args.data).x_test[:args.samples]
     print(f"{args.net}: T={q.timesteps}, {args.samples} sample(s), one worker")
     print("| max output pixels for Sparse | conv synapses as Sparse | their synapses | "
@@ -42,8 +59,7 @@ def main() -> None:
     for pixels in args.pixels:
         runner.SPARSE_CONV_MAX_PIXELS = pixels
         sparse = [(s, l) for l in q.layers for s in l.synapses if runner.runs_sparse(s, l)]
-        nnz = sum(int(np.count_nonzero(s.weight)) * int(np.prod(l.shape[1:]))
-                  for s, l in sparse)  # taps x output pixels, padding taps included
+        nnz = sum(_connections(s, shapes[s.source], l.shape) for s, l in sparse)
         r = verify(q, str(args.net), x, workers=1)
         print(f"| {pixels} | {len(sparse)} | ~{nnz / 1e6:.0f}M | {r['seconds']:.1f} | "
               f"{r['seconds'] / args.samples:.1f} | "
