@@ -34,7 +34,8 @@ from toolchain.pipeline import Options, Run  # noqa: E402
 VAL_START = 4096  # validation images start here in the permutation (after any calibration draw)
 # (no seed: it also draws the validation images, which stay the same for every variant)
 FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
-          "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float}
+          "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float,
+          "ftbc_target": str}
 
 
 def parse_variant(text: str) -> dict:

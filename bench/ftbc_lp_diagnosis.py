@@ -2,7 +2,7 @@
 
 Converts the model at T, calibrates it with LP and FTBC (``--keep``: the keep rule for both;
 ``--paper-target``: FTBC with the paper's per-step target, mean_c(abar) at every step, instead
-of ``toolchain.calibrate.step_targets``), then on ``--diag`` validation images (training
+of ``--ftbc-target ideal``, ``toolchain.calibrate.step_targets``), then on ``--diag`` validation images (training
 images outside the calibration draw, as in ``bench_validation.py``; no test data) prints the
 readout's error at t = T against the ANN logits (MSE, argmax agreement, the per-class mean
 error and the agreement with it removed, gain and correlation) and per spiking layer:
@@ -50,15 +50,8 @@ from sims.engine import FloatArithmetic  # noqa: E402
 from sims.torch_snn import encode_input, layer_drive, run_network, simulate  # noqa: E402
 from toolchain import pipeline  # noqa: E402
 from toolchain.ann import ann_forward  # noqa: E402
-from toolchain import calibrate as calibrate_module  # noqa: E402
-from toolchain.calibrate import calibrate, channel_mean  # noqa: E402
+from toolchain.calibrate import calibrate  # noqa: E402
 from toolchain.pipeline import Options, Run  # noqa: E402
-
-
-def paper_targets(abar, theta, v_init, steps: int) -> torch.Tensor:
-    """The paper's FTBC target: the channel's mean activation at every step."""
-    mean = channel_mean(abar)
-    return mean[None].expand((steps,) + tuple(mean.shape)).clone()
 
 
 def accuracy(snn, x, y) -> float:
@@ -143,11 +136,10 @@ def main() -> None:
     p.add_argument("--paper-target", action="store_true",
                    help="FTBC's per-step target mean_c(abar) at every step (the paper's)")
     args = p.parse_args()
-    if args.paper_target:
-        calibrate_module.step_targets = paper_targets
     torch.set_num_threads(1)
     opts = Options(model=Path(args.model), data=args.data, timesteps=args.timesteps,
-                   verify_samples=0, progress=False, keep_rule=args.keep)
+                   verify_samples=0, progress=False, keep_rule=args.keep,
+                   ftbc_target="paper" if args.paper_target else "ideal")
     run = pipeline.load(Run(options=opts))
     from toolchain.trace import trace as trace_model
     ann = trace_model(run.loaded, tuple(run.data.x_train.shape[1:]))

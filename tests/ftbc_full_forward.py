@@ -2,8 +2,9 @@
 
 For each iteration, batch, spiking layer l and step t: one full ANN forward and one step of
 the whole SNN (all layers, stateful), then ``b_l[t] += alpha * (target_c(t) - theta mean_c(s))``
-and layer l's step is re-fired (``target_c(t)``: the ideal neuron's firing at step t, shifted to
-sum to T mean_c(abar), as ``toolchain.calibrate.step_targets``, written again here): L x T
+and layer l's step is re-fired (``target_c(t)``: the paper's mean_c(abar), or with
+``step_target="ideal"`` the ideal neuron's firing at step t, shifted to sum to T mean_c(abar),
+as ``toolchain.calibrate.step_targets``, written again here): L x T
 full-network forwards per batch, nothing cached, no holdout
 rule. With one batch and one iteration it computes what ``toolchain.calibrate.calibrate``
 computes with ``holdout=0`` (same loop order then). Written in plain torch on the IR, apart
@@ -21,7 +22,8 @@ from toolchain.ann import ann_forward
 
 
 def ftbc_full_forward(snn: SnnGraph, ann: AnnGraph, batches: list[np.ndarray], *,
-                      alpha: float = 0.5, iterations: int = 1) -> SnnGraph:
+                      alpha: float = 0.5, iterations: int = 1,
+                      step_target: str = "paper") -> SnnGraph:
     """The calibrated graph (module docstring)."""
     scheds = {l.name: torch.tensor(_schedule(snn, l), dtype=cal.DTYPE)
               for l in snn.layers if not l.readout}
@@ -30,7 +32,8 @@ def ftbc_full_forward(snn: SnnGraph, ann: AnnGraph, batches: list[np.ndarray], *
             for xb in batches:
                 for layer in snn.layers:
                     if not layer.readout:
-                        _full_forward_layer(snn, ann, xb, layer, scheds, alpha)
+                        _full_forward_layer(snn, ann, xb, layer, scheds, alpha,
+                                            step_target)
     return cal._with_schedules(snn, scheds, "ftbc")
 
 
@@ -51,7 +54,7 @@ def _params(snn: SnnGraph, layer, scheds: dict) -> dict:
             if sched is None else sched, "readout": layer.readout}
 
 
-def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
+def _full_forward_layer(snn, ann, xb, layer, scheds, alpha, step_target) -> None:
     params = {l.name: _params(snn, l, scheds) for l in snn.layers}
     x = encode_input(snn.input, xb, cal.DTYPE)
     state = {l.name: params[l.name]["v_init"].expand((len(xb),) + tuple(l.shape)).clone()
@@ -64,8 +67,9 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha) -> None:
         current = (torch.minimum(values[node.inputs[0]].clamp(min=0), p["theta"])
                    if type(node).__name__ == "QcfsNode" else target)
         v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
-        p["schedule"][t] += alpha * (_ideal_target(target, current, p, t, snn.timesteps)
-                                     - p["theta"] * cal.channel_rate(spikes))
+        goal = (cal.channel_mean(target) if step_target == "paper"
+                else _ideal_target(target, current, p, t, snn.timesteps))
+        p["schedule"][t] += alpha * (goal - p["theta"] * cal.channel_rate(spikes))
         pre = v_prev + cur + p["bias"] + p["schedule"][t]
         state[layer.name] = torch.where(pre >= p["theta"], pre - p["theta"], pre)
 

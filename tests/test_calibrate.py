@@ -58,17 +58,31 @@ def test_ftbc_deterministic_report_and_readout_untouched(setup):
     assert a.meta["calibration"]["method"] == "ftbc"
 
 
-def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch):
+@pytest.mark.parametrize("step_target", ["paper", "ideal"])
+def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch, step_target):
     monkeypatch.setattr(cal, "DTYPE", torch.float64)
     ann, x_calib, _ = setup
     snn = convert(ann, x_calib, timesteps=3)
-    ours, _ = calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
-                        iterations=1, holdout=0.0)
+    ours, report = calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
+                             iterations=1, holdout=0.0, step_target=step_target)
     parts, _ = split_calibration(x_calib[:64], 0.0, 1, 64, 0)
-    ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1)
+    ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1, step_target=step_target)
     for mine, theirs in zip(ours.layers, ref.layers):
         np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
     assert any(l.bias_schedule.any() for l in ours.layers)
+    assert report["step_target"] == ours.meta["calibration"]["step_target"] == step_target
+
+
+def test_the_two_step_targets_give_different_schedules(setup):
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=3)
+    paper, ideal = (calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
+                              iterations=1, holdout=0.0, step_target=s)[0]
+                    for s in ("paper", "ideal"))
+    assert any(not np.allclose(a.bias_schedule, b.bias_schedule)
+               for a, b in zip(paper.layers, ideal.layers) if not a.readout)
+    with pytest.raises(InputError, match="step target"):
+        calibrate(snn, ann, x_calib[:64], step_target="flat")
 
 
 def test_network_keep_rule_keeps_every_layer_as_the_authors_loop(setup, monkeypatch):
@@ -78,20 +92,17 @@ def test_network_keep_rule_keeps_every_layer_as_the_authors_loop(setup, monkeypa
     monkeypatch.setattr(cal, "DTYPE", torch.float64)
     ann, x_calib, _ = setup
     snn = convert(ann, x_calib, timesteps=3)
-    # (a batch of 128: with 64 and 16 held-out samples one iteration of the per-step targets
-    # left the running agreement one sample-step below the input network's, and the guard
-    # reverted everything)
-    ours, report = calibrate(snn, ann, x_calib[:160], method="ftbc", batches=1,
-                             batch_size=128, iterations=1, holdout=0.2, keep="network")
+    ours, report = calibrate(snn, ann, x_calib[:80], method="ftbc", batches=1, batch_size=64,
+                             iterations=1, holdout=0.2, keep="network")
     assert report["keep_rule"] == "network" and not report["holdout"]["reverted"]
     assert all(entry["kept"] for entry in report["layers"].values())
-    parts, hold = split_calibration(x_calib[:160], 0.2, 1, 128, 0)
-    assert len(hold) == 32
+    parts, hold = split_calibration(x_calib[:80], 0.2, 1, 64, 0)
+    assert len(hold) == 16
     ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1)
     for mine, theirs in zip(ours.layers, ref.layers):
         np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
-    _, layer_report = calibrate(snn, ann, x_calib[:160], method="ftbc", batches=1,
-                                batch_size=128, iterations=1, holdout=0.2)
+    _, layer_report = calibrate(snn, ann, x_calib[:80], method="ftbc", batches=1,
+                                batch_size=64, iterations=1, holdout=0.2)
     assert layer_report["keep_rule"] == "layer"
 
 

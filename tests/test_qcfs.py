@@ -241,7 +241,7 @@ def test_nir_target(tmp_path: Path) -> None:
 
 
 def test_ftbc_ideal_neuron_of_a_qcfs_layer_is_fed_the_activations_input(monkeypatch) -> None:
-    """FTBC's per-step target on a QCFS net at T < L (``toolchain.calibrate.step_targets``):
+    """FTBC's ideal per-step target (``--ftbc-target ideal``) on a QCFS net at T < L (``toolchain.calibrate.step_targets``):
     the ideal neuron gets the QCFS activation's *input* (its quantised output sits on count
     boundaries). The first layer's current is constant, so unbiased it fires exactly the ideal
     neuron's profile and step 1's update is the shift alone, alpha (mean_c(abar) - theta
@@ -255,7 +255,7 @@ def test_ftbc_ideal_neuron_of_a_qcfs_layer_is_fed_the_activations_input(monkeypa
     steps = 3
     snn = convert(graph, x, timesteps=steps)
     ours, _ = cal.calibrate(snn, graph, x, method="ftbc", batches=1, batch_size=64,
-                            iterations=1, holdout=0.0)
+                            iterations=1, holdout=0.0, step_target="ideal")
     first = snn.layers[0]
     _, values = ann_forward(graph, x, record=True, dtype=torch.float64)
     node = graph.node(first.name)
@@ -265,6 +265,6 @@ def test_ftbc_ideal_neuron_of_a_qcfs_layer_is_fed_the_activations_input(monkeypa
     abar = torch.minimum(values[first.name].clamp(min=0), theta)
     shift = abar.mean((0, 2, 3)) - theta.reshape(-1) * n_t.mean((0, 2, 3)) / steps
     np.testing.assert_allclose(ours.layers[0].bias_schedule[0], 0.5 * shift.numpy(), atol=1e-9)
-    ref = ftbc_full_forward(snn, graph, [x], alpha=0.5, iterations=1)
+    ref = ftbc_full_forward(snn, graph, [x], alpha=0.5, iterations=1, step_target="ideal")
     for mine, theirs in zip(ours.layers, ref.layers):
         np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)

@@ -86,18 +86,21 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
               alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
               iterations: int = 3, holdout: float = 0.2, seed: int = 0,
               progress: bool = False, device: Any = None,
-              keep: str = "layer") -> tuple[SnnGraph, dict]:
+              keep: str = "layer", step_target: str = "paper") -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
     ``progress``: a bar over the layers on stderr; ``device``: the torch device; ``keep``:
     ``"layer"`` (each layer's correction kept only if it lowers the held-out error) or
-    ``"network"`` (every correction kept, the final held-out guard only).
+    ``"network"`` (every correction kept, the final held-out guard only); ``step_target``:
+    FTBC's per-step target, ``"paper"`` (mean_c(abar) at every step) or ``"ideal"``
+    (``step_targets``).
 
     The report holds method, alpha, batches, batch_size, iterations, seconds, per-layer
     ``layers[name] = {kept, holdout_error_before, holdout_error_after}`` (E below) and the
     held-out readout agreement with the ANN before/after (``holdout``)."""
     opts = CalibrationOptions(method=method, alpha=alpha, batches=batches,
                               batch_size=batch_size, iterations=iterations, holdout=holdout,
-                              seed=seed, progress=progress, device=device, keep=keep)
+                              seed=seed, progress=progress, device=device, keep=keep,
+                              step_target=step_target)
     opts.check(x_calib)
     start = time.perf_counter()
     report: dict[str, Any] = opts.header()
@@ -188,7 +191,8 @@ class FloatRule:
                 theta = torch.tensor(np.asarray(layer.threshold), dtype=DTYPE)
                 theta = theta.reshape((-1,) + (1,) * (len(layer.shape) - 1))
                 abar = torch.minimum(values[layer.name].clamp(min=0), theta).to(dev)
-                if self.opts.method == "ftbc":  # (T, C, 1, ...): all the updates read of it
+                if self.opts.method == "ftbc" and self.opts.step_target == "ideal":
+                    # (T, C, 1, ...): all the updates read of it
                     v_init = torch.tensor(np.asarray(layer.v_init), dtype=DTYPE)
                     v_init = v_init.reshape((-1,) + (1,) * (theta.dim() - 1))
                     targets[layer.name] = step_targets(
@@ -291,7 +295,9 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """One FTBC sweep t = 1..T over batch b (``engine.bias_sweep``); updates ``p.schedule``
     in place (a tensor owned by this calibration)."""
     v = engine.initial_state(p, b.x.shape[0])
-    target = b.targets[p.name].reshape(-1, p.channels, 1)  # (T, C, 1): ``step_targets``
+    # (T, C, 1): ``step_targets``, or the paper's one target (1, C, 1) for every step
+    target = b.targets[p.name].reshape(-1, p.channels, 1)
+    target = target.expand(len(p.schedule), -1, -1)
     theta = _theta(p)
     alpha = fit.rule.opts.alpha
 

@@ -82,19 +82,22 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
                     iterations: int = 3, holdout: float = 0.2, seed: int = 0,
                     progress: bool = False, device: Any = None,
-                    keep: str = "layer") -> tuple[QuantGraph, dict]:
+                    keep: str = "layer", step_target: str = "paper"
+                    ) -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target
     ``q`` was quantized for (its 13-bit bias range bounds the mantissas); ``device``: the
     torch device (the result is the same on every device); ``keep``: the keep rule
-    (``toolchain.calibration``).
+    (``toolchain.calibration``); ``step_target``: FTBC's per-step target, as the float
+    calibration's.
 
     The report holds the hyper-parameters, seconds, per-layer ``layers[name] = {kept,
     holdout_error_before, holdout_error_after, clamped, changed}`` and the held-out agreement
     with the ANN before/after (``holdout``); ``q.meta["fixed_calibration"]`` a summary."""
     opts = CalibrationOptions(method="ftbc", alpha=alpha, batches=batches,
                               batch_size=batch_size, iterations=iterations, holdout=holdout,
-                              seed=seed, progress=progress, device=device, keep=keep)
+                              seed=seed, progress=progress, device=device, keep=keep,
+                              step_target=step_target)
     opts.check(x_calib)
     _check_graph(q, thresholds, target)
     start = time.perf_counter()
@@ -157,6 +160,10 @@ class IntegerRule:
                 a = values[layer.name].to(torch.float64).reshape(len(x), layer.shape[0], -1)
                 theta = torch.from_numpy(np.array(self.thresholds[layer.name], np.float64))
                 rate = (a / theta.reshape(1, -1, 1)).clamp(0.0, 1.0)
+                if self.opts.step_target == "paper":  # the same rate at every step: (T, C)
+                    targets[layer.name] = distributed.mean(rate, (0, 2)).expand(
+                        self.graph.timesteps, -1).to(self.plan.device)
+                    continue
                 v_init = torch.from_numpy(np.asarray(layer.v_init, np.float64)
                                           / np.asarray(layer.vth, np.float64))
                 current = ideal_current(self.ann, values, layer.name)

@@ -39,6 +39,7 @@ from sims.progress import progress_bar
 
 METHODS = ("none", "lp", "ftbc")
 KEEP_RULES = ("layer", "network")
+STEP_TARGETS = ("paper", "ideal")  # FTBC's per-step target (toolchain.calibrate.step_targets)
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,14 @@ class CalibrationOptions:
     progress: bool = False
     device: Any = None
     keep: str = "layer"  # KEEP_RULES: per-layer held-out test, or the final guard only
+    step_target: str = "paper"  # STEP_TARGETS: the paper's flat target, or the ideal neuron's
 
     def header(self) -> dict[str, Any]:
         """The report's leading fields."""
         return {"method": self.method, "alpha": float(self.alpha), "batches": self.batches,
                 "batch_size": self.batch_size, "iterations": self.iterations,
                 "holdout_fraction": float(self.holdout), "seed": self.seed,
-                "keep_rule": self.keep}
+                "keep_rule": self.keep, "step_target": self.step_target}
 
     def check(self, x: np.ndarray, methods: tuple[str, ...] = METHODS) -> None:
         """InputError naming every bad option at once."""
@@ -73,6 +75,9 @@ class CalibrationOptions:
             problems.append("batches, batch_size and iterations must be >= 1")
         if self.keep not in KEEP_RULES:
             problems.append(f"keep rule must be one of {KEEP_RULES}, got {self.keep!r}")
+        if self.step_target not in STEP_TARGETS:
+            problems.append(f"step target must be one of {STEP_TARGETS}, "
+                            f"got {self.step_target!r}")
         if not 0.0 <= self.holdout < 1.0:
             problems.append(f"holdout must be in [0, 1), got {self.holdout}")
         if self.method != "none" and len(x) < 2:
@@ -285,7 +290,7 @@ def summary(report: dict, extra_keys: tuple[str, ...] = (),
     """The graph's meta record of a calibration: options, kept per layer (and the rule's
     ``per_layer`` counts), reverted."""
     keys = ("method", "alpha", "batches", "batch_size", "iterations", "holdout_fraction",
-            "seed", "keep_rule") + extra_keys
+            "seed", "keep_rule", "step_target") + extra_keys
     layers = report.get("layers", {})
     out = {**{k: report[k] for k in keys},
            "kept": {name: r.get("kept") for name, r in layers.items()}}

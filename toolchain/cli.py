@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's correction (the authors' algorithm) and revert them all only "
                         "if the held-out agreement with the ANN drops (measured better on deep "
                         "residual networks, bench/README.md)")
+    g.add_argument("--ftbc-target", choices=("paper", "ideal"), default="paper",
+                   help="FTBC's per-step target. paper (default): every step's firing is "
+                        "pulled to the ANN's mean activation, as the paper does; ideal: to "
+                        "the firing of an ideal IF neuron (same threshold and v_init, the ANN "
+                        "activation as constant input) at that step, shifted so the T steps "
+                        "sum to the paper's target. ideal scores better at t = T on the "
+                        "CIFAR ResNet-20s (also where paper loses to LP) and worse at early "
+                        "t < T (bench/README.md)")
     g.add_argument("--calibrate-fixed", action=argparse.BooleanOptionalAction, default=True,
                    help="after quantization, run FTBC again on the integer network with the "
                         "bit-exact emulator (integer bias mantissas; same alpha, batches, "
@@ -211,7 +219,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         percentile=args.percentile, v_init=args.v_init, input_shift=args.input_shift,
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
-        holdout=args.holdout, keep_rule=args.keep_rule, calibrate_fixed=args.calibrate_fixed,
+        holdout=args.holdout, keep_rule=args.keep_rule, ftbc_target=args.ftbc_target, calibrate_fixed=args.calibrate_fixed,
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,
         **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),

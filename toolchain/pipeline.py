@@ -47,6 +47,7 @@ class Options:
     iterations: int = 3
     holdout: float = 0.2
     keep_rule: str = "layer"
+    ftbc_target: str = "paper"
     calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
@@ -186,7 +187,8 @@ def _calibration_settings(opts: Options) -> dict[str, Any]:
     """The user's calibration choices, as the float and the integer calibration take them."""
     return dict(alpha=opts.alpha, batches=opts.calib_batches, batch_size=opts.calib_batch_size,
                 iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
-                progress=opts.progress, device=opts.device, keep=opts.keep_rule)
+                progress=opts.progress, device=opts.device, keep=opts.keep_rule,
+                step_target=opts.ftbc_target)
 
 
 def calibrate(run: Run) -> Run:
