@@ -12,11 +12,12 @@ trains cached), for each iteration and calibration batch, for t = 1..T::
     b[t] += alpha * (target_c(t) - theta * mean_c(s(t)))                 (paper's update form)
     the step is re-fired with the updated b[t] before moving to t + 1     (authors' code)
 
-Per-step target (``step_targets``). The paper's target is the same at every step,
-``mean_c(abar)``: each step's firing rate is pulled to the ANN's mean activation. Ours is the
-firing of an *ideal* neuron of the layer at step t: an IF neuron with the layer's threshold and
-v_init, reset by subtraction, fed its ANN activation abar as a constant input (a QCFS layer:
-the activation's input, ``ideal_current``), so its count after t steps is
+Per-step target (``step_target``). ``"paper"`` (the default): the same at every step,
+``mean_c(abar)``: each step's firing rate is pulled to the ANN's mean activation.
+``"ideal"`` (``--ftbc-target ideal``, ``step_targets``): the firing of an *ideal* neuron of
+the layer at step t: an IF neuron with the layer's threshold and v_init, reset by
+subtraction, fed its ANN activation abar as a constant input (a QCFS layer: the activation's
+input, ``ideal_current``), so its count after t steps is
 ``n_t(abar) = clip(floor((v_init theta + t abar) / theta), 0, t)``; then every
 step is shifted by the same amount so that the T steps together still target the ANN's mean
 activation exactly as LP does::
