@@ -53,17 +53,24 @@ def test_3_export_with_a_dynamic_batch_dimension(tmp_path, shape):
     assert code == 0, err
 
 
-def test_4_file_too_large_while_writing_the_network_is_one_line(tmp_path):
-    """A real write failure inside network.net (RLIMIT_FSIZE: the kernel refuses to grow
-    the file, as a full disk would): exit 2, one line, nothing left in --out."""
-    out = tmp_path / "out"
+def _cli_with_file_size_limit(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """The CLI in a child whose files cannot grow beyond 20,000 bytes (RLIMIT_FSIZE: the
+    kernel refuses the write, as a full disk would; SIGXFSZ ignored so the write fails)."""
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
             "from toolchain.cli import main\n"
-            f"sys.exit(main({[str(DIGITS_MODEL), '--out', str(out), '--target', 'loihi2', *TINY, '--no-progress']!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+            f"sys.exit(main({args!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_4_file_too_large_while_writing_the_network_is_one_line(tmp_path):
+    """A real write failure inside network.net: exit 2, one line, nothing left in --out."""
+    out = tmp_path / "out"
+    proc = _cli_with_file_size_limit([str(DIGITS_MODEL), "--out", str(out), "--target",
+                                      "loihi2", *TINY, "--no-progress"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot write outputs" in one_line_error(proc.stderr)
     assert "File too large" in one_line_error(proc.stderr)
@@ -73,20 +80,13 @@ def test_4_file_too_large_while_writing_the_network_is_one_line(tmp_path):
 
 def test_4b_a_full_temporary_directory_during_calibration_is_one_line(tmp_path):
     """The calibration caches spike trains in anonymous files under TMPDIR; a write that
-    fails there (RLIMIT_FSIZE, as a full disk would) is exit 2 with one line naming the
-    directory and the fix, and nothing is left in --out or in TMPDIR."""
+    fails there is exit 2 with one line naming the directory and the fix, and nothing is
+    left in --out or in TMPDIR."""
     out, tmp = tmp_path / "out", tmp_path / "tmp"
     tmp.mkdir()
-    args = [str(DIGITS_MODEL), "--out", str(out), "--target", "loihi2", *TINY,
-            "--calib-batch-size", "64", "--timesteps", "4", "--no-progress"]
-    code = ("import resource, signal, sys\n"
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
-            "from toolchain.cli import main\n"
-            f"sys.exit(main({args!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+    proc = _cli_with_file_size_limit(
+        [str(DIGITS_MODEL), "--out", str(out), "--target", "loihi2", *TINY,
+         "--calib-batch-size", "64", "--timesteps", "4", "--no-progress"], TMPDIR=str(tmp))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_line_error(proc.stderr)
     assert f"temporary directory {tmp}" in line and "TMPDIR" in line, line
