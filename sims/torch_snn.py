@@ -207,14 +207,12 @@ class _Stream:
             for p in lp.synapses:
                 if p.source != INPUT and p.source not in sources:
                     sources[p.source] = self.window(p.source, t0, t1)
-            if lp.readout:
-                out = torch.empty((t1 - t0, self.batch, lp.n), dtype=lp.dtype, device=v.device)
-                _run_chunk(lp, self.x, sources, t0, t0, t1, v, steady, out)
-            else:
-                scratch = self.buffer[:(t1 - t0) * self.batch * lp.n]
-                scratch = scratch.view(t1 - t0, self.batch, lp.n)
-                _run_chunk(lp, self.x, sources, t0, t0, t1, v, steady, scratch)
-                out = scratch.bool()  # 0.0 / 1.0 -> bool
+            out = (torch.empty((t1 - t0, self.batch, lp.n), dtype=lp.dtype, device=v.device)
+                   if lp.readout else
+                   self.buffer[:(t1 - t0) * self.batch * lp.n].view(t1 - t0, self.batch, lp.n))
+            _run_chunk(lp, self.x, sources, t0, t0, t1, v, steady, out)
+            if not lp.readout:
+                out = out.bool()  # 0.0 / 1.0 -> bool, out of the shared scratch buffer
                 self.totals[lp.name] = self.totals.get(lp.name, 0) + int(out.sum())
             if lp.readout or self.keep or lp.name in self.consumers:
                 self.chunks[i].append((t0, t1, out))

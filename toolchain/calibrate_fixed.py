@@ -24,7 +24,8 @@ integer spike trains cached), each iteration and calibration batch, for t = 1..T
 update in state units.) ``target_c(t)`` is the float calibration's per-step target in spikes
 per step: mean_c(abar) at every step (``step_target="paper"``), or with ``"ideal"``
 (``toolchain.calibrate.step_targets``) the firing of an ideal IF neuron with this layer's
-v_init / vth fed abar as a constant input, shifted so that the T steps sum to T mean_c(abar). The layer's ``bias_exp`` is kept:
+v_init / vth fed abar as a constant input, shifted so that the T steps sum to T mean_c(abar).
+The layer's ``bias_exp`` is kept:
 an update that does not fit 13 bits is clipped to the limit and counted in the report
 (``clamped``), so the graph stays valid for the target; nothing else changes (weights, vth,
 v_init, the readout).
