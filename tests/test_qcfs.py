@@ -268,3 +268,22 @@ def test_ftbc_ideal_neuron_of_a_qcfs_layer_is_fed_the_activations_input(monkeypa
     ref = ftbc_full_forward(snn, graph, [x], alpha=0.5, iterations=1, step_target="ideal")
     for mine, theirs in zip(ours.layers, ref.layers):
         np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_memory_estimate_counts_every_neuron_convert_builds(levels: int | None) -> None:
+    """The memory estimate's neuron count is the converted network's, QCFS layers included
+    (it once counted ReLU layers only, so a QCFS model's estimate was the readout's alone)."""
+    from tests.ann_builders import residual_graph
+    from toolchain.memory import neuron_count
+    if levels is None:
+        graph, shape = residual_graph(seed=2, channels=6), (1, 8, 8)
+    else:
+        shape = (1, 8, 8)
+        graph = trace(as_form(qcfs_residual_net(levels), shape, "export"), shape)
+    x = np.random.default_rng(0).random((16, *shape)).astype(np.float32)
+    snn = convert(graph, x, timesteps=4)
+    sizes = [int(np.prod(layer.shape)) for layer in snn.layers]
+    neurons, widest, classes = neuron_count(graph, x)
+    assert neurons == sum(sizes)
+    assert widest == max(sizes[:-1]) and classes == sizes[-1]

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import InputError
-from core.ir import AnnGraph, ReluNode
+from core.ir import AnnGraph
 from toolchain.ann import ann_forward
-from toolchain.convert import SEARCH_BLOCK_VALUES
+from toolchain.convert import ACTIVATIONS, SEARCH_BLOCK_VALUES
 
 FIXED_BYTES = 256e6
 BYTES_PER_NEURON = 16.0
@@ -54,10 +54,11 @@ EVAL_BATCH = 256  # samples per batch of the float simulation (sims.torch_snn.si
 
 def neuron_count(ann: AnnGraph, example: np.ndarray) -> tuple[int, int, int]:
     """(spiking neurons plus the readout, the widest spiking layer, classes) from one
-    sample's forward pass."""
+    sample's forward pass: every activation that ``convert`` makes a neuron layer of (ReLU
+    and QCFS alike)."""
     logits, values = ann_forward(ann, example[:1], record=True)
-    relus = {node.name for node in ann.nodes if isinstance(node, ReluNode)}
-    sizes = [int(v[0].numel()) for name, v in values.items() if name in relus]
+    spiking = {node.name for node in ann.nodes if isinstance(node, ACTIVATIONS)}
+    sizes = [int(v[0].numel()) for name, v in values.items() if name in spiking]
     classes = int(logits[0].numel())
     return sum(sizes) + classes, max(sizes, default=classes), classes
 
