@@ -28,7 +28,8 @@ from toolchain.report import build_report  # noqa: E402
 def one_run(args: argparse.Namespace, steps: int) -> dict:
     options = Options(model=Path(args.model), target=args.target, data=args.data,
                       out=Path(args.out) / f"T{steps}", timesteps=steps, verify_samples=0,
-                      eval_samples=args.eval_samples, seed=args.seed, progress=False)
+                      eval_samples=args.eval_samples, seed=args.seed,
+                      ftbc_target=args.ftbc_target, progress=False)
     start = time.perf_counter()
     report = build_report(run_pipeline(options))
     report["wall_seconds"] = time.perf_counter() - start
@@ -65,7 +66,10 @@ def main() -> None:
     p.add_argument("--target", default="loihi2")
     p.add_argument("--timesteps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--eval-samples", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (the test images "
+                   "are drawn by a fixed seed whatever this is, so rows of two seeds pair)")
+    p.add_argument("--ftbc-target", default="paper", choices=["paper", "ideal"],
+                   help="FTBC's per-step target (ftbc-export's --ftbc-target)")
     p.add_argument("--out", default="bench/out/accuracy")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
@@ -86,6 +90,8 @@ def main() -> None:
                   "fixed": v.get("fixed_accuracy"),
                   "calibration_seconds": {m: c["seconds"] for m, c in
                                           v["calibration"].items()},
+                  "ftbc_target": args.ftbc_target, "seed": args.seed,
+                  "stage_seconds": v["seconds"],
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
                   "peak_rss_mib_per_stage": v.get("peak_rss_mib_per_stage"),
                   "kept": {m: {name: layer.get("kept") for name, layer in
