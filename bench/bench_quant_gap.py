@@ -1,0 +1,121 @@
+"""Where does the fixed-point network lose accuracy against the float FTBC network?
+
+Runs the pipeline up to quantization (convert, float FTBC, normalise, quantize for the target;
+no integer FTBC) and scores on the same test subset at t = T:
+
+* ``float``: the normalised float SNN (FTBC's schedules), what quantization starts from;
+* ``w``: the same float SNN with every synapse's weights replaced by what the QuantGraph
+  holds, dequantized (``W' = mant * sigma * 2**weight_exp * 2**act_shift / scale[c]``): the
+  weight rounding alone;
+* ``w+b``: also the biases and v_init dequantized (bias_mant * 2**bias_exp / scale[c]);
+* ``emulator``: the integer network itself (``sims.emulator``, bit-exact with Lava), which adds
+  the 24-bit state and the integer input encoding;
+* ``w, own scale``: the weights rounded with each synapse's own per-channel scale (the largest
+  that keeps that synapse's mantissas in 8 bits) instead of the neuron's common one: what a
+  per-synapse weight exponent could recover where one synapse (e.g. a residual shortcut) sets
+  the scale for all (an upper bound: the exponent is a power of two, this is not).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_quant_gap.py \\
+        --model bench/models/cifar_resnet20_qcfs_l4.pt2 --data cifar10:../shared/data/cifar10 \\
+        --timesteps 16 --eval-samples 2000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.ir import evolve  # noqa: E402
+from exporters.quantize import per_row, source_units, unit_factor, weight_scale_limit  # noqa: E402
+from hw_targets import get_target  # noqa: E402
+from sims.emulator import emulate  # noqa: E402
+from sims.torch_snn import simulate  # noqa: E402
+from toolchain import pipeline  # noqa: E402
+from toolchain.calibrate import calibrate  # noqa: E402
+from toolchain.normalize import normalize  # noqa: E402
+from toolchain.pipeline import Options, Run  # noqa: E402
+
+
+def dequantized(snn, q, target, *, biases: bool):
+    """``snn`` (normalised) with the QuantGraph's weights (and biases, v_init) in float."""
+    sigma, _ = source_units(snn, q.input, tuple(q.meta["input_range"]))
+    layers = []
+    for layer, ql in zip(snn.layers, q.layers):
+        scale = np.asarray(ql.scale, np.float64)
+        syns = tuple(evolve(s, weight=np.asarray(
+            qs.weight * (sigma[s.source] * 2.0 ** qs.weight_exp * (1 << target.act_shift))
+            / per_row(scale, qs.weight.ndim), np.float64))
+            for s, qs in zip(layer.synapses, ql.synapses))
+        changes = {"synapses": syns}
+        if biases:
+            b = ql.bias_mant * 2.0 ** ql.bias_exp / scale[None, :]
+            base = np.broadcast_to(np.asarray(layer.bias, np.float64), (layer.channels,))
+            changes["bias_schedule"] = b - base[None, :]
+            changes["v_init"] = np.asarray(ql.v_init, np.float64) / scale
+        layers.append(evolve(layer, **changes))
+    return evolve(snn, layers=tuple(layers))
+
+
+def own_scale(snn, q, target):
+    """Weights rounded at each synapse's own per-channel scale (8-bit mantissas)."""
+    sigma, _ = source_units(snn, q.input, tuple(q.meta["input_range"]))
+    unit = unit_factor(target)
+    layers = []
+    for layer in snn.layers:
+        syns = []
+        for s in layer.synapses:
+            w = np.asarray(s.weight, np.float64)
+            scale = np.floor(np.minimum(weight_scale_limit(w, sigma[s.source], target), 2.0 ** 40))
+            mant = np.rint(w * per_row(scale, w.ndim) / (unit * sigma[s.source]))
+            syns.append(evolve(s, weight=mant * unit * sigma[s.source] / per_row(scale, w.ndim)))
+        layers.append(evolve(layer, synapses=tuple(syns)))
+    return evolve(snn, layers=tuple(layers))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", default="loihi2")
+    p.add_argument("--timesteps", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--ftbc-target", default="ideal", choices=["ideal", "paper"])
+    args = p.parse_args()
+    opts = Options(model=Path(args.model), data=args.data, target=args.target,
+                   timesteps=args.timesteps, eval_samples=args.eval_samples, verify_samples=0,
+                   ftbc_target=args.ftbc_target, progress=False)
+    start = time.perf_counter()
+    run = pipeline.convert(pipeline.trace(pipeline.load(Run(options=opts))))
+    snn, _ = calibrate(run.snn["converted"], run.ann, run.calib, method="ftbc",
+                       **{k: v for k, v in pipeline._calibration_settings(opts).items()})
+    run = replace(run, snn={**run.snn, "ftbc": snn})
+    run = pipeline.quantize(pipeline.normalize(run))
+    target = get_target(args.target)
+    x, y = pipeline._eval_split(run)
+    norm = run.normalized
+
+    def acc(preds) -> float:
+        return 100.0 * float((np.asarray(preds)[-1] == y).mean())
+
+    row = {"float": acc(simulate(norm, x).predictions),
+           "w": acc(simulate(dequantized(norm, run.quant, target, biases=False), x).predictions),
+           "w+b": acc(simulate(dequantized(norm, run.quant, target, biases=True), x).predictions),
+           "emulator": acc(emulate(run.quant, x).predictions),
+           "w, own scale": acc(simulate(own_scale(norm, run.quant, target), x).predictions)}
+    print(f"| model | T | {' | '.join(row)} | s |")
+    print(f"|---|---|{'---|' * len(row)}---|")
+    print(f"| {Path(args.model).name} | {args.timesteps} | "
+          f"{' | '.join(f'{v:.2f}' for v in row.values())} | "
+          f"{time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
