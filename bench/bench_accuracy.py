@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--seed", type=int, default=0, help="calibration seed (the test images "
                    "are drawn by a fixed seed whatever this is, so rows of two seeds pair)")
-    p.add_argument("--ftbc-target", default="paper", choices=["paper", "ideal"],
+    p.add_argument("--ftbc-target", default="ideal", choices=["ideal", "paper"],
                    help="FTBC's per-step target (ftbc-export's --ftbc-target)")
     p.add_argument("--out", default="bench/out/accuracy")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)

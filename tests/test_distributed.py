@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "examples" / "digits_cnn.pt"
 # Uneven shards on purpose: 101 evaluation samples, calibration batches of 45 (23 + 22),
 # 113 threshold samples in chunks of 256 (rank 1 has no forward chunk at all).
-SETTINGS = ["--timesteps", "4", "--eval-samples", "101", "--verify-samples", "3",
+# T = 3: at T = 4 the plain conversion already agreed with the ANN on all 23 held-out samples at
+# every step, and FTBC (ideal-neuron step targets, fewer spikes at step 1) lost one sample-step
+# of 92, so the guard reverted it and the schedules compared below were all zero
+SETTINGS = ["--timesteps", "3", "--eval-samples", "101", "--verify-samples", "3",
             "--calib-batches", "2", "--calib-batch-size", "45", "--iterations", "2",
             "--no-progress"]
 

@@ -12,14 +12,14 @@ trains cached), for each iteration and calibration batch, for t = 1..T::
     b[t] += alpha * (target_c(t) - theta * mean_c(s(t)))                 (paper's update form)
     the step is re-fired with the updated b[t] before moving to t + 1     (authors' code)
 
-Per-step target (``step_target``). ``"paper"`` (the default): the same at every step,
-``mean_c(abar)``: each step's firing rate is pulled to the ANN's mean activation.
-``"ideal"`` (``--ftbc-target ideal``, ``step_targets``): the firing of an *ideal* neuron of
-the layer at step t: an IF neuron with the layer's threshold and v_init, reset by
-subtraction, fed its ANN activation abar as a constant input (a QCFS layer: the activation's
-input, ``ideal_current``), so its count after t steps is
-``n_t(abar) = clip(floor((v_init theta + t abar) / theta), 0, t)``; then every
-step is shifted by the same amount so that the T steps together still target the ANN's mean
+Per-step target (``step_target``). ``"paper"`` (``--ftbc-target paper``, the paper's
+Algorithm 1): the same at every step, ``mean_c(abar)``: each step's firing rate is pulled to
+the ANN's mean activation. ``"ideal"`` (the default, ``step_targets``): the firing of an
+*ideal* neuron of the layer at step t: an IF neuron with the layer's threshold and v_init,
+reset by subtraction, fed its ANN activation abar as a constant input (a QCFS layer: the
+activation's input, ``ideal_current``), so its count after t steps is
+``n_t(abar) = clip(floor((v_init theta + t abar) / theta), 0, t)``; then every step is
+shifted by the same amount so that the T steps together still target the ANN's mean
 activation exactly as LP does::
 
     target_c(t) = theta mean_c(n_t - n_{t-1}) + (mean_c(abar) - theta mean_c(n_T) / T)
@@ -87,13 +87,13 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
               alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
               iterations: int = 3, holdout: float = 0.2, seed: int = 0,
               progress: bool = False, device: Any = None,
-              keep: str = "layer", step_target: str = "paper") -> tuple[SnnGraph, dict]:
+              keep: str = "layer", step_target: str = "ideal") -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
     ``progress``: a bar over the layers on stderr; ``device``: the torch device; ``keep``:
     ``"layer"`` (each layer's correction kept only if it lowers the held-out error) or
     ``"network"`` (every correction kept, the final held-out guard only); ``step_target``:
-    FTBC's per-step target, ``"paper"`` (mean_c(abar) at every step) or ``"ideal"``
-    (``step_targets``).
+    FTBC's per-step target, ``"ideal"`` (``step_targets``, the default) or ``"paper"``
+    (mean_c(abar) at every step).
 
     The report holds method, alpha, batches, batch_size, iterations, seconds, per-layer
     ``layers[name] = {kept, holdout_error_before, holdout_error_after}`` (E below) and the

@@ -22,9 +22,10 @@ integer spike trains cached), each iteration and calibration batch, for t = 1..T
 
 (vth[c] state units = one float threshold, so ``(target - mean_c(s)) * vth`` is the float
 update in state units.) ``target_c(t)`` is the float calibration's per-step target in spikes
-per step: mean_c(abar) at every step (``step_target="paper"``), or with ``"ideal"``
-(``toolchain.calibrate.step_targets``) the firing of an ideal IF neuron with this layer's
-v_init / vth fed abar as a constant input, shifted so that the T steps sum to T mean_c(abar).
+per step: with ``step_target="ideal"`` (the default, ``toolchain.calibrate.step_targets``)
+the firing of an ideal IF neuron with this layer's v_init / vth fed abar as a constant
+input, shifted so that the T steps sum to T mean_c(abar); with ``"paper"`` mean_c(abar) at
+every step.
 The layer's ``bias_exp`` is kept:
 an update that does not fit 13 bits is clipped to the limit and counted in the report
 (``clamped``), so the graph stays valid for the target; nothing else changes (weights, vth,
@@ -83,7 +84,7 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
                     iterations: int = 3, holdout: float = 0.2, seed: int = 0,
                     progress: bool = False, device: Any = None,
-                    keep: str = "layer", step_target: str = "paper"
+                    keep: str = "layer", step_target: str = "ideal"
                     ) -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target

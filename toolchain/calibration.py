@@ -39,7 +39,7 @@ from sims.progress import progress_bar
 
 METHODS = ("none", "lp", "ftbc")
 KEEP_RULES = ("layer", "network")
-STEP_TARGETS = ("paper", "ideal")  # FTBC's per-step target (toolchain.calibrate.step_targets)
+STEP_TARGETS = ("ideal", "paper")  # FTBC's per-step target (toolchain.calibrate.step_targets)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class CalibrationOptions:
     progress: bool = False
     device: Any = None
     keep: str = "layer"  # KEEP_RULES: per-layer held-out test, or the final guard only
-    step_target: str = "paper"  # STEP_TARGETS: the paper's flat target, or the ideal neuron's
+    step_target: str = "ideal"  # STEP_TARGETS: the ideal neuron's, or the paper's flat target
 
     def header(self) -> dict[str, Any]:
         """The report's leading fields."""

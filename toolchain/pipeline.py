@@ -47,7 +47,7 @@ class Options:
     iterations: int = 3
     holdout: float = 0.2
     keep_rule: str = "layer"
-    ftbc_target: str = "paper"
+    ftbc_target: str = "ideal"
     calibrate_fixed: bool = True
     eval_samples: int | None = None
     verify_samples: int = 100
