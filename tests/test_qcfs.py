@@ -14,6 +14,7 @@ import torch.nn as nn
 from core.errors import UnsupportedModelError
 from core.ir import AnnGraph, QcfsNode
 from sims.torch_snn import run_network
+from tests.ann_builders import residual_graph
 from tests.models import IMG, QCFS, head, qcfs_net, qcfs_residual_net
 from tests.test_cli import FAST, run_cli
 from tests.test_onnx import onnx_graph, to_onnx
@@ -22,6 +23,7 @@ from toolchain.ann import ann_forward
 from toolchain.cli import main
 from toolchain.convert import convert
 from toolchain.load import load_model
+from toolchain.memory import neuron_count
 from toolchain.qcfs import reduce_chain
 from toolchain.trace import trace
 
@@ -274,8 +276,6 @@ def test_ftbc_ideal_neuron_of_a_qcfs_layer_is_fed_the_activations_input(monkeypa
 def test_memory_estimate_counts_every_neuron_convert_builds(levels: int | None) -> None:
     """The memory estimate's neuron count is the converted network's, QCFS layers included
     (it once counted ReLU layers only, so a QCFS model's estimate was the readout's alone)."""
-    from tests.ann_builders import residual_graph
-    from toolchain.memory import neuron_count
     if levels is None:
         graph, shape = residual_graph(seed=2, channels=6), (1, 8, 8)
     else:
