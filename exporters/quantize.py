@@ -27,7 +27,10 @@ allowed by
 * readout only: one common scale for all channels (the prediction is an argmax across
   them), also bounded by the provable accumulation ``scale * bound < 2**23`` (``bound`` =
   ``T * (sum_i |W_oi| * max|src| + max|b|) + |v_init|``, or ``readout_bound`` if given),
-  so the 24-bit readout never saturates.
+  so the 24-bit readout never saturates. When that bound sets the scale (large T), the
+  readout's weight mantissas are taken at ``scale * 2**k`` instead and its synapses get
+  ``weight_exp = -k`` (``readout_shift``): the weights keep their 8 bits and each step's
+  sum is floored by k bits, instead of the weights being rounded to a few levels.
 
 ``vth = scale`` for spiking layers, ``0`` for the readout (it has no compare).
 Bias: ``b_state[t, c] = (bias[c] + bias_schedule[t, c]) * scale[c]``; one exponent per
@@ -217,13 +220,35 @@ def quantize_bias(b: np.ndarray, scale: np.ndarray, target: Target
     return np.rint(b_state / 2.0 ** e).astype(np.int64), e
 
 
-def quantize_synapse(syn: Synapse, scale: np.ndarray, sigma: float, target: Target
-                     ) -> QSynapse:
-    """Integer synapse with the same geometry, ``weight_exp = 0``."""
-    return QSynapse(source=syn.source, kind=syn.kind,
-                    weight=frozen_array(quantize_weight(syn.weight, scale, sigma, target)),
-                    weight_exp=0, stride=tuple(syn.stride), padding=tuple(syn.padding),
+def quantize_synapse(syn: Synapse, scale: np.ndarray, sigma: float, target: Target,
+                     shift: int = 0) -> QSynapse:
+    """Integer synapse with the same geometry: mantissas at ``scale * 2**shift`` and
+    ``weight_exp = -shift`` (``readout_shift``; 0 everywhere else)."""
+    w = quantize_weight(syn.weight, np.asarray(scale, np.float64) * 2.0 ** shift, sigma, target)
+    return QSynapse(source=syn.source, kind=syn.kind, weight=frozen_array(w),
+                    weight_exp=-shift, stride=tuple(syn.stride), padding=tuple(syn.padding),
                     dilation=tuple(syn.dilation), groups=int(syn.groups))
+
+
+def readout_shift(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
+                  target: Target, readout_bound: float) -> tuple[np.ndarray, int]:
+    """(scale, k) for a readout whose T-step accumulation bound, not its weights, set the
+    scale: the weight mantissas are taken at ``scale * 2**k`` (as many bits as the weights
+    allow, up to ``-weight_exp_min``) and shifted right by k each step (``weight_exp = -k``,
+    a floor), so they keep their 8 bits however large T is. The floor adds less than one
+    unit (64 state units) per synapse and step, so the scale leaves ``64 T`` per synapse of
+    headroom below 2**23 on top of the float bound."""
+    steps = b.shape[0]
+    floor_room = (1 << target.act_shift) * steps * len(layer.synapses)
+    room = (target.state_max - floor_room) / readout_bound
+    w_lim = min(float(weight_scale_limit(s.weight, sigma[s.source], target).min())
+                for s in layer.synapses)
+    other = min(float(bias_scale_limit(b, target).min()), float(target.vth_max), room)
+    scale = max(1.0, math.floor(min(other, w_lim)))
+    k = 0
+    while k < -target.weight_exp_min and scale * 2.0 ** (k + 1) <= w_lim:
+        k += 1
+    return np.full(layer.channels, scale, dtype=np.int64), k
 
 
 # --------------------------------------------------------------------------- statistics
@@ -295,11 +320,14 @@ def quantize_layer(layer: NeuronLayer, sigma: Mapping[str, float], peak: Mapping
     if layer.readout and readout_bound is None:
         readout_bound = readout_bound_float(layer, b, peak, timesteps)
     scale, limit = layer_scale(layer, sigma, b, target, readout_bound)
+    shift = 0
+    if layer.readout and limit.get("readout_accumulation"):
+        scale, shift = readout_shift(layer, sigma, b, target, readout_bound)
     bias_mant, bias_exp = quantize_bias(b, scale, target)
     v_init = np.rint(np.asarray(layer.v_init, dtype=np.float64) * scale).astype(np.int64)
     vth = np.zeros_like(scale) if layer.readout else scale
     q = QLayer(name=layer.name, shape=tuple(layer.shape),
-               synapses=tuple(quantize_synapse(s, scale, sigma[s.source], target)
+               synapses=tuple(quantize_synapse(s, scale, sigma[s.source], target, shift)
                               for s in layer.synapses),
                vth=frozen_array(vth, np.int64), bias_mant=frozen_array(bias_mant, np.int64),
                bias_exp=bias_exp, v_init=frozen_array(v_init, np.int64), depth=depth,
