@@ -231,13 +231,14 @@ def quantize_synapse(syn: Synapse, scale: np.ndarray, sigma: float, target: Targ
 
 
 def readout_shift(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
-                  target: Target, readout_bound: float) -> tuple[np.ndarray, int]:
+                  target: Target, readout_bound: float) -> tuple[np.ndarray, int] | None:
     """(scale, k) for a readout whose T-step accumulation bound, not its weights, set the
     scale: the weight mantissas are taken at ``scale * 2**k`` (as many bits as the weights
     allow, up to ``-weight_exp_min``) and shifted right by k each step (``weight_exp = -k``,
     a floor), so they keep their 8 bits however large T is. The floor adds less than one
     unit (64 state units) per synapse and step, so the scale leaves ``64 T`` per synapse of
-    headroom below 2**23 on top of the float bound."""
+    headroom below 2**23 on top of the float bound. None when no shift helps (or the target
+    cannot give the readout's conv synapses an exponent): keep the plain scale."""
     steps = b.shape[0]
     floor_room = (1 << target.act_shift) * steps * len(layer.synapses)
     room = (target.state_max - floor_room) / readout_bound
@@ -245,10 +246,12 @@ def readout_shift(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
                 for s in layer.synapses)
     other = min(float(bias_scale_limit(b, target).min()), float(target.vth_max), room)
     scale = max(1.0, math.floor(min(other, w_lim)))
-    k = 0
-    while k < -target.weight_exp_min and scale * 2.0 ** (k + 1) <= w_lim:
+    k, k_max = 0, -target.weight_exp_min
+    if not target.conv_weight_exp and any(s.kind is SynapseKind.CONV for s in layer.synapses):
+        k_max = 0  # the target runs conv synapses without an exponent (loihi2-sim)
+    while k < k_max and scale * 2.0 ** (k + 1) <= w_lim:
         k += 1
-    return np.full(layer.channels, scale, dtype=np.int64), k
+    return (np.full(layer.channels, scale, dtype=np.int64), k) if k else None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -321,8 +324,10 @@ def quantize_layer(layer: NeuronLayer, sigma: Mapping[str, float], peak: Mapping
         readout_bound = readout_bound_float(layer, b, peak, timesteps)
     scale, limit = layer_scale(layer, sigma, b, target, readout_bound)
     shift = 0
-    if layer.readout and limit.get("readout_accumulation"):
-        scale, shift = readout_shift(layer, sigma, b, target, readout_bound)
+    shifted = (readout_shift(layer, sigma, b, target, readout_bound)
+               if layer.readout and limit.get("readout_accumulation") else None)
+    if shifted is not None:
+        scale, shift = shifted
     bias_mant, bias_exp = quantize_bias(b, scale, target)
     v_init = np.rint(np.asarray(layer.v_init, dtype=np.float64) * scale).astype(np.int64)
     vth = np.zeros_like(scale) if layer.readout else scale
