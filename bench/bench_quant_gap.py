@@ -36,14 +36,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.ir import evolve  # noqa: E402
-from exporters.quantize import per_row, source_units, unit_factor, weight_scale_limit  # noqa: E402
+from exporters.quantize import (per_row, quantize_weight, source_units,  # noqa: E402
+                               weight_scale_limit)
 from hw_targets import get_target  # noqa: E402
 from sims.emulator import emulate  # noqa: E402
 from sims.torch_snn import simulate  # noqa: E402
 from toolchain import pipeline  # noqa: E402
 from toolchain.calibrate import calibrate  # noqa: E402
-from toolchain.normalize import normalize  # noqa: E402
 from toolchain.pipeline import Options, Run  # noqa: E402
+
+
+def float_weight(weight, weight_exp, sigma, scale, target):
+    """An integer synapse weight (mantissa x 2, torch layout) back in float units."""
+    return np.asarray(weight * (sigma * 2.0 ** weight_exp * (1 << target.act_shift))
+                      / per_row(scale, weight.ndim), np.float64)
 
 
 def dequantized(snn, q, target, *, biases: bool):
@@ -52,10 +58,9 @@ def dequantized(snn, q, target, *, biases: bool):
     layers = []
     for layer, ql in zip(snn.layers, q.layers):
         scale = np.asarray(ql.scale, np.float64)
-        syns = tuple(evolve(s, weight=np.asarray(
-            qs.weight * (sigma[s.source] * 2.0 ** qs.weight_exp * (1 << target.act_shift))
-            / per_row(scale, qs.weight.ndim), np.float64))
-            for s, qs in zip(layer.synapses, ql.synapses))
+        syns = tuple(evolve(s, weight=float_weight(qs.weight, qs.weight_exp, sigma[s.source],
+                                                   scale, target))
+                     for s, qs in zip(layer.synapses, ql.synapses))
         changes = {"synapses": syns}
         if biases:
             b = ql.bias_mant * 2.0 ** ql.bias_exp / scale[None, :]
@@ -67,17 +72,17 @@ def dequantized(snn, q, target, *, biases: bool):
 
 
 def own_scale(snn, q, target):
-    """Weights rounded at each synapse's own per-channel scale (8-bit mantissas)."""
+    """Weights rounded (``quantize_weight``) at each synapse's own per-channel scale, the
+    largest that keeps its mantissas in 8 bits."""
     sigma, _ = source_units(snn, q.input, tuple(q.meta["input_range"]))
-    unit = unit_factor(target)
     layers = []
     for layer in snn.layers:
         syns = []
         for s in layer.synapses:
-            w = np.asarray(s.weight, np.float64)
-            scale = np.floor(np.minimum(weight_scale_limit(w, sigma[s.source], target), 2.0 ** 40))
-            mant = np.rint(w * per_row(scale, w.ndim) / (unit * sigma[s.source]))
-            syns.append(evolve(s, weight=mant * unit * sigma[s.source] / per_row(scale, w.ndim)))
+            scale = np.floor(np.minimum(weight_scale_limit(s.weight, sigma[s.source], target),
+                                        2.0 ** 40))
+            w = quantize_weight(s.weight, scale, sigma[s.source], target)
+            syns.append(evolve(s, weight=float_weight(w, 0, sigma[s.source], scale, target)))
         layers.append(evolve(layer, synapses=tuple(syns)))
     return evolve(snn, layers=tuple(layers))
 
@@ -106,7 +111,7 @@ def main() -> None:
     start = time.perf_counter()
     run = pipeline.convert(pipeline.trace(pipeline.load(Run(options=opts))))
     snn, _ = calibrate(run.snn["converted"], run.ann, run.calib, method="ftbc",
-                       **{k: v for k, v in pipeline._calibration_settings(opts).items()})
+                       **pipeline._calibration_settings(opts))
     run = replace(run, snn={**run.snn, "ftbc": snn})
     run = pipeline.quantize(pipeline.normalize(run))
     target = get_target(args.target)

@@ -175,6 +175,19 @@ def random_qgraph(seed: int, *, timesteps: int = 4, conv: bool = True, topology:
                       meta={"builder": "random_qgraph(stress)", "seed": seed})
 
 
+def accumulation_bound_readout(seed: int, target: str = "loihi2"
+                               ) -> tuple[QuantGraph, QuantGraph, float]:
+    """(plain, shifted, bound): ``random_snn(seed, timesteps=5)`` quantized as is, and with a
+    readout bound 2**12 times its provable one, so that the readout's 24-bit accumulation, not
+    its weights, sets its scale (what large T does to a real network's readout)."""
+    from exporters.quantize import quantize
+    from hw_targets import get_target
+    snn, hw = random_snn(seed, timesteps=5), get_target(target)
+    plain = quantize(snn, hw)
+    bound = plain.meta["quantization"][plain.readout.name]["readout_bound"] * 2.0 ** 12
+    return plain, quantize(snn, hw, readout_bound=bound), bound
+
+
 def random_inputs(seed: int, graph: SnnGraph | QuantGraph, n: int) -> np.ndarray:
     """n samples uniform in [0, 1] with the graph's input shape."""
     rng = np.random.default_rng(seed)

@@ -20,6 +20,7 @@ from sims.lava_runner import (input_stream, lava_problems, period_of, run_lava,
                               unpack_spikes)
 from sims.reference import encode_input, reference_run
 from sims.verify import verify
+from tests.qgraph_builders import accumulation_bound_readout
 from tests.qgraph_builders import random_inputs as qgraph_inputs
 from tests.qgraph_builders import random_qgraph
 
@@ -142,14 +143,7 @@ def test_quantized_random_graph_verifies_against_emulator(topology, tmp_path):
 def test_readout_shifted_right_by_its_weight_exponent_in_lava(tmp_path):
     """A readout whose accumulation bound set its scale (weight mantissas at 8 bits,
     weight_exp = -k: a floor every step) runs in Lava exactly as in the emulator."""
-    from exporters.quantize import quantize
-    from hw_targets import get_target
-    from tests.qgraph_builders import random_snn
-    target = get_target("loihi2-sim")
-    snn = random_snn(1, timesteps=5)
-    bound = quantize(snn, target).meta["quantization"]
-    bound = bound[snn.layers[-1].name]["readout_bound"] * 2.0 ** 12
-    q = quantize(snn, target, readout_bound=bound)
+    _, q, _ = accumulation_bound_readout(1, "loihi2-sim")
     assert all(s.weight_exp < 0 for s in q.readout.synapses)
     report = verify(q, _export(q, tmp_path), qgraph_inputs(1, q, SAMPLES))
     assert report["spike_mismatches"] == 0 and report["readout_mismatches"] == 0

@@ -19,7 +19,8 @@ from exporters.quantize import (check, input_scale_exp, quantization_report, qua
                                 validate)
 from hw_targets import get_target
 from sims.reference import encode_input, synapse_output
-from tests.qgraph_builders import random_inputs, random_qgraph, random_snn
+from tests.qgraph_builders import (accumulation_bound_readout, random_inputs, random_qgraph,
+                                   random_snn)
 
 LOIHI = get_target("loihi2")
 CASES = [(seed, conv, topo) for seed in range(4) for conv in (True, False)
@@ -240,10 +241,7 @@ def test_readout_keeps_8_bit_weights_when_its_accumulation_bound_sets_the_scale(
     the 8-bit range, shifted right by k each step (weight_exp = -k), the membrane provably
     stays inside 24 bits, and the emulator still equals the reference."""
     from tests.test_emulator import assert_matches_reference
-    snn = random_snn(seed, timesteps=5)
-    plain = quantize(snn, LOIHI)
-    bound = plain.meta["quantization"][plain.readout.name]["readout_bound"] * 2.0 ** 12
-    q = quantize(snn, LOIHI, readout_bound=bound)
+    plain, q, bound = accumulation_bound_readout(seed)
     stats = q.meta["quantization"][q.readout.name]
     assert "readout_accumulation" in stats["scale_limited_by"]
     assert all(s.weight_exp < 0 for s in q.readout.synapses)
