@@ -29,7 +29,8 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
     options = Options(model=Path(args.model), target=args.target, data=args.data,
                       out=Path(args.out) / f"T{steps}", timesteps=steps, verify_samples=0,
                       eval_samples=args.eval_samples, seed=args.seed,
-                      ftbc_target=args.ftbc_target, progress=False)
+                      ftbc_target=args.ftbc_target, baselines=args.baselines,
+                      progress=False)
     start = time.perf_counter()
     report = build_report(run_pipeline(options))
     report["wall_seconds"] = time.perf_counter() - start
@@ -49,11 +50,11 @@ def run_child(argv: list[str], steps: int) -> dict:
 
 
 def row(steps: int, r: dict) -> str:
-    acc = r["snn_accuracy"]
+    acc = {m: f"{a[-1]:.2f}" for m, a in r["snn_accuracy"].items()}
     fixed = r.get("fixed_accuracy", [float("nan")])[-1]
     cal = r["calibration"]
-    return (f"| {steps} | {r['ann_accuracy']:.2f} | {acc['none'][-1]:.2f} | {acc['lp'][-1]:.2f} "
-            f"| {acc['ftbc'][-1]:.2f} | {fixed:.2f} | {r['seconds']['convert']:.1f} "
+    return (f"| {steps} | {r['ann_accuracy']:.2f} | {acc.get('none', '-')} "
+            f"| {acc.get('lp', '-')} | {acc['ftbc']} | {fixed:.2f} | {r['seconds']['convert']:.1f} "
             f"| {cal['ftbc']['seconds']:.1f} | {r['wall_seconds']:.0f} "
             f"| {r['peak_rss_mib']:.0f} |")
 
@@ -70,6 +71,9 @@ def main() -> None:
                    "are drawn by a fixed seed whatever this is, so rows of two seeds pair)")
     p.add_argument("--ftbc-target", default="ideal", choices=["ideal", "paper"],
                    help="FTBC's per-step target (ftbc-export's --ftbc-target)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "
+                        "and fixed point only, about half the calibration time)")
     p.add_argument("--out", default="bench/out/accuracy")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:]

@@ -29,7 +29,7 @@ def test_help_documents_every_option_and_exit_code():
                    "--calib-batches", "--calib-batch-size", "--iterations", "--holdout",
                    "--eval-samples", "--verify-samples", "--out", "--arch",
                    "--arch-kwargs", "--trust-pickle", "--input-shape", "--list-targets",
-                   "--device"):
+                   "--device", "--baselines", "--no-baselines"):
         assert option in proc.stdout
     for code in ("0  success", "2  unsupported", "3  hardware", "4  verification"):
         assert code in proc.stdout
@@ -114,3 +114,21 @@ def test_same_inputs_give_byte_identical_network(tmp_path, target):
     assert reports[0] == reports[1]
     assert reports[0]["device"] == "cpu"
     assert (outs[0] / "netlist.json").read_bytes() == (outs[1] / "netlist.json").read_bytes()
+
+
+def test_no_baselines_deploys_the_same_network_and_skips_none_and_lp(tmp_path):
+    """--no-baselines only drops the comparison: FTBC's network, its float and its fixed-point
+    accuracy are those of a run with the baselines, byte for byte."""
+    reports, nets = {}, {}
+    for flag in ("--baselines", "--no-baselines"):
+        out = tmp_path / flag
+        assert main([str(DIGITS_MODEL), "--target", "loihi2", "--out", str(out),
+                     "--verify-samples", "0", flag, *FAST]) == 0
+        reports[flag] = json.loads((out / "report.json").read_text())
+        nets[flag] = (out / "network.net").read_bytes()
+    full, lean = reports["--baselines"], reports["--no-baselines"]
+    assert set(full["snn_accuracy"]) == {"none", "lp", "ftbc"}
+    assert set(lean["snn_accuracy"]) == set(lean["calibration"]) == {"ftbc"}
+    assert lean["snn_accuracy"]["ftbc"] == full["snn_accuracy"]["ftbc"]
+    assert lean["fixed_accuracy"] == full["fixed_accuracy"]
+    assert nets["--no-baselines"] == nets["--baselines"]

@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bit-exact emulator (integer bias mantissas; same alpha, batches, "
                         "iterations and holdout rule) so quantization error is corrected too "
                         "(default on)")
+    g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also calibrate and score the baselines beside FTBC: none (plain "
+                        "conversion) and LP, for the report's comparison (default on; "
+                        "--no-baselines roughly halves the float calibration's time)")
     g = p.add_argument_group("evaluation and verification")
     g.add_argument("--eval-samples", type=_positive(int),
                    help="evaluate on N test samples drawn by a fixed seed, the same N in "
@@ -221,7 +225,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
         holdout=args.holdout, keep_rule=args.keep_rule, ftbc_target=args.ftbc_target,
-        calibrate_fixed=args.calibrate_fixed,
+        calibrate_fixed=args.calibrate_fixed, baselines=args.baselines,
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,
         **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),

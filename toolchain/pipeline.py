@@ -49,6 +49,7 @@ class Options:
     keep_rule: str = "layer"
     ftbc_target: str = "ideal"
     calibrate_fixed: bool = True
+    baselines: bool = True  # also calibrate and score none and LP beside FTBC
     eval_samples: int | None = None
     verify_samples: int = 100
     verify_workers: int = field(default_factory=default_workers)
@@ -183,6 +184,12 @@ def convert(run: Run) -> Run:
 CALIBRATION_METHODS = ("none", "lp", "ftbc")
 
 
+def calibration_methods(opts: Options) -> tuple[str, ...]:
+    """The calibrations a run builds and scores: FTBC (the one deployed), with the none and
+    LP baselines beside it unless ``opts.baselines`` is off."""
+    return CALIBRATION_METHODS if opts.baselines else ("ftbc",)
+
+
 def _calibration_settings(opts: Options) -> dict[str, Any]:
     """The user's calibration choices, as the float and the integer calibration take them."""
     return dict(alpha=opts.alpha, batches=opts.calib_batches, batch_size=opts.calib_batch_size,
@@ -195,7 +202,7 @@ def calibrate(run: Run) -> Run:
     from toolchain.calibrate import calibrate as calibrate_snn
     opts = run.options
     graphs, reports = {}, {}
-    for method in CALIBRATION_METHODS:
+    for method in calibration_methods(opts):
         graphs[method], reports[method] = calibrate_snn(
             run.snn["converted"], run.ann, run.calib, method=method,
             **_calibration_settings(opts))
@@ -208,7 +215,7 @@ def simulate(run: Run) -> Run:
     opts = run.options
     accuracy = {m: _accuracy(run, simulate_snn(run.snn[m], x, progress=opts.progress,
                                                device=opts.device).predictions)
-                for m in CALIBRATION_METHODS}
+                for m in calibration_methods(opts)}
     return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
 
 
