@@ -154,10 +154,9 @@ def readout_bound_float(layer: NeuronLayer, b: np.ndarray, src_max: Mapping[str,
     return timesteps * per_step + float(np.max(np.abs(layer.v_init), initial=0.0))
 
 
-def layer_scale(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
-                target: Target, readout_bound: float | None) -> tuple[np.ndarray, dict]:
-    """Per-channel integer scales (C,) int64 and, per constraint name, how many channels it
-    set. The readout gets one common scale (its channels are compared by argmax)."""
+def scale_limits(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
+                 target: Target, readout_bound: float | None) -> dict[str, np.ndarray]:
+    """Per constraint name, the largest scale each channel allows (C,)."""
     chans = layer.channels
     limits = {"weights": np.full(chans, math.inf), "vth_max": np.full(chans, target.vth_max),
               "bias": bias_scale_limit(b, target)}
@@ -166,9 +165,16 @@ def layer_scale(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
                                        weight_scale_limit(s.weight, sigma[s.source], target))
     if layer.readout and readout_bound is not None and readout_bound > 0:
         limits["readout_accumulation"] = np.full(chans, target.state_max / readout_bound)
+    return limits
+
+
+def layer_scale(limits: Mapping[str, np.ndarray], readout: bool) -> tuple[np.ndarray, dict]:
+    """Per-channel integer scales (C,) int64 from ``scale_limits`` and, per constraint name,
+    how many channels it set. The readout gets one common scale (its channels are compared
+    by argmax)."""
     table = np.stack([np.asarray(v, dtype=np.float64) for v in limits.values()])
-    if layer.readout:
-        table = np.repeat(table.min(axis=1, keepdims=True), chans, axis=1)
+    if readout:
+        table = np.repeat(table.min(axis=1, keepdims=True), table.shape[1], axis=1)
     names, which = list(limits), table.argmin(axis=0)
     bound = {names[k]: int(np.count_nonzero(which == k)) for k in sorted(set(which.tolist()))}
     # At least 1: a smaller limit means absurd float values; they stay unclipped and
@@ -230,21 +236,21 @@ def quantize_synapse(syn: Synapse, scale: np.ndarray, sigma: float, target: Targ
                     dilation=tuple(syn.dilation), groups=int(syn.groups))
 
 
-def readout_shift(layer: NeuronLayer, sigma: Mapping[str, float], b: np.ndarray,
-                  target: Target, readout_bound: float) -> tuple[np.ndarray, int] | None:
+def readout_shift(layer: NeuronLayer, limits: Mapping[str, np.ndarray], target: Target,
+                  timesteps: int, readout_bound: float) -> tuple[np.ndarray, int] | None:
     """(scale, k) for a readout whose T-step accumulation bound, not its weights, set the
     scale: the weight mantissas are taken at ``scale * 2**k`` (as many bits as the weights
     allow, up to ``-weight_exp_min``) and shifted right by k each step (``weight_exp = -k``,
     a floor), so they keep their 8 bits however large T is. The floor adds less than one
     unit (64 state units) per synapse and step, so the scale leaves ``64 T`` per synapse of
     headroom below 2**23 on top of the float bound. None when no shift helps (or the target
-    cannot give the readout's conv synapses an exponent): keep the plain scale."""
-    steps = b.shape[0]
-    floor_room = (1 << target.act_shift) * steps * len(layer.synapses)
+    cannot give the readout's conv synapses an exponent): keep the plain scale. ``limits``:
+    the layer's ``scale_limits``, whose accumulation limit is replaced by the one with the
+    floors' headroom."""
+    floor_room = (1 << target.act_shift) * timesteps * len(layer.synapses)
     room = (target.state_max - floor_room) / readout_bound
-    w_lim = min(float(weight_scale_limit(s.weight, sigma[s.source], target).min())
-                for s in layer.synapses)
-    other = min(float(bias_scale_limit(b, target).min()), float(target.vth_max), room)
+    w_lim = float(limits["weights"].min())
+    other = min(float(limits["bias"].min()), float(limits["vth_max"].min()), room)
     scale = max(1.0, math.floor(min(other, w_lim)))
     k, k_max = 0, -target.weight_exp_min
     if not target.conv_weight_exp and any(s.kind is SynapseKind.CONV for s in layer.synapses):
@@ -322,9 +328,10 @@ def quantize_layer(layer: NeuronLayer, sigma: Mapping[str, float], peak: Mapping
     b = bias_float(layer, timesteps)
     if layer.readout and readout_bound is None:
         readout_bound = readout_bound_float(layer, b, peak, timesteps)
-    scale, limit = layer_scale(layer, sigma, b, target, readout_bound)
+    limits = scale_limits(layer, sigma, b, target, readout_bound)
+    scale, limit = layer_scale(limits, layer.readout)
     shift = 0
-    shifted = (readout_shift(layer, sigma, b, target, readout_bound)
+    shifted = (readout_shift(layer, limits, target, timesteps, readout_bound)
                if layer.readout and limit.get("readout_accumulation") else None)
     if shifted is not None:
         scale, shift = shifted
