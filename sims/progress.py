@@ -3,7 +3,8 @@ calibration).
 
 A bar built while a signal is being delivered (Ctrl-C, SIGTERM) may be left half-constructed;
 tqdm's own ``__del__`` then fails on the missing attributes and prints "Exception ignored"
-noise after our one-line "interrupted" message. ``_Bar`` closes only what was built.
+noise after our one-line "interrupted" message. ``_Bar`` closes only what was built, and
+clears the line of a bar whose constructor was interrupted after its first print.
 """
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from tqdm import tqdm
 
 
 class _Bar(tqdm):
+    def close(self):
+        if getattr(self, "sp", None) is not None and not hasattr(self, "start_t"):
+            # The signal landed between the constructor's first print (``refresh``) and its
+            # last line: tqdm's close would take the bar for never displayed and leave its
+            # partial line in front of the "interrupted" message. Mark it as displayed.
+            self.last_print_t = self.start_t = self._time()
+        super().close()
+
     def __del__(self):
         if hasattr(self, "pos") and hasattr(self, "disable"):
             super().__del__()

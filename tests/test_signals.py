@@ -232,3 +232,25 @@ def test_open_bars_are_closed_before_the_interrupted_line(capsys):
     close_all_bars()
     assert bar.disable  # closed
     assert capsys.readouterr().err.endswith("\r")  # the bar's line was cleared
+
+
+def test_bar_interrupted_after_its_first_print_is_cleared(monkeypatch, capsys):
+    """A SIGTERM landing in tqdm's constructor after it printed the bar's first line (found by
+    CI: 'emulate:   0%|...ftbc-export: interrupted' on one line): the clean-up clears it."""
+    import gc
+    from tqdm import tqdm
+    from sims.progress import close_all_bars, progress_bar
+    refresh = tqdm.refresh
+
+    def refresh_then_signal(self, *args, **kwargs):
+        refresh(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm, "refresh", refresh_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        progress_bar(20, "emulate", enabled=True)
+    gc.collect()
+    close_all_bars()
+    err = capsys.readouterr().err
+    assert "emulate:   0%" in err
+    assert err.endswith("\r")  # the partial line was cleared: the message starts afresh
