@@ -13,18 +13,23 @@ import sys
 from tqdm import tqdm
 
 
-class _Bar(tqdm):
-    def close(self):
-        if getattr(self, "sp", None) is not None and not hasattr(self, "start_t"):
-            # The signal landed between the constructor's first print (``refresh``) and its
-            # last line: tqdm's close would take the bar for never displayed and leave its
-            # partial line in front of the "interrupted" message. Mark it as displayed.
-            self.last_print_t = self.start_t = self._time()
-        super().close()
+def _closable(bar: tqdm) -> bool:
+    """Whether tqdm's ``close`` can run on ``bar``, however far its constructor got before a
+    signal stopped it; a bar stopped right after its first print is made to clear its line."""
+    if not (hasattr(bar, "pos") and hasattr(bar, "disable")):
+        return False  # stopped before tqdm placed it: nothing printed, tqdm's close would fail
+    if getattr(bar, "sp", None) is not None and not hasattr(bar, "start_t"):
+        # Stopped between the constructor's first print (``refresh``) and its last line:
+        # tqdm's close would take the bar for never displayed and leave its partial line in
+        # front of the "interrupted" message. Mark it as displayed.
+        bar.last_print_t = bar.start_t = bar._time()
+    return True
 
-    def __del__(self):
-        if hasattr(self, "pos") and hasattr(self, "disable"):
-            super().__del__()
+
+class _Bar(tqdm):
+    def close(self):  # also what tqdm's ``__del__`` calls
+        if _closable(self):
+            super().close()
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample",
@@ -37,7 +42,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample",
 def close_all_bars() -> None:
     """Close every live bar (a bar held by an unwound frame may still be open): after an
     interrupt the one-line message must start on a line of its own, never after a bar's
-    partial line. Half-built bars are skipped (see ``_Bar``)."""
+    partial line; half-built bars are closed as far as they were built."""
     for bar in list(getattr(tqdm, "_instances", ())):
-        if hasattr(bar, "pos") and hasattr(bar, "disable"):
+        if _closable(bar):
             bar.close()
