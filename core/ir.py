@@ -229,7 +229,9 @@ class NeuronLayer:
     ``shape`` (C, H, W) or (F,); per-channel arrays have length C (or F). ``bias_schedule``
     is (T, C), added at step t (row t-1), or None before calibration. ``clip`` is the ANN
     activation's clip (None for plain ReLU). ``origin`` names the ANN activation (or Linear)
-    it came from.
+    it came from. ``signed``: the signed neuron (``sims.reference``), which also sends a -1
+    spike, adding the threshold back, when its membrane is below 0 and its net spike count is
+    positive (an opt-in departure from the paper's IF neuron; never on the readout).
     """
     name: str
     shape: tuple[int, ...]
@@ -241,6 +243,7 @@ class NeuronLayer:
     readout: bool = False
     clip: float | None = None
     origin: str = ""
+    signed: bool = False
 
     @property
     def channels(self) -> int:
@@ -311,7 +314,7 @@ class QLayer:
     number of synaptic hops from the input (= its step offset in Lava, where every hop
     delivers one step late; ``hw_targets.timing``; stored as "depth" in the exported files);
     ``scale`` (C,) float is state units per unit of the normalised float threshold (for
-    reports and dequantization)."""
+    reports and dequantization); ``signed``: the signed neuron (``sims.reference``)."""
     name: str
     shape: tuple[int, ...]
     synapses: tuple[QSynapse, ...]
@@ -323,6 +326,7 @@ class QLayer:
     scale: np.ndarray
     readout: bool = False
     origin: str = ""
+    signed: bool = False
 
 
 @dataclass(frozen=True, eq=False)

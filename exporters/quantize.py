@@ -344,7 +344,7 @@ def quantize_layer(layer: NeuronLayer, sigma: Mapping[str, float], peak: Mapping
                vth=frozen_array(vth, np.int64), bias_mant=frozen_array(bias_mant, np.int64),
                bias_exp=bias_exp, v_init=frozen_array(v_init, np.int64), depth=depth,
                scale=frozen_array(scale, np.float64), readout=layer.readout,
-               origin=layer.origin)
+               origin=layer.origin, signed=layer.signed)
     stats = layer_stats(layer, q, sigma, b, limit, target)
     if layer.readout:
         stats["readout_bound"] = float(readout_bound or 0.0)

@@ -38,7 +38,7 @@ class EmuResult:
     ``synapse_clamps`` layer -> number of 24-bit synaptic-output clamps (0 when
     ``validate`` passed); ``neuron_spikes`` layer -> (n,) int64 spikes of each neuron over
     all samples and steps (the activity the netlist's synops come from); ``spikes`` layer
-    -> (T, N, n) uint8 when ``record=True``."""
+    -> (T, N, n) uint8 (a signed layer: int8 -1/0/1) when ``record=True``."""
     accuracy: np.ndarray | None
     predictions: np.ndarray
     readout: np.ndarray
@@ -118,11 +118,14 @@ def collect(lp: LayerPlan, out: torch.Tensor, chunk: range, totals: _Totals,
     if lp.readout:
         readout[chunk.start:chunk.stop] = out.to(torch.float64).cpu().numpy().astype(np.int64)
         return
-    # per-neuron counts: float32 column sums are exact (a chunk has < 2**24 rows)
-    totals.neurons[lp.name] += out.reshape(-1, out.shape[-1]).sum(dim=0)
+    # per-neuron counts (a signed layer's -1 spikes count as spikes): float32 column sums
+    # are exact (a chunk has < 2**24 rows)
+    sent = out.abs() if lp.signed else out
+    totals.neurons[lp.name] += sent.reshape(-1, out.shape[-1]).sum(dim=0)
     if record is not None:
         rows = slice(row0, row0 + out.shape[1])
-        record[lp.name][chunk.start:chunk.stop, rows] = out.to(torch.uint8).cpu().numpy()
+        record[lp.name][chunk.start:chunk.stop, rows] = out.to(
+            engine.train_dtype(lp, torch.uint8)).cpu().numpy()
 
 
 def check_inputs(q: QuantGraph, x: np.ndarray, y: np.ndarray | None) -> None:
@@ -149,8 +152,8 @@ def emulate(q: QuantGraph, x: np.ndarray, y: np.ndarray | None = None, *,
     totals = _Totals({lp.name: torch.zeros(lp.n, dtype=torch.float64, device=plan.device)
                       for lp in plans if not lp.readout},
                      {lp.name: 0 for lp in plans}, {lp.name: 0 for lp in plans})
-    spikes = ({lp.name: np.zeros((steps, n, lp.n), np.uint8) for lp in plans if not lp.readout}
-              if record else None)
+    spikes = ({lp.name: np.zeros((steps, n, lp.n), np.int8 if lp.signed else np.uint8)
+               for lp in plans if not lp.readout} if record else None)
     readout = np.zeros((steps, n, plans[-1].n), dtype=np.int64)
     payload = plan.arithmetic.payload_bits
     with engine.exact_math(), progress_bar(n, "emulate", progress) as bar, torch.no_grad():

@@ -10,6 +10,10 @@ drive the same kernel::
     settle:  v += b[t]      (per channel; skipped when the drive already carries it)
              v  = clamp(v, state range)           (integer arithmetic only)
              s  = v >= vth;  v -= s * vth         (readout: out = v, no compare, no reset)
+             signed layers: s -= (v < 0) & (n > 0) before the reset, n += s (``sims.reference``)
+
+A layer's state is its membrane v (B, n), or for a signed layer (2, B, n): v and the net spike
+count n (``initial_state``; ``membrane`` gives v).
 
 ``run_steps`` is charge + settle over a chunk of steps; ``bias_sweep`` is FTBC's step (probe the
 spikes with the current b[t], let the calibration move b[t], settle with the new one).
@@ -193,7 +197,8 @@ class LayerPlan:
     bias schedule; integer: ``bias_mant << bias_exp``); ``bias`` (C, 1) the float graph's
     static bias (None for the integer arithmetic); ``vth`` (n,) per neuron; ``v_init`` (C,) the
     membrane at t = 0 in state units; ``limits`` the state range (None: no clamp);
-    ``shift`` the input shift as a multiplier (integer: ``1 << act_shift``)."""
+    ``shift`` the input shift as a multiplier (integer: ``1 << act_shift``); ``signed`` the
+    signed neuron (its state carries the net spike count, ``initial_state``)."""
     name: str
     shape: tuple[int, ...]
     n: int
@@ -207,6 +212,7 @@ class LayerPlan:
     dtype: torch.dtype
     limits: tuple[int, int] | None = None
     shift: float = 1.0
+    signed: bool = False
 
     @property
     def spiking_inputs(self) -> bool:
@@ -283,7 +289,8 @@ def plan_float_layer(snn: SnnGraph, layer: NeuronLayer, arith: FloatArithmetic,
                      schedule=schedule,
                      bias=_tensor(np.broadcast_to(layer.bias, (c,)), dtype, device).view(c, 1),
                      v_init=_tensor(np.broadcast_to(layer.v_init, (c,)), dtype, device) * theta,
-                     vth=theta.repeat_interleave(n // c), readout=layer.readout, dtype=dtype)
+                     vth=theta.repeat_interleave(n // c), readout=layer.readout, dtype=dtype,
+                     signed=layer.signed)
 
 
 def _plan_float_synapse(snn: SnnGraph, syn: Synapse, dtype: torch.dtype,
@@ -400,7 +407,7 @@ def plan_integer_layer(layer: QLayer, shapes: Mapping[str, tuple[int, ...]],
                      v_init=as_tensor(layer.v_init.astype(np.float64)),
                      vth=as_tensor(np.repeat(vth, n // c)), readout=layer.readout,
                      dtype=dtype, limits=(arith.state_min, arith.state_max),
-                     shift=arith.shift)
+                     shift=arith.shift, signed=layer.signed)
 
 
 # --------------------------------------------------------------------------- synapses
@@ -532,18 +539,31 @@ def add_channel_bias(lp: LayerPlan, v: torch.Tensor, bias: torch.Tensor) -> torc
     return v
 
 
-def charge(lp: LayerPlan, v: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
-    """v += drive, then the static bias (float: ``(v + I) + bias``), in place."""
+def train_dtype(lp: LayerPlan, unsigned: torch.dtype) -> torch.dtype:
+    """The dtype a layer's cached spike trains are kept in: ``unsigned`` (bool or uint8) for
+    0/1 spikes, int8 for a signed layer's -1/0/1."""
+    return torch.int8 if lp.signed else unsigned
+
+
+def membrane(lp: LayerPlan, state: torch.Tensor) -> torch.Tensor:
+    """The membrane v (B, n) of a layer's state (``initial_state``)."""
+    return state[0] if lp.signed else state
+
+
+def charge(lp: LayerPlan, state: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+    """v += drive, then the static bias (float: ``(v + I) + bias``), in place; returns v."""
+    v = membrane(lp, state)
     v.add_(drive)
     return v if lp.bias is None else add_channel_bias(lp, v, lp.bias)
 
 
-def settle(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor | None, out: torch.Tensor,
-           scratch: torch.Tensor) -> int:
+def settle(lp: LayerPlan, state: torch.Tensor, bias_t: torch.Tensor | None,
+           out: torch.Tensor, scratch: torch.Tensor) -> int:
     """The rest of the step, in place: v += bias_t (per channel; None: already in the drive),
-    clamp, then spikes ``v >= vth`` into ``out`` (0.0 / 1.0) and reset by subtraction (the
-    readout: ``out = v``). Returns the clamp count. ``v - 1 * vth`` and ``v - 0 * vth = v``
-    are exactly ``torch.where(s, v - vth, v)``, several times faster."""
+    clamp, then spikes ``v >= vth`` into ``out`` (0.0 / 1.0; signed: -1.0 too) and reset by
+    subtraction (the readout: ``out = v``). Returns the clamp count. ``v - 1 * vth`` and
+    ``v - 0 * vth = v`` are exactly ``torch.where(s, v - vth, v)``, several times faster."""
+    v = membrane(lp, state)
     if bias_t is not None:
         add_channel_bias(lp, v, bias_t)
     saturated = clamp_state(lp, v, scratch) if lp.limits is not None else 0
@@ -552,8 +572,21 @@ def settle(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor | None, out: tor
     else:
         v_, out_, vth = compare_views(lp, v, out)
         torch.ge(v_, vth, out=out_)
+        if lp.signed:
+            take_back(state[1], v, out, scratch)
         v_.addcmul_(out_, vth, value=-1)
     return saturated
+
+
+def take_back(count: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              scratch: torch.Tensor) -> None:
+    """The signed neuron's -1: ``out -= (v < 0) & (count > 0)``, then ``count += out``, in
+    place (``out`` holds the compare ``v >= vth``; the two cases exclude each other as vth >
+    0). ``scratch`` is a (B, n) buffer."""
+    torch.lt(v, 0, out=scratch)
+    scratch.mul_(count > 0)
+    out.sub_(scratch)
+    count.add_(out)
 
 
 def channel_thresholds(lp: LayerPlan) -> torch.Tensor:
@@ -572,43 +605,56 @@ def compare_views(lp: LayerPlan, v: torch.Tensor, out: torch.Tensor
     return v.view(per_channel), out.view(per_channel), channel_thresholds(lp)
 
 
-def probe(lp: LayerPlan, v: torch.Tensor, bias_t: torch.Tensor, out: torch.Tensor,
+def probe(lp: LayerPlan, state: torch.Tensor, bias_t: torch.Tensor, out: torch.Tensor,
           scratch: torch.Tensor) -> torch.Tensor:
-    """The spikes ``settle`` would give with ``bias_t``, into ``out``; v is not changed."""
+    """The spikes ``settle`` would give with ``bias_t``, into ``out``; the state is not
+    changed."""
+    v = membrane(lp, state)
     per_channel = (v.shape[0], lp.channels, -1)
     torch.add(v.view(per_channel), bias_t.view(lp.channels, 1), out=out.view(per_channel))
     if lp.limits is not None:
         clamp_state(lp, out, scratch)
+    if lp.signed:
+        back = torch.lt(out, 0, out=scratch).mul_(state[1] > 0)
+        _, out_, vth = compare_views(lp, out, out)
+        torch.ge(out_, vth, out=out_)
+        return out.sub_(back)
     _, out_, vth = compare_views(lp, out, out)
     torch.ge(out_, vth, out=out_)
     return out
 
 
-def run_steps(lp: LayerPlan, drive: torch.Tensor, v: torch.Tensor, t0: int,
+def run_steps(lp: LayerPlan, drive: torch.Tensor, state: torch.Tensor, t0: int,
               out: torch.Tensor, scratch: torch.Tensor, biased: bool = False) -> int:
     """Steps t0 .. t0 + k - 1 (k = len(out)): ``drive`` is (k, B, n), or (B, n) the same at
     every step; ``biased``: the drive already holds the time bias. ``out`` (k, B, n) gets the
-    spikes (readout: v); ``scratch`` is a buffer shaped like v. Returns the clamp count."""
-    const, saturated = drive.dim() == v.dim(), 0
+    spikes (readout: v); ``scratch`` is a (B, n) buffer. Returns the clamp count."""
+    const, saturated = drive.dim() == 2, 0
     for t in range(out.shape[0]):
-        charge(lp, v, drive if const else drive[t])
-        saturated += settle(lp, v, None if biased else lp.schedule[t0 + t], out[t], scratch)
+        charge(lp, state, drive if const else drive[t])
+        saturated += settle(lp, state, None if biased else lp.schedule[t0 + t], out[t],
+                            scratch)
     return saturated
 
 
-def bias_sweep(lp: LayerPlan, drives: Iterable[torch.Tensor], v: torch.Tensor,
+def bias_sweep(lp: LayerPlan, drives: Iterable[torch.Tensor], state: torch.Tensor,
                bias_of: Callable[[int], torch.Tensor],
                update: Callable[[int, torch.Tensor], None]) -> None:
     """FTBC's step over t = 0, 1, ..: charge with ``drives[t]``, probe the spikes with the
     current ``bias_of(t)``, ``update(t, spikes)`` moves the bias, then the step is settled
     (re-fired) with the moved ``bias_of(t)``."""
+    v = membrane(lp, state)
     spikes, scratch = torch.empty_like(v), torch.empty_like(v)
     for t, drive in enumerate(drives):
-        charge(lp, v, drive)
-        update(t, probe(lp, v, bias_of(t), spikes, scratch))
-        settle(lp, v, bias_of(t), spikes, scratch)
+        charge(lp, state, drive)
+        update(t, probe(lp, state, bias_of(t), spikes, scratch))
+        settle(lp, state, bias_of(t), spikes, scratch)
 
 
 def initial_state(lp: LayerPlan, batch: int) -> torch.Tensor:
-    """(B, n) membrane at t = 0: v_init per channel, repeated over positions."""
-    return lp.v_init.repeat_interleave(lp.n // lp.channels).expand(batch, lp.n).clone()
+    """The state at t = 0: the (B, n) membrane, v_init per channel repeated over positions;
+    for a signed layer (2, B, n), the membrane and a zero net spike count."""
+    v = lp.v_init.repeat_interleave(lp.n // lp.channels).expand(batch, lp.n)
+    if lp.signed:
+        return torch.stack((v, torch.zeros_like(v)))
+    return v.clone()

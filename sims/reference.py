@@ -24,6 +24,15 @@ Neuron (``QLayer``), per step t = 1..T, channel c, with a[t] the sum over its sy
     v  = v - s * vth[c]                       (reset by subtraction; vth is per channel)
     v starts at v_init[c] before t = 1.
 
+The signed neuron (``QLayer.signed``, opt-in) keeps a second state, its net spike count
+``n`` (0 before t = 1), and may also send -1 to take back a spike it sent too early::
+
+    s  = 1 if v >= vth[c] else (-1 if v < 0 and n > 0 else 0)
+    v  = v - s * vth[c];  n = n + s
+
+so its net output never goes below 0 (the ReLU's floor). Its spikes are signed graded
+payloads (-1 / +1): a synapse from it computes ``sum_i w[o, i] * s[i]`` as for x_int.
+
 The ``<< 6`` is Loihi's convention (synaptic input enters the state with 6 fractional bits),
 so the bias has 1/64 of a weight unit resolution. A readout layer has no compare and no reset;
 its output after step t is v. Layers are evaluated in topological order; a layer's step t
@@ -103,14 +112,15 @@ def synapse_output(syn: QSynapse, src: np.ndarray) -> np.ndarray:
 
 
 def run_layer(layer: QLayer, currents: np.ndarray) -> np.ndarray:
-    """Neuron dynamics over T steps. ``currents`` (T, n) int64 -> spikes (T, n) int64, or the
-    membrane v after each step for the readout."""
+    """Neuron dynamics over T steps. ``currents`` (T, n) int64 -> spikes (T, n) int64 (0 / 1,
+    or -1 / 0 / 1 for a signed layer), or the membrane v after each step for the readout."""
     steps, n = currents.shape
     per_channel = n // layer.shape[0]
     v = np.repeat(layer.v_init.astype(np.int64), per_channel)
     vth = np.repeat(np.broadcast_to(np.asarray(layer.vth, dtype=np.int64), layer.shape[:1]),
                     per_channel)
     out = np.zeros((steps, n), dtype=np.int64)
+    count = np.zeros(n, dtype=np.int64)
     for t in range(steps):
         bias = np.repeat(layer.bias_mant[t].astype(np.int64) << layer.bias_exp, per_channel)
         v = np.clip(v + (currents[t] << ACT_SHIFT) + bias, STATE_MIN, STATE_MAX)
@@ -118,6 +128,9 @@ def run_layer(layer: QLayer, currents: np.ndarray) -> np.ndarray:
             out[t] = v
             continue
         spikes = (v >= vth).astype(np.int64)
+        if layer.signed:
+            spikes -= (v < 0) & (count > 0)
+            count += spikes
         v = v - spikes * vth
         out[t] = spikes
     return out

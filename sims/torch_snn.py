@@ -98,7 +98,8 @@ def layer_output(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.
     across chunks and layers (a fresh tens-of-MB buffer per chunk would be page-faulted in
     every time)."""
     batch = x_enc.shape[0]
-    result = torch.empty((steps, batch, lp.n), dtype=lp.dtype if lp.readout else torch.bool,
+    result = torch.empty((steps, batch, lp.n),
+                         dtype=lp.dtype if lp.readout else engine.train_dtype(lp, torch.bool),
                          device=x_enc.device)
     t0 = 0
     for out in layer_chunks(lp, x_enc, spikes, steps, buffer):
@@ -142,7 +143,7 @@ def _run_chunk(lp: LayerPlan, x_enc: torch.Tensor, spikes: Mapping[str, torch.Te
     """Steps t0..t1-1 of a layer into ``out`` (k, B, n), advancing ``v``; the sources'
     ``spikes`` start at step ``first`` (0: whole trains; t0: windows of these steps)."""
     drive = layer_drive(lp, x_enc, spikes, t0 - first, t1 - first, steady)
-    engine.run_steps(lp, drive, v, t0, out, torch.empty_like(v))
+    engine.run_steps(lp, drive, v, t0, out, torch.empty_like(engine.membrane(lp, v)))
 
 
 class _Stream:
@@ -212,8 +213,10 @@ class _Stream:
                    self.buffer[:(t1 - t0) * self.batch * lp.n].view(t1 - t0, self.batch, lp.n))
             _run_chunk(lp, self.x, sources, t0, t0, t1, v, steady, out)
             if not lp.readout:
-                out = out.bool()  # 0.0 / 1.0 -> bool, out of the shared scratch buffer
-                self.totals[lp.name] = self.totals.get(lp.name, 0) + int(out.sum())
+                # 0.0 / 1.0 -> bool (signed: int8), out of the shared scratch buffer
+                out = out.to(engine.train_dtype(lp, torch.bool))
+                self.totals[lp.name] = self.totals.get(lp.name, 0) + int(
+                    (out.abs() if lp.signed else out).sum())
             if lp.readout or self.keep or lp.name in self.consumers:
                 self.chunks[i].append((t0, t1, out))
                 self.held += 0 if lp.readout else out.numel()
@@ -279,7 +282,8 @@ def simulate(snn: SnnGraph, x: np.ndarray, y: np.ndarray | None = None, *,
     """Run the SNN on every sample of ``x`` (N, *input shape) for T steps.
 
     Returns predictions after each step, accuracy per step (with ``y``), mean spikes per
-    sample per layer, and (``record_spikes``) every layer's spike trains as uint8; on any
+    sample per layer, and (``record_spikes``) every layer's spike trains as uint8 (a signed
+    layer's as int8); on any
     torch ``device`` (default cpu)."""
     preds, totals, trains = [], {}, {}
     plan = engine.compile(snn, FloatArithmetic(dtype), device)
@@ -292,7 +296,8 @@ def simulate(snn: SnnGraph, x: np.ndarray, y: np.ndarray | None = None, *,
                 totals[name] = totals.get(name, 0.0) + count
             if record_spikes:
                 for name, s in run.spikes.items():
-                    trains.setdefault(name, []).append(s.to(torch.uint8).cpu().numpy())
+                    dtype = torch.int8 if s.dtype == torch.int8 else torch.uint8
+                    trains.setdefault(name, []).append(s.to(dtype).cpu().numpy())
             bar.update(min(batch_size, len(x) - start))
     predictions = np.concatenate(preds, axis=1).astype(np.int64)
     accuracy = None if y is None else 100.0 * (predictions == np.asarray(y)[None]).mean(1)

@@ -51,7 +51,7 @@ def _params(snn: SnnGraph, layer, scheds: dict) -> dict:
     return {"theta": theta, "bias": as_t(np.broadcast_to(layer.bias, (layer.channels,))),
             "v_init": as_t(np.broadcast_to(layer.v_init, (layer.channels,))) * theta,
             "schedule": torch.tensor(_schedule(snn, layer), dtype=cal.DTYPE)
-            if sched is None else sched, "readout": layer.readout}
+            if sched is None else sched, "readout": layer.readout, "signed": layer.signed}
 
 
 def _full_forward_layer(snn, ann, xb, layer, scheds, alpha, step_target) -> None:
@@ -59,6 +59,7 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha, step_target) -> None
     x = encode_input(snn.input, xb, cal.DTYPE)
     state = {l.name: params[l.name]["v_init"].expand((len(xb),) + tuple(l.shape)).clone()
              for l in snn.layers}
+    counts = {l.name: torch.zeros_like(state[l.name]) for l in snn.layers}  # signed layers
     p = params[layer.name]
     for t in range(snn.timesteps):
         _, values = ann_forward(ann, xb, record=True, dtype=cal.DTYPE)
@@ -66,12 +67,14 @@ def _full_forward_layer(snn, ann, xb, layer, scheds, alpha, step_target) -> None
         node = ann.node(layer.name)  # a QCFS layer's ideal neuron gets the activation's input
         current = (torch.minimum(values[node.inputs[0]].clamp(min=0), p["theta"])
                    if type(node).__name__ == "QcfsNode" else target)
-        v_prev, cur, spikes = _network_step(snn, params, state, x, t, layer.name)
+        v_prev, cur, spikes, n_prev = _network_step(snn, params, state, counts, x, t,
+                                                    layer.name)
         goal = (cal.channel_mean(target) if step_target == "paper"
                 else _ideal_target(target, current, p, t, snn.timesteps))
         p["schedule"][t] += alpha * (goal - p["theta"] * cal.channel_rate(spikes))
         pre = v_prev + cur + p["bias"] + p["schedule"][t]
-        state[layer.name] = torch.where(pre >= p["theta"], pre - p["theta"], pre)
+        s = _fire(p, pre, n_prev)
+        state[layer.name], counts[layer.name] = pre - s * p["theta"], n_prev + s
 
 
 def _ideal_target(abar, current, p: dict, t: int, steps: int) -> torch.Tensor:
@@ -88,18 +91,27 @@ def _ideal_target(abar, current, p: dict, t: int, steps: int) -> torch.Tensor:
     return (theta * at_t + shift).to(abar.dtype)
 
 
-def _step(p: dict, v: torch.Tensor, current, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """((v + I) + bias) + b[t]; spike on >=, reset by subtraction (the readout: no spike)."""
+def _fire(p: dict, v: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Spikes (float) on >=; a signed layer also -1 where v < 0 and its net count is > 0."""
+    s = (v >= p["theta"]).to(v.dtype)
+    return s - ((v < 0) & (count > 0)).to(v.dtype) if p["signed"] else s
+
+
+def _step(p: dict, v: torch.Tensor, current, t: int, count: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((v + I) + bias) + b[t]; spike (``_fire``), reset by subtraction (the readout: no
+    spike)."""
     v = v + current + p["bias"] + p["schedule"][t]
     if p["readout"]:
         return v, v
-    fired = v >= p["theta"]
-    return torch.where(fired, v - p["theta"], v), fired
+    fired = _fire(p, v, count)
+    return v - fired * p["theta"], fired
 
 
-def _network_step(snn, params, state, x, t, watch):
-    """Advance every layer by step t (in place on ``state``); return the watched layer's
-    membrane before the step, its input current and its spikes (float)."""
+def _network_step(snn, params, state, counts, x, t, watch):
+    """Advance every layer by step t (in place on ``state`` and the signed layers' net
+    ``counts``); return the watched layer's membrane before the step, its input current, its
+    spikes (float) and its net count before the step."""
     outs, watched = {}, None
     for layer in snn.layers:
         cur = 0
@@ -107,10 +119,11 @@ def _network_step(snn, params, state, x, t, watch):
             src = x if syn.source == INPUT else outs[syn.source]
             cur = cur + synapse_current(syn, src)
         p = params[layer.name]
-        v_prev = state[layer.name]
-        state[layer.name], s = _step(p, v_prev, cur, t)
+        v_prev, n_prev = state[layer.name], counts[layer.name]
+        state[layer.name], s = _step(p, v_prev, cur, t, n_prev)
         if not layer.readout:
             outs[layer.name] = s.to(cal.DTYPE) * p["theta"]
+            counts[layer.name] = n_prev + s
         if layer.name == watch:
-            watched = (v_prev, cur, s.to(cal.DTYPE))
+            watched = (v_prev, cur, s.to(cal.DTYPE), n_prev)
     return watched

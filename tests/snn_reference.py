@@ -15,6 +15,7 @@ def naive_snn(snn: SnnGraph, x: np.ndarray) -> dict[str, np.ndarray]:
     for n in range(len(x)):
         v = {l.name: (l.v_init * l.threshold).reshape((-1,) + (1,) * (len(l.shape) - 1))
              * np.ones(l.shape) for l in snn.layers}
+        count = {l.name: np.zeros(l.shape) for l in snn.layers}  # signed layers' net count
         for t in range(snn.timesteps):
             for layer in snn.layers:
                 cur = 0.0
@@ -35,7 +36,10 @@ def naive_snn(snn: SnnGraph, x: np.ndarray) -> dict[str, np.ndarray]:
                 if layer.readout:
                     arr[t, n] = vv
                 else:
-                    s = vv >= layer.threshold.reshape(chan)
+                    s = (vv >= layer.threshold.reshape(chan)).astype(np.float64)
+                    if layer.signed:
+                        s = s - ((vv < 0) & (count[layer.name] > 0))
+                        count[layer.name] = count[layer.name] + s
                     arr[t, n] = s
                     vv = vv - s * layer.threshold.reshape(chan)
                 v[layer.name] = vv

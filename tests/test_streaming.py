@@ -115,10 +115,11 @@ def test_disk_train_round_trip(dtype, shape):
 
 def _in_memory(monkeypatch):
     """The calibration driver caching trains in memory, as before ``DiskTrain``."""
-    def in_memory(train):
+    def in_memory(train, signed=False):
         if isinstance(train, torch.Tensor):
             return train
-        chunks = [c.clone() if c.dtype == torch.uint8 else c.bool() for c in train]
+        chunks = [c.to(torch.int8) if signed else c.clone() if c.dtype == torch.uint8
+                  else c.bool() for c in train]
         return torch.cat(chunks)
     monkeypatch.setattr(calibration, "DiskTrain", in_memory)
 

@@ -256,14 +256,14 @@ class FloatFit:
         if currents is None:
             yield from layer_chunks(lp, b.x, b.spikes, self.steps)
             return
-        v = engine.initial_state(lp, b.x.shape[0])
-        scratch = torch.empty_like(v)
+        state = engine.initial_state(lp, b.x.shape[0])
+        scratch = torch.empty_like(engine.membrane(lp, state))
         k = engine.float_chunk_steps(lp, self.steps, b.x.shape[0])
-        buffer = torch.empty((k,) + tuple(v.shape), dtype=lp.dtype, device=v.device)
+        buffer = torch.empty((k,) + tuple(scratch.shape), dtype=lp.dtype, device=state.device)
         for t0 in range(0, self.steps, k):
             t1 = min(t0 + k, self.steps)
             drive = currents if currents.dim() == 2 else currents[t0:t1]
-            engine.run_steps(lp, drive, v, t0, buffer[:t1 - t0], scratch)
+            engine.run_steps(lp, drive, state, t0, buffer[:t1 - t0], scratch)
             yield buffer[:t1 - t0]
 
     def drives(self, b: Batch):
@@ -295,7 +295,7 @@ def _cached_currents(lp: LayerPlan, batches: list[Batch], steps: int) -> dict:
 def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
     """One FTBC sweep t = 1..T over batch b (``engine.bias_sweep``); updates ``p.schedule``
     in place (a tensor owned by this calibration)."""
-    v = engine.initial_state(p, b.x.shape[0])
+    state = engine.initial_state(p, b.x.shape[0])
     # (T, C, 1): ``step_targets``, or the paper's one target (1, C, 1) for every step
     target = b.targets[p.name].reshape(-1, p.channels, 1)
     target = target.expand(len(p.schedule), -1, -1)
@@ -306,7 +306,7 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
         rate = channel_rate(fired.view(fired.shape[0], p.channels, -1))
         p.schedule[t] += alpha * (target[t] - theta * rate)
 
-    engine.bias_sweep(p, fit.drives(b), v, lambda t: p.schedule[t], update)
+    engine.bias_sweep(p, fit.drives(b), state, lambda t: p.schedule[t], update)
 
 
 def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:

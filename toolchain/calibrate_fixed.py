@@ -58,7 +58,7 @@ from exporters.quantize import validate
 from hw_targets import Target
 from sims import engine
 from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state, input_current,
-                         last_consumers, run_steps, spike_current)
+                         last_consumers, membrane, run_steps, spike_current, train_dtype)
 from sims.reference import encode_input
 from toolchain.ann import ann_forward
 from toolchain.calibrate import ideal_current, step_targets
@@ -233,10 +233,11 @@ class IntegerFit:
 
     def output(self, candidate: tuple[QLayer, LayerPlan] | None, b: Batch
                ) -> Iterator[torch.Tensor]:
-        """The layer's integer spikes on b (None: as kept): time chunks (k, B, n) of uint8."""
+        """The layer's integer spikes on b (None: as kept): time chunks (k, B, n) of uint8
+        (int8 for a signed layer)."""
         lp = self.rule.plans[self.index] if candidate is None else candidate[1]
-        return (c.to(torch.uint8) for c in layer_chunks(lp, b.x, b.spikes,
-                                                         self.rule.graph.timesteps))
+        dtype = train_dtype(lp, torch.uint8)
+        return (c.to(dtype) for c in layer_chunks(lp, b.x, b.spikes, self.rule.graph.timesteps))
 
 
 def _fit_currents(lp: LayerPlan, cal: list[Batch], steps: int) -> list[torch.Tensor | None]:
@@ -291,8 +292,8 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
     else:
         drives = (drive if drive.dim() == 2 else drive[t] for t in range(mant.shape[0]))
         batch = drive.shape[-2]
-    v = initial_state(lp, batch)
-    vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(v.device)
+    state = initial_state(lp, batch)
+    vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(state.device)
     unit = float(2 ** layer.bias_exp)
     clamped = [0]
 
@@ -302,7 +303,7 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
         clamped[0] += int(((updated < limits[0]) | (updated > limits[1])).sum())
         mant[t] = updated.clamp_(*limits)
 
-    bias_sweep(lp, drives, v, lambda t: (mant[t] * unit).to(v.dtype), update)
+    bias_sweep(lp, drives, state, lambda t: (mant[t] * unit).to(state.dtype), update)
     return clamped[0]
 
 
@@ -311,9 +312,10 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
 def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor],
                  steps: int) -> torch.Tensor:
     """All T steps of one layer on cached source spike trains, as ``sims.emulator`` runs
-    it (bit-exact with ``sims.reference``): (T, B, n) uint8 spikes 0/1, or the readout
+    it (bit-exact with ``sims.reference``): (T, B, n) uint8 spikes 0/1 (signed: int8), or the readout
     membrane after each step in the layer's float dtype (exact integers)."""
-    out = torch.empty((steps, x.shape[0], lp.n), dtype=lp.dtype if lp.readout else torch.uint8,
+    out = torch.empty((steps, x.shape[0], lp.n),
+                      dtype=lp.dtype if lp.readout else train_dtype(lp, torch.uint8),
                       device=x.device)
     t0 = 0
     for chunk in layer_chunks(lp, x, trains, steps):
@@ -327,15 +329,15 @@ def layer_chunks(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tens
     """``layer_output`` in time chunks of at most CHUNK_ELEMENTS values: (k, B, n) in the
     layer's float dtype, in a buffer the next chunk overwrites."""
     batch = x.shape[0]
-    v = initial_state(lp, batch)
+    state = initial_state(lp, batch)
     k = _chunk_steps(lp, steps, batch)
-    buffer, scratch = torch.empty((k, batch, lp.n), dtype=lp.dtype, device=v.device), \
-        torch.empty_like(v)
+    buffer = torch.empty((k, batch, lp.n), dtype=lp.dtype, device=state.device)
+    scratch = torch.empty_like(membrane(lp, state))
     drives = fit_drives(lp, x, trains, steps)
     for t0 in range(0, steps, k):
         chunk = buffer[:min(k, steps - t0)]
         for t in range(len(chunk)):
-            run_steps(lp, next(drives), v, t0 + t, chunk[t:t + 1], scratch)
+            run_steps(lp, next(drives), state, t0 + t, chunk[t:t + 1], scratch)
         yield chunk
 
 

@@ -125,33 +125,38 @@ class Rule(Protocol):
 # --------------------------------------------------------------------------- spike cache
 
 class DiskTrain:
-    """A cached (T, B, *shape) 0/1 spike train (bool or uint8) kept bit-packed in an anonymous
+    """A cached (T, B, *shape) spike train kept bit-packed in an anonymous
     temporary file (removed when the object goes), one packed row per step: the calibration
     keeps the outputs of calibrated layers for every batch, and held in memory they would grow
     with the calibration set and T (VGG-16 at T = 64: gigabytes). ``train[t0:t1]`` reads and
     unpacks those steps only, as a tensor on the train's device; the values are exactly the
-    ones cached."""
+    ones cached. 0/1 trains (bool or uint8) take one bit per spike; a signed layer's int8
+    -1/0/1 train two (a plane of the +1 spikes, then one of the -1 spikes)."""
 
-    def __init__(self, train: torch.Tensor | Iterable[torch.Tensor]):
+    def __init__(self, train: torch.Tensor | Iterable[torch.Tensor], signed: bool = False):
         """``train``: the whole (T, B, *shape) tensor, or its consecutive time chunks (k, B, ...)
         of 0/1 values (floats are stored as bool; each chunk is written before the next is
-        asked for, so a scratch buffer reused across chunks is fine)."""
+        asked for, so a scratch buffer reused across chunks is fine); ``signed``: -1/0/1
+        values, read back as int8."""
         chunks = [train] if isinstance(train, torch.Tensor) else train
         self.shape, steps = None, 0
         try:
             self.file = tempfile.TemporaryFile()
             for chunk in chunks:
                 if self.shape is None:
-                    self.dtype = torch.uint8 if chunk.dtype == torch.uint8 else torch.bool
+                    self.dtype = (torch.int8 if signed or chunk.dtype == torch.int8 else
+                                  torch.uint8 if chunk.dtype == torch.uint8 else torch.bool)
                     self.device, self.shape = chunk.device, tuple(chunk.shape[1:])
                     self.row = int(np.prod(self.shape, dtype=np.int64))
-                    self.stride = (self.row + 7) // 8
+                    self.planes = 2 if self.dtype == torch.int8 else 1
+                    self.stride = (self.planes * self.row + 7) // 8
                 flat = chunk.reshape(len(chunk), self.row)
                 step = max(1, (1 << 24) // max(self.row, 1))  # ~16 MB unpacked per write
                 for t0 in range(0, len(flat), step):
                     part = flat[t0:t0 + step].cpu().numpy()
-                    self.file.write(np.packbits(part.astype(bool, copy=False),
-                                                axis=1).tobytes())
+                    bits = (np.concatenate((part > 0, part < 0), axis=1) if self.planes == 2
+                            else part.astype(bool, copy=False))
+                    self.file.write(np.packbits(bits, axis=1).tobytes())
                 steps += len(chunk)
             self.file.flush()
         except OSError as exc:
@@ -173,7 +178,9 @@ class DiskTrain:
         t1 = max(t0, t1)
         raw = os.pread(self.file.fileno(), (t1 - t0) * self.stride, t0 * self.stride)
         bits = np.unpackbits(np.frombuffer(raw, np.uint8).reshape(t1 - t0, self.stride),
-                             axis=1, count=self.row)
+                             axis=1, count=self.planes * self.row)
+        if self.planes == 2:
+            bits = bits[:, :self.row].view(np.int8) - bits[:, self.row:].view(np.int8)
         out = torch.from_numpy(bits)
         out = out.view(torch.bool) if self.dtype == torch.bool else out.to(self.dtype)
         return out.reshape((t1 - t0,) + self.shape[1:]).to(self.device)
@@ -246,13 +253,13 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
     """Fit one layer; keep the candidate only if the held-out error drops (``before``: the
     error of the network as it stands; ``keep = "network"``: always); cache the layer's
     output as kept on every batch."""
-    name = rule.graph.layers[index].name
+    name, signed = rule.graph.layers[index].name, rule.graph.layers[index].signed
     fit = rule.fit(index, cal, hold)
     if hold is None or keep == "network":
         rule.keep(index, fit.candidate)
         entry = {**fit.entry, "kept": True}
     else:
-        out = DiskTrain(fit.output(fit.candidate, hold))
+        out = DiskTrain(fit.output(fit.candidate, hold), signed)
         after = running_logit_error(rule.readout(hold, {**hold.spikes, name: out}, index + 1),
                                     hold.logits)
         kept = after < before
@@ -263,7 +270,7 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
                  "holdout_error_after": after, "holdout_error": min(before, after)}
     for b in cal + ([hold] if hold else []):
         if name not in b.spikes:
-            b.spikes[name] = DiskTrain(fit.output(None, b))
+            b.spikes[name] = DiskTrain(fit.output(None, b), signed)
     return entry
 
 

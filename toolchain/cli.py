@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial membrane potential as a fraction of the threshold")
     g.add_argument("--input-shift", action=argparse.BooleanOptionalAction, default=None,
                    help="add theta/(2T) to the input current at every step")
+    g.add_argument("--neuron", choices=("if", "signed"), default="if",
+                   help="if (default): the paper's integrate-and-fire neuron. signed: a neuron "
+                        "that also sends a -1 spike (and adds its threshold back) when its "
+                        "membrane is below 0 and its net spike count is positive, so it can "
+                        "take back a spike sent too early; much smaller accuracy drop at "
+                        "small T on residual networks (bench/README.md), ~1.2-1.5x the "
+                        "spikes, sent as signed graded spikes; the lava-dl netx view of the "
+                        "file ends before the first signed layer (docs/netx.md)")
     g = p.add_argument_group("FTBC calibration (training data only)")
     g.add_argument("--alpha", type=_positive(float), default=0.5,
                    help="bias update rate (default 0.5)")
@@ -225,6 +233,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
         holdout=args.holdout, keep_rule=args.keep_rule, ftbc_target=args.ftbc_target,
+        neuron=args.neuron,
         calibrate_fixed=args.calibrate_fixed, baselines=args.baselines,
         eval_samples=args.eval_samples,
         verify_samples=args.verify_samples, seed=args.seed,

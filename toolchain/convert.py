@@ -64,6 +64,14 @@ Encoding
     v_init 0.5: 72.2/89.2/92.5/94.4; shift only: 72.2/77.2/92.8/94.4; both: 8.3/11.7/82.8/93.1;
     neither: 8.3/66.9/88.6/93.9; at t = T/2 v_init 0.5 leads by 1-60 points. Hence the
     defaults v_init = 0.5, input_shift = False.
+
+Neuron
+    ``neuron="if"`` (default): the paper's integrate-and-fire neuron. ``neuron="signed"``: every
+    spiking layer (not the readout) is a signed neuron (``NeuronLayer.signed``,
+    ``sims.reference``), which also sends -1, adding theta back, when its membrane is below 0
+    and its net spike count is positive: it can take back a spike that early input made it
+    send, which a per-channel bias cannot (bench/README.md, "Accuracy on residual networks").
+    Thresholds are searched the same way for both.
 """
 from __future__ import annotations
 
@@ -91,6 +99,7 @@ SOURCES = ACTIVATIONS + (InputNode,)
 QCFS_V_INIT = 0.5  # QCFS's prescription: v[0] = theta / 2 makes T = L steps exact
 DEFAULT_V_INIT = 0.5
 DEFAULT_INPUT_SHIFT = False
+NEURONS = ("if", "signed")
 SEARCH_BLOCK_VALUES = 1 << 23  # values per block of the threshold search (64 MB in float64)
 FOLD_RTOL = 1e-9
 
@@ -111,13 +120,15 @@ class _Path:
 def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: str = "mse",
             percentile: float = 99.99, v_init: float = DEFAULT_V_INIT,
             input_shift: bool = DEFAULT_INPUT_SHIFT, calib_samples: int = 1024,
-            batch_size: int = 256) -> SnnGraph:
+            batch_size: int = 256, neuron: str = "if") -> SnnGraph:
     """Convert ``ann`` to an SnnGraph with T = ``timesteps`` (see the module docstring).
 
     ``x_calib`` (N, *input shape), training data only; its first ``calib_samples`` samples set
     the thresholds. Raises UnsupportedModelError listing every construct that cannot be
     expressed, InputError for bad options."""
     _check_options(timesteps, threshold, percentile, v_init)
+    if neuron not in NEURONS:
+        raise InputError(f"neuron must be one of {', '.join(NEURONS)}, got {neuron!r}")
     shapes = node_shapes(ann)
     structure = _structure(ann, shapes)
     acts = _activations(ann, x_calib[:calib_samples], [s.name for s in structure[:-1]],
@@ -129,11 +140,12 @@ def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: st
                                      percentile, timesteps, offset)
         if fb:
             fallbacks[spec.name] = fb
-        layers.append(_neuron_layer(spec, theta, v_init, input_shift, timesteps))
+        layers.append(_neuron_layer(spec, theta, v_init, input_shift, timesteps,
+                                    signed=neuron == "signed" and not spec.readout))
     node = ann.input
     meta = {"threshold_method": threshold, "percentile": float(percentile),
             "timesteps": int(timesteps), "v_init": float(v_init),
-            "input_shift": bool(input_shift), "fallback_channels": fallbacks,
+            "input_shift": bool(input_shift), "neuron": neuron, "fallback_channels": fallbacks,
             "calib_samples": int(min(len(x_calib), calib_samples)),
             "learned_thresholds": _learned_meta(structure)}
     return SnnGraph(input=InputSpec(tuple(node.shape), node.mean, node.std),
@@ -642,7 +654,7 @@ def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
 
 
 def _neuron_layer(spec: _LayerSpec, theta: np.ndarray, v_init: float, input_shift: bool,
-                  timesteps: int) -> NeuronLayer:
+                  timesteps: int, signed: bool = False) -> NeuronLayer:
     """bias = ANN bias (+ theta / (2T) with input_shift); readout: v_init 0, threshold 1;
     QCFS: v_init 1/2 and no shift, as QCFS prescribes."""
     channels = spec.shape[0]
@@ -652,4 +664,5 @@ def _neuron_layer(spec: _LayerSpec, theta: np.ndarray, v_init: float, input_shif
     return NeuronLayer(name=spec.name, shape=tuple(spec.shape), synapses=spec.synapses,
                        bias=frozen_array(spec.bias + shift), threshold=frozen_array(theta),
                        v_init=frozen_array(np.full(channels, v0)), bias_schedule=None,
-                       readout=spec.readout, clip=spec.clip, origin=spec.origin)
+                       readout=spec.readout, clip=spec.clip, origin=spec.origin,
+                       signed=signed)

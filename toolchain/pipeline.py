@@ -41,6 +41,7 @@ class Options:
     percentile: float = 99.99
     v_init: float | None = None
     input_shift: bool | None = None
+    neuron: str = "if"
     alpha: float = 0.5
     calib_batches: int = 5
     calib_batch_size: int = 128
@@ -177,7 +178,8 @@ def convert(run: Run) -> Run:
     extra = {k: v for k, v in (("v_init", opts.v_init), ("input_shift", opts.input_shift))
              if v is not None}
     snn = convert_ann(run.ann, run.calib, timesteps=opts.timesteps,
-                      threshold=opts.threshold, percentile=opts.percentile, **extra)
+                      threshold=opts.threshold, percentile=opts.percentile,
+                      neuron=opts.neuron, **extra)
     return replace(run, snn={"converted": snn})
 
 

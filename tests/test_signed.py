@@ -1,0 +1,161 @@
+"""The signed neuron (``--neuron signed``): the integer reference by hand, the emulator and the
+float engine against their references, the spike cache, conversion and calibration."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.errors import InputError
+from core.ir import (INPUT, QInput, QLayer, QSynapse, QuantGraph, SnnGraph, SynapseKind,
+                     evolve, frozen_array)
+from exporters.quantize import quantize
+from hw_targets import get_target
+from sims.reference import run_layer
+from sims.torch_snn import simulate
+from tests.qgraph_builders import random_inputs, random_qgraph, random_snn
+from tests.snn_reference import naive_snn
+from tests.test_emulator import assert_matches_reference
+from toolchain.calibration import DiskTrain
+
+
+def signed(graph: SnnGraph | QuantGraph) -> SnnGraph | QuantGraph:
+    """``graph`` with every spiking layer made signed."""
+    return evolve(graph, layers=tuple(l if l.readout else evolve(l, signed=True)
+                                      for l in graph.layers))
+
+
+def _one_neuron(signed_: bool) -> QLayer:
+    syn = QSynapse(INPUT, SynapseKind.DENSE, frozen_array(np.ones((1, 1)), np.int64))
+    return QLayer(name="l", shape=(1,), synapses=(syn,), vth=frozen_array([64], np.int64),
+                  bias_mant=frozen_array(np.zeros((6, 1)), np.int64), bias_exp=0,
+                  v_init=frozen_array([32], np.int64), depth=1,
+                  scale=frozen_array([64.0], np.float64), signed=signed_)
+
+
+def test_reference_by_hand():
+    # input current a (<< 6 = x 64): a strong start, then negative input. v0 = 32, vth = 64.
+    a = np.array([[2], [0], [-1], [-1], [-1], [0]], dtype=np.int64)
+    # IF: v 160 -> s 1, v 96 -> s 1, v 32 | 32 -> 0 | -32 | -96 | -160 | -160: spikes 1 1 0 0 0 0
+    np.testing.assert_array_equal(run_layer(_one_neuron(False), a)[:, 0], [1, 1, 0, 0, 0, 0])
+    # signed: v 160 -> +1 (96), 96 -> +1 (32), -32 < 0 with count 2 -> -1 (32, count 1),
+    # -32 -> -1 (32, count 0), -32 with count 0 -> 0 (-32), -32 -> 0: net 0, the ReLU of the
+    # summed input 2 - 3 < 0 (an IF neuron keeps its 2 early spikes)
+    np.testing.assert_array_equal(run_layer(_one_neuron(True), a)[:, 0], [1, 1, -1, -1, 0, 0])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), conv=st.booleans(),
+       topology=st.sampled_from(["chain", "branch", "skip"]), stress=st.booleans(),
+       steps=st.integers(1, 6), n=st.integers(1, 4), batch=st.integers(1, 3))
+def test_emulator_equals_reference_signed(seed, conv, topology, stress, steps, n, batch):
+    q = signed(random_qgraph(seed, timesteps=steps, conv=conv, topology=topology, stress=stress))
+    assert_matches_reference(q, random_inputs(seed, q, n), batch_size=batch)
+
+
+def test_signed_networks_send_minus_one():
+    """The cases above do exercise -1 spikes (a check that the property test is not vacuous)."""
+    from sims.emulator import emulate
+    q = signed(random_qgraph(1, timesteps=6))
+    res = emulate(q, random_inputs(1, q, 4), record=True)
+    spikes = np.concatenate([s.ravel() for s in res.spikes.values()])
+    assert (spikes == -1).any() and (spikes == 1).any()
+    assert all(s.dtype == np.int8 for s in res.spikes.values())
+    # activity counts every spike sent, +1 and -1 alike
+    for name, s in res.spikes.items():
+        np.testing.assert_array_equal(res.neuron_spikes[name],
+                                      np.abs(s.astype(np.int64)).sum(axis=(0, 1)))
+
+
+@pytest.mark.parametrize("seed,topology", [(0, "chain"), (1, "branch"), (2, "skip")])
+def test_float_engine_equals_naive_signed(seed, topology):
+    snn = signed(random_snn(seed, timesteps=6, topology=topology, gain=3.0, input_norm=False))
+    x = random_inputs(seed, snn, 3)
+    res = simulate(snn, x, record_spikes=True, dtype=torch.float64)
+    ref = naive_snn(snn, x)
+    minus = 0
+    for layer in snn.layers:
+        if not layer.readout:
+            got = res.spikes[layer.name]
+            np.testing.assert_array_equal(got, ref[layer.name])
+            minus += int((got == -1).sum())
+    assert minus > 0
+
+
+def test_disk_train_keeps_minus_one():
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.integers(-1, 2, (5, 3, 4, 3, 3)).astype(np.int8))
+    cached = DiskTrain(train.to(torch.float32), signed=True)
+    np.testing.assert_array_equal(cached[0:5].numpy(), train.numpy())
+    np.testing.assert_array_equal(cached[2:4].numpy(), train[2:4].numpy())
+    assert cached[0:1].dtype == torch.int8
+
+
+def test_quantize_keeps_signed_and_readout_never_signed():
+    snn = signed(random_snn(3))
+    q = quantize(snn, get_target("loihi2"))
+    assert [l.signed for l in q.layers] == [not l.readout for l in q.layers]
+
+
+def test_convert_neuron_option():
+    from tests.ann_builders import residual_graph
+    from toolchain.convert import convert
+    ann = residual_graph()
+    x = np.random.default_rng(0).random((16, 1, 8, 8)).astype(np.float32)
+    snn = convert(ann, x, timesteps=4, neuron="signed")
+    assert [l.signed for l in snn.layers] == [not l.readout for l in snn.layers]
+    assert snn.meta["neuron"] == "signed"
+    assert not any(l.signed for l in convert(ann, x, timesteps=4).layers)
+    with pytest.raises(InputError, match="neuron must be one of"):
+        convert(ann, x, timesteps=4, neuron="lif")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from tests.ann_builders import train_digits_cnn
+    ann, data = train_digits_cnn()
+    order = np.random.default_rng(0).permutation(len(data.x_train))
+    return ann, data.x_train[order[:400]], data
+
+
+@pytest.mark.parametrize("step_target", ["paper", "ideal"])
+def test_cached_ftbc_equals_full_forward_reference_signed(digits, monkeypatch, step_target):
+    """The calibration's cached layer-by-layer FTBC on a signed network computes what the
+    authors' L x T full-forward loop computes with the signed neuron."""
+    import toolchain.calibrate as cal
+    from tests.ftbc_full_forward import ftbc_full_forward
+    from toolchain.calibrate import calibrate, split_calibration
+    from toolchain.convert import convert
+    monkeypatch.setattr(cal, "DTYPE", torch.float64)
+    ann, x_calib, _ = digits
+    snn = convert(ann, x_calib, timesteps=3, neuron="signed")
+    ours, _ = calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
+                        iterations=1, holdout=0.0, step_target=step_target)
+    parts, _ = split_calibration(x_calib[:64], 0.0, 1, 64, 0)
+    ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1, step_target=step_target)
+    for mine, theirs in zip(ours.layers, ref.layers):
+        np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
+    assert any(l.bias_schedule.any() for l in ours.layers)
+    assert all(l.signed for l in ours.layers if not l.readout)
+
+
+def test_fixed_calibration_of_a_signed_network_stays_exact(digits):
+    """The integer FTBC runs on a signed network, keeps it signed, and its result still
+    equals the integer reference spike for spike."""
+    from toolchain.calibrate import calibrate
+    from toolchain.calibrate_fixed import calibrate_fixed, float_thresholds
+    from toolchain.convert import convert
+    from toolchain.normalize import normalize
+    ann, x_calib, data = digits
+    snn = convert(ann, x_calib, timesteps=4, neuron="signed")
+    snn, _ = calibrate(snn, ann, x_calib, method="ftbc", batches=2, batch_size=64)
+    target = get_target("loihi2")
+    q = quantize(normalize(snn), target)
+    q2, _ = calibrate_fixed(q, ann, x_calib, thresholds=float_thresholds(snn), target=target,
+                            batches=2, batch_size=64, holdout=0.0)
+    assert all(l.signed for l in q2.layers if not l.readout)
+    assert any(not np.array_equal(a.bias_mant, b.bias_mant)
+               for a, b in zip(q.layers, q2.layers))
+    assert_matches_reference(q2, data.x_test[:6])
