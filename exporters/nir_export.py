@@ -27,7 +27,8 @@ in discrete steps t = 1..T (``core/ir.py``)::
 
 so each IF node's metadata holds ``bias_schedule`` (T, C) (FTBC's time-indexed bias, added
 on top of the synapse bias), ``v_init`` (C,) (v[0] = v_init * theta), ``reset`` =
-"subtract", ``compare`` = ">=". The readout's metadata says its output after step t is v[t]
+"subtract", ``compare`` = ">=" (a signed layer, ``--neuron signed``: ``ftbc_neuron`` =
+"signed_subtract" and ``negative_spike`` its -1 rule, which NIR's IF cannot send). The readout's metadata says its output after step t is v[t]
 (the prediction is the argmax after T steps), with its own schedule and v_init. The input
 node's metadata holds the per-channel transform (x - mean) / std and "constant" encoding (the
 same analog sample at every step). Graph metadata: format, version, T, the neuron equation
@@ -114,13 +115,17 @@ def neuron_metadata(layer: NeuronLayer, timesteps: int) -> dict[str, Any]:
     """What NIR's IF/I cannot say about this layer (module docstring)."""
     sched = (np.zeros((timesteps, layer.channels)) if layer.bias_schedule is None
              else np.asarray(layer.bias_schedule, dtype=np.float64))
-    meta = {"ftbc_neuron": "readout" if layer.readout else "if_subtract",
+    kind = "signed_subtract" if layer.signed else "if_subtract"
+    meta = {"ftbc_neuron": "readout" if layer.readout else kind,
             "bias_schedule": sched.copy(), "v_init": np.asarray(layer.v_init, dtype=np.float64).copy(),
             "origin": layer.origin}
     if layer.readout:
         meta["output"] = "v after each step (accumulated input); prediction = argmax at T"
     else:
         meta.update(reset="subtract", compare=">=")
+    if layer.signed:
+        meta["negative_spike"] = ("s = -1 (v += theta) when v < 0 and the net spike count is "
+                                  "> 0; -1 spikes are sent as signed events")
     return meta
 
 

@@ -159,3 +159,14 @@ def test_fixed_calibration_of_a_signed_network_stays_exact(digits):
     assert any(not np.array_equal(a.bias_mant, b.bias_mant)
                for a, b in zip(q.layers, q2.layers))
     assert_matches_reference(q2, data.x_test[:6])
+
+
+def test_nir_metadata_says_which_layers_are_signed():
+    from exporters.nir_export import to_nir
+    snn = random_snn(0, timesteps=3)
+    g = to_nir(evolve(snn, layers=(evolve(snn.layers[0], signed=True),) + snn.layers[1:]))
+    first, second = snn.layers[0].name, snn.layers[1].name
+    assert g.nodes[first].metadata["ftbc_neuron"] == "signed_subtract"
+    assert "v < 0" in g.nodes[first].metadata["negative_spike"]
+    assert g.nodes[second].metadata["ftbc_neuron"] == "if_subtract"
+    assert "negative_spike" not in g.nodes[second].metadata
