@@ -35,7 +35,7 @@ VAL_START = 4096  # validation images start here in the permutation (after any c
 # (no seed: it also draws the validation images, which stay the same for every variant)
 FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
           "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float,
-          "ftbc_target": str}
+          "ftbc_target": str, "neuron": str}
 
 
 def parse_variant(text: str) -> dict:
