@@ -25,20 +25,23 @@ One file carries two views of the same network:
     (Lava's LIF uses ``>``), our reset subtracts vth (LIF resets to 0), our bias changes with
     t (netx gets the per-channel time average, rounded, clipped to a 13-bit mantissa), v
     starts at v_init (LIF at 0), the readout never spikes (netx gets the largest threshold,
-    like lava-dl's own exports), and layers with several input synapses (residual sums) or a
-    source other than the previous layer end the netx view.
+    like lava-dl's own exports), and layers with several input synapses (residual sums), a
+    source other than the previous layer, or the signed neuron (``QLayer.signed``: -1
+    spikes, a net spike count; netx's neurons have neither) end the netx view.
 
 ``ftbc/``  (ignored by netx; the only thing ``read_netx`` builds the QuantGraph from)
     Everything exact: neuron kind, vth, bias schedules (T, C) + exponent, v_init, depth,
-    readout flag, every synapse with its source and its synaptic delay, the input encoding,
-    target, timesteps and provenance (``QuantGraph.meta`` as JSON, numpy arrays tagged with
-    dtype and shape). ``depth`` is the layer's hops from the input (its step offset on the
-    chip); a synapse's ``delay`` is the extra steps it holds its spikes so that a residual
-    layer's inputs arrive together (Loihi 2's 6-bit synaptic delay field, 0..63;
-    ``hw_targets.timing``): 0 on every path but the shorter ones into a residual sum. The
-    reader checks both against the graph (``validate_graph``); layout: docs/netx.md.
-    Synapse weights are stored once: the netx ``weight`` of a chain layer is a hard link to
-    the exact weight when the two coincide (weight_exp == 0).
+    readout flag, signed flag (stored only on signed layers, so files of IF-only networks
+    are unchanged; a file with a signed layer says so in ``neuron/kind``, which readers that
+    implement only the IF neuron refuse), every synapse with its source and its synaptic
+    delay, the input encoding, target, timesteps and provenance (``QuantGraph.meta`` as
+    JSON, numpy arrays tagged with dtype and shape). ``depth`` is the layer's hops from the
+    input (its step offset on the chip); a synapse's ``delay`` is the extra steps it holds
+    its spikes so that a residual layer's inputs arrive together (Loihi 2's 6-bit synaptic
+    delay field, 0..63; ``hw_targets.timing``): 0 on every path but the shorter ones into a
+    residual sum. The reader checks both against the graph (``validate_graph``); layout:
+    docs/netx.md. Synapse weights are stored once: the netx ``weight`` of a chain layer is a
+    hard link to the exact weight when the two coincide (weight_exp == 0).
 
 Files are byte-for-byte deterministic (no HDF5 object timestamps, fixed library version
 bounds, creation-ordered groups) and written atomically (temporary file + ``os.replace``).
@@ -70,6 +73,8 @@ NETX_BIAS_EXP = 6         # netx fixes CUBA bias_exp at 6
 NETX_VTH_SHIFT = 6        # Loihi compares v with vThMant << 6
 NETX_READOUT_VTH = (1 << 17) - 1   # largest threshold mantissa: a non-spiking integrator
 BIAS_MANT_LIMIT = 1 << 12          # netx/Loihi bias mantissa: 13-bit signed
+NEURON_IF = "integrate-and-fire"
+NEURON_SIGNED = "integrate-and-fire+signed"  # some layers are signed (layers/<i>/signed)
 _LIBVER = ("earliest", "v110")
 
 
@@ -115,7 +120,7 @@ def _write_file(f: h5py.File, q: QuantGraph) -> None:
     _put(root, "payload_bits", target.input_payload_bits)
     _put(root, "meta", meta_to_json(q.meta))
     neuron = _group(root, "neuron")
-    for key, value in neuron_record(target).items():
+    for key, value in neuron_record(target, any(layer.signed for layer in q.layers)).items():
         _put(neuron, key, value)
     _write_input(_group(root, "input"), q.input)
     layers, delays = _group(root, "layers"), synaptic_delays(q.layers)
@@ -166,6 +171,8 @@ def _write_layer(g: h5py.Group, layer: QLayer, delays: tuple[int, ...]) -> None:
     _put(g, "depth", int(layer.depth))
     _put(g, "scale", np.asarray(layer.scale, dtype=np.float64))
     _put(g, "readout", bool(layer.readout))
+    if layer.signed:              # absent means IF: IF-only files stay byte-identical
+        _put(g, "signed", True)
     syns = _group(g, "synapses")
     for k, syn in enumerate(layer.synapses):
         s = _group(syns, str(k))
@@ -184,11 +191,11 @@ def _write_layer(g: h5py.Group, layer: QLayer, delays: tuple[int, ...]) -> None:
 def netx_chain(q: QuantGraph) -> list[QLayer]:
     """The longest prefix of ``q.layers`` netx can express: each layer has one conv or dense
     synapse whose source is the previous layer (the input for the first), conv only on a
-    (C, H, W) source."""
+    (C, H, W) source, and is not signed (netx's neurons cannot send -1)."""
     chain: list[QLayer] = []
     prev, prev_shape = INPUT, tuple(q.input.shape)
     for layer in q.layers:
-        if len(layer.synapses) != 1:
+        if len(layer.synapses) != 1 or layer.signed:
             break
         syn = layer.synapses[0]
         if syn.source != prev or (syn.kind is SynapseKind.CONV and len(prev_shape) != 3):
@@ -361,13 +368,15 @@ def _read_graph(f: h5py.File) -> tuple[QuantGraph, dict[str, tuple[int, ...]]]:
     if fmt != FORMAT or version != VERSION:
         raise InputError(f"ftbc/format is {fmt!r} v{version}, expected {FORMAT!r} v{VERSION}")
     target = get_target(_str(root, "target"))
-    _check_neuron(_need_group(root, "neuron"), target)
+    neuron = _need_group(root, "neuron")
+    _check_neuron(neuron, target)
     if _int(root, "payload_bits") != target.input_payload_bits:
         raise InputError(f"ftbc/payload_bits must be {target.input_payload_bits}")
     layers_g = _need_group(root, "layers")
     read = [_read_layer(_need_group(layers_g, str(i)), f"ftbc/layers/{i}")
             for i in range(len(layers_g))]
     layers = tuple(layer for layer, _ in read)
+    _check_neuron_kind(neuron, layers)
     q = QuantGraph(input=_read_input(_need_group(root, "input")), layers=layers,
                    timesteps=_int(root, "timesteps"), target=_str(root, "target"),
                    meta=meta_from_json(_str(root, "meta")))
@@ -384,18 +393,38 @@ def _check_delays(q: QuantGraph, stored: Mapping[str, tuple[int, ...]]) -> None:
                                  f"{name}'s sources need {need} (hw_targets.timing)")
 
 
-def neuron_record(target: Target) -> dict:
-    """The neuron the file promises (``sims.reference``), widths and shift from the target."""
-    return {"kind": "integrate-and-fire", "reset": "subtract", "compare": ">=",
+def neuron_record(target: Target, signed: bool = False) -> dict:
+    """The neuron the file promises (``sims.reference``), widths and shift from the target.
+    ``kind`` is ``NEURON_SIGNED`` when some layer is signed (the IF neuron plus the signed
+    one, which also sends -1: a reader that implements only the IF neuron refuses the
+    file), ``NEURON_IF`` otherwise."""
+    return {"kind": NEURON_SIGNED if signed else NEURON_IF, "reset": "subtract",
+            "compare": ">=",
             "input_shift": target.act_shift,  # (the file's key)
             "state_bits": target.state_bits}
 
 
 def _check_neuron(g: h5py.Group, target: Target) -> None:
+    """Every ``neuron/`` key must be this toolchain's, ``kind`` one of the two neuron kinds it
+    implements (``_check_neuron_kind`` then matches the kind to the layers)."""
     for key, want in neuron_record(target).items():
         got = _str(g, key) if isinstance(want, str) else _int(g, key)
-        if got != want:
+        if key == "kind" and got not in (NEURON_IF, NEURON_SIGNED):
+            raise InputError(f"ftbc/neuron/kind is {got!r}; this toolchain implements "
+                             f"{NEURON_IF!r} and {NEURON_SIGNED!r}")
+        if key != "kind" and got != want:
             raise InputError(f"ftbc/neuron/{key} is {got!r}; this toolchain implements {want!r}")
+
+
+def _check_neuron_kind(g: h5py.Group, layers: tuple[QLayer, ...]) -> None:
+    """``neuron/kind`` names the signed neuron exactly when some layer is signed."""
+    signed = [i for i, layer in enumerate(layers) if layer.signed]
+    kind, want = _str(g, "kind"), NEURON_SIGNED if signed else NEURON_IF
+    if kind != want:
+        which = (f"layers/{signed[0]}/signed is 1" if signed
+                 else "no layers/<i>/signed is 1")
+        raise InputError(f"ftbc/neuron/kind is {kind!r} but {which}: the file's neuron "
+                         f"kind must be {want!r} (re-export the network)")
 
 
 def _read_input(g: h5py.Group) -> QInput:
@@ -413,7 +442,8 @@ def _read_layer(g: h5py.Group, where: str) -> tuple[QLayer, tuple[int, ...]]:
                   vth=_int_array(g, "vth", 1), bias_mant=_int_array(g, "bias_mant", 2),
                   bias_exp=_int(g, "bias_exp"), v_init=_int_array(g, "v_init", 1),
                   depth=_int(g, "depth"), scale=_float_array(g, "scale"),
-                  readout=bool(_int(g, "readout")), origin=_str(g, "origin")), delays
+                  readout=bool(_int(g, "readout")), origin=_str(g, "origin"),
+                  signed=bool(_int(g, "signed")) if "signed" in g else False), delays
 
 
 def _read_synapse(g: h5py.Group, where: str) -> QSynapse:
@@ -579,6 +609,8 @@ def _check_layer(layer: QLayer, steps: int) -> list[str]:
         problems.append("scale is not finite")
     if not layer.synapses:
         problems.append("has no input synapse")
+    if layer.readout and layer.signed:
+        problems.append("is a signed readout: a readout never spikes (make it signed=False)")
     return problems
 
 

@@ -5,10 +5,18 @@ what is verified is what is deployed:
 
     RingBuffer (graded x_int, the whole N x period stream)
       -> Dense (sign_mode MIXED, 8 weight bits, num_message_bits 8 from the input, 0 from
-         spikes) or Conv (Lava's (W, H, C) layout through reshape/transpose virtual ports),
+         an IF layer's spikes, 2 from a signed layer's -1/0/+1: ``message_bits``) or Conv
+         (Lava's (W, H, C) layout through reshape/transpose virtual ports),
          or Sparse for a conv with a small output plane (``runs_sparse``), or, for a
          synapse with a synaptic delay, DelaySparse (below)
-      -> IFBiasSchedule neurons (several synapses into one InPort are summed by Lava)
+      -> IFBiasSchedule neurons (several synapses into one InPort are summed by Lava;
+         ``SignedIFBiasSchedule`` for a signed layer)
+
+Signed layers (``QLayer.signed``): their spikes are graded payloads -1 / 0 / +1 (int8), so
+every synapse reading one runs with ``num_message_bits`` > 0, where Lava's bit-accurate
+Dense, Sparse and DelaySparse compute ``weights @ s`` and Conv convolves s as it does the
+graded input: exactly the reference's ``sum_i w[o, i] * s[i]`` (with 0 message bits they
+would cast s to bool and read -1 as +1).
 
 Timing (``hw_targets.timing``): each synaptic hop adds one step, so layer l
 (``QLayer.depth`` hops deep) sees its step-t input at local step depth + t; a sample
@@ -55,13 +63,15 @@ from sims.progress import progress_bar
 LAVA_TARGET = "loihi2-sim"
 CONV_MATRIX_BLOCK = 1 << 22  # candidate taps per block of output channels (conv_matrix)
 SPARSE_CONV_MAX_PIXELS = 16  # convs with output planes up to 4 x 4 run as Sparse (runs_sparse)
+SIGNED_SPIKE_BITS = 2  # a signed layer's spike: a 2-bit two's-complement payload (-1, 0, +1)
 
 
 @dataclass(frozen=True)
 class LavaResult:
     """Lava's output, aligned to the emulator's steps: ``spikes`` layer -> (T, N, n) uint8
-    (spiking layers, flat C order), ``readout`` (T, N, K) int64 (the readout's v after each
-    step), ``seconds`` wall time (build + run + read back)."""
+    0/1 (spiking layers, flat C order; int8 -1/0/1 for a signed layer), ``readout``
+    (T, N, K) int64 (the readout's v after each step), ``seconds`` wall time (build + run +
+    read back)."""
     spikes: dict[str, np.ndarray]
     readout: np.ndarray
     seconds: float
@@ -153,12 +163,11 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
     source = RingBuffer(data=input_stream(x_int, q.timesteps, period))
     ports = {INPUT: (source.s_out, tuple(q.input.shape))}
     neurons, delays = {}, synaptic_delays(q.layers)
-    payload = get_target(q.target).input_payload_bits   # graded input; spikes carry 0 bits
     for layer in q.layers:
         neuron = _neuron(q, layer, x_int.shape[0], period)
         for syn, delay in zip(layer.synapses, delays[layer.name]):
             src_port, src_shape = ports[syn.source]
-            bits = payload if syn.source == INPUT else 0
+            bits = message_bits(q, syn.source)
             if delay or runs_sparse(syn, layer):
                 _sparse_synapse(syn, delay, src_port, src_shape, layer, bits,
                                 sink=neuron.a_in)
@@ -167,6 +176,15 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
         ports[layer.name] = (neuron.s_out, tuple(layer.shape))
         neurons[layer.name] = neuron
     return source, neurons
+
+
+def message_bits(q: QuantGraph, source: str) -> int:
+    """The ``num_message_bits`` of a synapse reading ``source``: the target's graded-input
+    payload width from the input, ``SIGNED_SPIKE_BITS`` from a signed layer (graded -1/0/+1),
+    0 (binary spikes) from an IF layer."""
+    if source == INPUT:
+        return get_target(q.target).input_payload_bits
+    return SIGNED_SPIKE_BITS if q.layer(source).signed else 0
 
 
 def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
@@ -180,13 +198,13 @@ def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):
         bias_exp=layer.bias_exp, act_shift=target.act_shift, state_bits=target.state_bits,
         v_init=np.repeat(layer.v_init.astype(np.int64), per_channel),
         depth=layer.depth, timesteps=q.timesteps, period=period, num_samples=num,
-        readout=layer.readout, name=layer.name)
+        readout=layer.readout, signed=layer.signed, name=layer.name)
 
 
 def _synapse(syn: QSynapse, src_port, src_shape: tuple[int, ...], layer: QLayer,
              bits: int, sink) -> None:
     """One Lava connection process between a flat C-order source port and the neuron
-    (``bits``: message bits, the graded payload's width from the input, 0 for spikes)."""
+    (``bits``: message bits, ``message_bits``; > 0 makes Lava multiply by the payload)."""
     if syn.kind is SynapseKind.DENSE:
         from lava.proc.dense.process import Dense
         from lava.utils.weightutils import SignMode
@@ -311,10 +329,19 @@ def _collect(q: QuantGraph, neurons: dict, num: int) -> tuple[dict[str, np.ndarr
             v = neurons[layer.name].v_rec.get().astype(np.int64)
             readout = v.reshape(num, q.timesteps, n).transpose(1, 0, 2).copy()
         else:
-            words = neurons[layer.name].spike_rec.get().astype(np.int64)
-            spikes[layer.name] = unpack_spikes(words, n).reshape(
+            spikes[layer.name] = _recorded_spikes(layer, neurons[layer.name], n).reshape(
                 num, q.timesteps, n).transpose(1, 0, 2).copy()
     return spikes, readout
+
+
+def _recorded_spikes(layer: QLayer, neuron, n: int) -> np.ndarray:
+    """(N*T, n) spikes of one layer from its records: uint8 0/1, or for a signed layer
+    int8 ``+1 spikes - (-1 spikes)`` (``spike_rec`` minus ``neg_rec``)."""
+    plus = unpack_spikes(neuron.spike_rec.get().astype(np.int64), n)
+    if not layer.signed:
+        return plus
+    minus = unpack_spikes(neuron.neg_rec.get().astype(np.int64), n)
+    return plus.astype(np.int8) - minus.astype(np.int8)
 
 
 def unpack_spikes(words: np.ndarray, n: int) -> np.ndarray:
