@@ -30,7 +30,7 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
                       out=Path(args.out) / f"T{steps}", timesteps=steps, verify_samples=0,
                       eval_samples=args.eval_samples, seed=args.seed,
                       ftbc_target=args.ftbc_target, baselines=args.baselines,
-                      neuron=args.neuron, progress=False)
+                      neuron=args.neuron, keep_rule=args.keep_rule, progress=False)
     start = time.perf_counter()
     report = build_report(run_pipeline(options))
     report["wall_seconds"] = time.perf_counter() - start
@@ -73,6 +73,8 @@ def main() -> None:
                    help="FTBC's per-step target (ftbc-export's --ftbc-target)")
     p.add_argument("--neuron", default="if", choices=["if", "signed"],
                    help="the spiking neuron (ftbc-export's --neuron)")
+    p.add_argument("--keep-rule", default="layer", choices=["layer", "network"],
+                   help="the calibration's keep rule (ftbc-export's --keep-rule)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "
                         "and fixed point only, about half the calibration time)")
@@ -97,7 +99,7 @@ def main() -> None:
                   "calibration_seconds": {m: c["seconds"] for m, c in
                                           v["calibration"].items()},
                   "ftbc_target": args.ftbc_target, "seed": args.seed,
-                  "neuron": args.neuron,
+                  "neuron": args.neuron, "keep_rule": args.keep_rule,
                   "stage_seconds": v["seconds"],
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
                   "peak_rss_mib_per_stage": v.get("peak_rss_mib_per_stage"),
