@@ -58,11 +58,12 @@ def test_ftbc_deterministic_report_and_readout_untouched(setup):
     assert a.meta["calibration"]["method"] == "ftbc"
 
 
+@pytest.mark.parametrize("neuron", ["if", "signed"])
 @pytest.mark.parametrize("step_target", ["paper", "ideal"])
-def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch, step_target):
+def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch, step_target, neuron):
     monkeypatch.setattr(cal, "DTYPE", torch.float64)
     ann, x_calib, _ = setup
-    snn = convert(ann, x_calib, timesteps=3)
+    snn = convert(ann, x_calib, timesteps=3, neuron=neuron)
     ours, report = calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
                              iterations=1, holdout=0.0, step_target=step_target)
     parts, _ = split_calibration(x_calib[:64], 0.0, 1, 64, 0)
@@ -71,6 +72,7 @@ def test_cached_ftbc_equals_full_forward_reference(setup, monkeypatch, step_targ
         np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
     assert any(l.bias_schedule.any() for l in ours.layers)
     assert report["step_target"] == ours.meta["calibration"]["step_target"] == step_target
+    assert [l.signed for l in ours.layers] == [l.signed for l in snn.layers]
 
 
 def test_the_two_step_targets_give_different_schedules(setup):

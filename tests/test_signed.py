@@ -1,5 +1,7 @@
 """The signed neuron (``--neuron signed``): the integer reference by hand, the emulator and the
-float engine against their references, the spike cache, conversion and calibration."""
+float engine against their references, the spike cache, conversion and the integer calibration
+(the float calibration against the authors' loop: ``tests/test_calibrate.py``; Lava and the
+netx file: ``tests/test_signed_lava.py``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -118,27 +120,6 @@ def digits():
     ann, data = train_digits_cnn()
     order = np.random.default_rng(0).permutation(len(data.x_train))
     return ann, data.x_train[order[:400]], data
-
-
-@pytest.mark.parametrize("step_target", ["paper", "ideal"])
-def test_cached_ftbc_equals_full_forward_reference_signed(digits, monkeypatch, step_target):
-    """The calibration's cached layer-by-layer FTBC on a signed network computes what the
-    authors' L x T full-forward loop computes with the signed neuron."""
-    import toolchain.calibrate as cal
-    from tests.ftbc_full_forward import ftbc_full_forward
-    from toolchain.calibrate import calibrate, split_calibration
-    from toolchain.convert import convert
-    monkeypatch.setattr(cal, "DTYPE", torch.float64)
-    ann, x_calib, _ = digits
-    snn = convert(ann, x_calib, timesteps=3, neuron="signed")
-    ours, _ = calibrate(snn, ann, x_calib[:64], method="ftbc", batches=1, batch_size=64,
-                        iterations=1, holdout=0.0, step_target=step_target)
-    parts, _ = split_calibration(x_calib[:64], 0.0, 1, 64, 0)
-    ref = ftbc_full_forward(snn, ann, parts, alpha=0.5, iterations=1, step_target=step_target)
-    for mine, theirs in zip(ours.layers, ref.layers):
-        np.testing.assert_allclose(mine.bias_schedule, theirs.bias_schedule, atol=1e-9)
-    assert any(l.bias_schedule.any() for l in ours.layers)
-    assert all(l.signed for l in ours.layers if not l.readout)
 
 
 def test_fixed_calibration_of_a_signed_network_stays_exact(digits):
