@@ -28,8 +28,9 @@ in discrete steps t = 1..T (``core/ir.py``)::
 so each IF node's metadata holds ``bias_schedule`` (T, C) (FTBC's time-indexed bias, added
 on top of the synapse bias), ``v_init`` (C,) (v[0] = v_init * theta), ``reset`` =
 "subtract", ``compare`` = ">=" (a signed layer, ``--neuron signed``: ``ftbc_neuron`` =
-"signed_subtract" and ``negative_spike`` its -1 rule, which NIR's IF cannot send). The readout's metadata says its output after step t is v[t]
-(the prediction is the argmax after T steps), with its own schedule and v_init. The input
+"signed_subtract" and ``negative_spike`` its -1 rule, which NIR's IF cannot send). The
+readout's metadata says its output after step t is v[t] (the prediction is the argmax after
+T steps), with its own schedule and v_init. The input
 node's metadata holds the per-channel transform (x - mean) / std and "constant" encoding (the
 same analog sample at every step). Graph metadata: format, version, T, the neuron equation
 and the SnnGraph's provenance as JSON. A reader that ignores metadata gets a network

@@ -312,8 +312,9 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
 def layer_output(lp: LayerPlan, x: torch.Tensor, trains: Mapping[str, torch.Tensor],
                  steps: int) -> torch.Tensor:
     """All T steps of one layer on cached source spike trains, as ``sims.emulator`` runs
-    it (bit-exact with ``sims.reference``): (T, B, n) uint8 spikes 0/1 (signed: int8), or the readout
-    membrane after each step in the layer's float dtype (exact integers)."""
+    it (bit-exact with ``sims.reference``): (T, B, n) uint8 spikes 0/1 (a signed layer: int8
+    -1/0/1), or the readout membrane after each step in the layer's float dtype (exact
+    integers)."""
     out = torch.empty((steps, x.shape[0], lp.n),
                       dtype=lp.dtype if lp.readout else train_dtype(lp, torch.uint8),
                       device=x.device)
