@@ -572,21 +572,16 @@ def settle(lp: LayerPlan, state: torch.Tensor, bias_t: torch.Tensor | None,
     else:
         v_, out_, vth = compare_views(lp, v, out)
         torch.ge(v_, vth, out=out_)
-        if lp.signed:
-            take_back(state[1], v, out, scratch)
+        if lp.signed:  # the -1 spikes, then the net count
+            state[1].add_(out.sub_(taken_back(v, state[1], scratch)))
         v_.addcmul_(out_, vth, value=-1)
     return saturated
 
 
-def take_back(count: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              scratch: torch.Tensor) -> None:
-    """The signed neuron's -1: ``out -= (v < 0) & (count > 0)``, then ``count += out``, in
-    place (``out`` holds the compare ``v >= vth``; the two cases exclude each other as vth >
-    0). ``scratch`` is a (B, n) buffer."""
-    torch.lt(v, 0, out=scratch)
-    scratch.mul_(count > 0)
-    out.sub_(scratch)
-    count.add_(out)
+def taken_back(v: torch.Tensor, count: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """The signed neuron's -1 spikes as 0.0 / 1.0 in ``into``: ``(v < 0) & (count > 0)``
+    (never where ``v >= vth``, as vth > 0)."""
+    return torch.lt(v, 0, out=into).mul_(count > 0)
 
 
 def channel_thresholds(lp: LayerPlan) -> torch.Tensor:
@@ -614,14 +609,10 @@ def probe(lp: LayerPlan, state: torch.Tensor, bias_t: torch.Tensor, out: torch.T
     torch.add(v.view(per_channel), bias_t.view(lp.channels, 1), out=out.view(per_channel))
     if lp.limits is not None:
         clamp_state(lp, out, scratch)
-    if lp.signed:
-        back = torch.lt(out, 0, out=scratch).mul_(state[1] > 0)
-        _, out_, vth = compare_views(lp, out, out)
-        torch.ge(out_, vth, out=out_)
-        return out.sub_(back)
+    back = taken_back(out, state[1], scratch) if lp.signed else None
     _, out_, vth = compare_views(lp, out, out)
     torch.ge(out_, vth, out=out_)
-    return out
+    return out if back is None else out.sub_(back)
 
 
 def run_steps(lp: LayerPlan, drive: torch.Tensor, state: torch.Tensor, t0: int,

@@ -144,7 +144,7 @@ class DiskTrain:
             self.file = tempfile.TemporaryFile()
             for chunk in chunks:
                 if self.shape is None:
-                    self.dtype = (torch.int8 if signed or chunk.dtype == torch.int8 else
+                    self.dtype = (torch.int8 if signed else
                                   torch.uint8 if chunk.dtype == torch.uint8 else torch.bool)
                     self.device, self.shape = chunk.device, tuple(chunk.shape[1:])
                     self.row = int(np.prod(self.shape, dtype=np.int64))
