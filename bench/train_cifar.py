@@ -236,6 +236,11 @@ def train(args: argparse.Namespace) -> None:
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start_epoch = state["epoch"]
+        if "rng" in state:  # torch's global generator: Dropout's masks
+            torch.set_rng_state(state["rng"])
+        elif any(isinstance(m, nn.Dropout) for m in model.modules()):
+            print("warning: this checkpoint predates saving the dropout generator's state; "
+                  "the resumed run will not equal an uninterrupted one", flush=True)
         print(f"resumed from {ckpt} after epoch {start_epoch}", flush=True)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start_epoch, epochs):
@@ -256,7 +261,8 @@ def train(args: argparse.Namespace) -> None:
         print(f"{msg}, {time.perf_counter() - t0:.0f} s", flush=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
+                    "sched": sched.state_dict(), "gen": gen.get_state(),
+                    "rng": torch.get_rng_state(), "epoch": epoch + 1,
                     "arch": args.arch, "epochs": epochs}, tmp)
         tmp.replace(ckpt)
     acc = accuracy(model, x_test, y_test, 500)
