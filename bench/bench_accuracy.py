@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from toolchain.pipeline import Options, run_pipeline  # noqa: E402
 from toolchain.report import build_report  # noqa: E402
+from toolchain.resume import FOLDER as RESUME_FOLDER  # noqa: E402
 
 
 def one_run(args: argparse.Namespace, steps: int) -> dict:
@@ -32,8 +33,11 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
                       ftbc_target=args.ftbc_target, baselines=args.baselines,
                       neuron=args.neuron, keep_rule=args.keep_rule, progress=False)
     start = time.perf_counter()
-    report = build_report(run_pipeline(options))
+    resume = options.out_dir / RESUME_FOLDER if args.resume else None
+    report = build_report(run_pipeline(options, resume=resume))
     report["wall_seconds"] = time.perf_counter() - start
+    if "resumed" in report:  # this process's part alone would say little: the stages' sum
+        report["wall_seconds"] = sum(report["seconds"].values())
     report["peak_rss_mib_per_stage"] = report.pop("peak_rss_mib")
     # the largest stage peak: the pipeline resets the kernel's high-water mark before each
     # stage (``toolchain.memory.reset_peak_rss``), and ``ru_maxrss`` reads that same mark,
@@ -79,6 +83,11 @@ def main() -> None:
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "
                         "and fixed point only, about half the calibration time)")
     p.add_argument("--out", default="bench/out/accuracy")
+    p.add_argument("--resume", action="store_true",
+                   help="checkpoints in OUT/T<n>/.ftbc-resume, kept after the run: a stopped "
+                        "T continues where it stopped, a finished one reruns only its first "
+                        "and last stages (seconds). A resumed T's wall seconds are its "
+                        "stages' sum, its peak RSS this process's")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = p.parse_args(argv)
@@ -102,6 +111,7 @@ def main() -> None:
                   "neuron": args.neuron, "keep_rule": args.keep_rule,
                   "stage_seconds": v["seconds"],
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
+                  "resumed": v.get("resumed"),
                   "peak_rss_mib_per_stage": v.get("peak_rss_mib_per_stage"),
                   "kept": {m: {name: layer.get("kept") for name, layer in
                                c.get("layers", {}).items()}

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-targets", action="store_true", help="list targets and exit")
     p.add_argument("--data", default="digits", help="data set (default digits; see below)")
     p.add_argument("--out", type=_directory, help="output directory (default build/<model name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep a checkpoint in OUT/.ftbc-resume after every stage (and after "
+                        "each method inside calibration and scoring), and continue a stopped "
+                        "run of the same command from it: options, model, data and ftbc's "
+                        "code must be the same, else it starts afresh. Removed once the run "
+                        "succeeds. For long runs a scheduler may stop and requeue")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
                    help="model input shape without batch (default: from the data set)")
     g = p.add_argument_group("model loading")
@@ -240,9 +246,11 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         verify_samples=args.verify_samples, seed=args.seed,
         **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),
         progress=not args.no_progress and distributed.is_main(),
-        device=args.device,
+        device=args.device, resume=args.resume,
         command_line=shlex.join(["ftbc-export", *argv]))
     _check_inputs_outside_outputs(options)
+    if options.resume and distributed.launched():
+        raise InputError("--resume is for single-process runs; drop it under torchrun")
     return options
 
 
@@ -335,6 +343,7 @@ def _run(options) -> int:
     from core.errors import VerificationError
     from toolchain.pipeline import OUTPUT_FILES, STAGES, run_pipeline
     from toolchain.report import build_report, summary_lines
+    from toolchain.resume import FOLDER as RESUME_FOLDER
 
     def announce(index: int, name: str) -> None:
         _raise_if_stopped()
@@ -347,9 +356,13 @@ def _run(options) -> int:
     out = options.out_dir
     staging, created = prepare_output(out)
     try:
-        run = run_pipeline(replace(options, out=staging), on_stage=announce)
+        checkpoints = out / RESUME_FOLDER if options.resume else None
+        run = run_pipeline(replace(options, out=staging), on_stage=announce,
+                           resume=checkpoints)
         _raise_if_stopped()
         commit_outputs(staging, out, stale=OUTPUT_FILES)
+        if checkpoints is not None:  # the run is complete: nothing left to resume
+            shutil.rmtree(checkpoints, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # a failed first run leaves no empty folders behind

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from core import distributed
+from core.errors import InputError
 from core.ir import AnnGraph, QuantGraph, SnnGraph
 
 
@@ -57,6 +58,7 @@ class Options:
     seed: int = 0
     progress: bool = True
     device: str = "cpu"  # torch device of the simulations and calibrations: cpu|cuda|auto
+    resume: bool = False  # keep checkpoints in OUT/.ftbc-resume and continue from them
     command_line: str = ""
 
     @property
@@ -79,6 +81,7 @@ class Run:
     activity: Mapping[str, Any] | None = None  # per-neuron spikes of the emulate stage
     timings: Mapping[str, float] = field(default_factory=dict)
     peak_rss: Mapping[str, int] = field(default_factory=dict)  # stage -> peak RSS bytes
+    store: Any = None  # the run's checkpoints (toolchain.resume.Checkpoints) under --resume
 
     def with_results(self, **items: Any) -> "Run":
         return replace(self, results={**self.results, **items})
@@ -136,7 +139,10 @@ def _timed(name: str, fn: Stage) -> Stage:
         reset_peak_rss()
         start = time.perf_counter()
         new = fn(run)
-        return replace(new, timings={**new.timings, name: time.perf_counter() - start},
+        seconds = time.perf_counter() - start
+        if new.store is not None:  # parts of this stage an earlier, stopped run computed
+            seconds += new.store.take_credit()
+        return replace(new, timings={**new.timings, name: seconds},
                        peak_rss={**new.peak_rss, name: peak_rss_bytes()})
     stage.__name__ = name
     return stage
@@ -200,14 +206,20 @@ def _calibration_settings(opts: Options) -> dict[str, Any]:
                 step_target=opts.ftbc_target)
 
 
+def _part(run: Run, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``; under --resume kept as soon as it is done, or taken from a stopped
+    identical run that had done it (``toolchain.resume``)."""
+    return compute() if run.store is None else run.store.part(name, compute)
+
+
 def calibrate(run: Run) -> Run:
     from toolchain.calibrate import calibrate as calibrate_snn
     opts = run.options
     graphs, reports = {}, {}
     for method in calibration_methods(opts):
-        graphs[method], reports[method] = calibrate_snn(
+        graphs[method], reports[method] = _part(run, f"calibrate:{method}", lambda: calibrate_snn(
             run.snn["converted"], run.ann, run.calib, method=method,
-            **_calibration_settings(opts))
+            **_calibration_settings(opts)))
     return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
 
 
@@ -215,8 +227,8 @@ def simulate(run: Run) -> Run:
     from sims.torch_snn import simulate as simulate_snn
     x, _ = _local_eval(run)
     opts = run.options
-    accuracy = {m: _accuracy(run, simulate_snn(run.snn[m], x, progress=opts.progress,
-                                               device=opts.device).predictions)
+    accuracy = {m: _part(run, f"simulate:{m}", lambda: _accuracy(run, simulate_snn(
+                    run.snn[m], x, progress=opts.progress, device=opts.device).predictions))
                 for m in calibration_methods(opts)}
     return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
 
@@ -362,11 +374,40 @@ STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
 ))
 
 
-def run_pipeline(options: Options, on_stage: Callable[[int, str], None] | None = None) -> Run:
-    """Run every stage in order; ``on_stage(index, name)`` is called before each."""
+# Under --resume the checkpoint's key is taken once KEY_STAGE has run (it needs the data, the
+# calibration draw and the traced ANN), and a checkpoint is kept after each stage from there
+# to LAST_CHECKPOINT. The stages before are run again on resuming, and so are the ones after:
+# they write into --out (a fresh staging folder on every CLI run) or read what was written
+# there, and take seconds (Lava verification aside, which has no checkpoint inside).
+KEY_STAGE, LAST_CHECKPOINT = "trace", "emulate"
+
+
+def run_pipeline(options: Options, on_stage: Callable[[int, str], None] | None = None,
+                 resume: Path | None = None) -> Run:
+    """Run every stage in order; ``on_stage(index, name)`` is called before each.
+
+    ``resume``: a checkpoint folder (``toolchain.resume``). The run keeps its state there as
+    it goes, and continues after the last stage an identical earlier run had finished there;
+    report.json then says what was taken from it ("resumed")."""
+    from toolchain.resume import open_checkpoints
+    if resume is not None and distributed.launched():
+        raise InputError("--resume is for single-process runs, not torchrun's ranks")
+    names = [stage.__name__ for stage in STAGES]
+    first, last = names.index(KEY_STAGE) + 1, names.index(LAST_CHECKPOINT)
     run = Run(options=options)
+    done = -1
     for index, stage in enumerate(STAGES):
+        if index <= done:
+            continue
         if on_stage is not None:
             on_stage(index, stage.__name__)
         run = stage(run)
+        if resume is not None and index == first - 1:
+            run, done = open_checkpoints(run, resume)
+        if run.store is None:
+            continue
+        if run.store.record() is not None:  # before report.json is written
+            run = run.with_results(resumed=run.store.record())
+        if first <= index <= last:
+            run.store.finished(index, stage.__name__, run)
     return run
