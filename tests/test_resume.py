@@ -104,9 +104,11 @@ def test_a_checkpoint_of_other_options_is_not_used(tmp_path, monkeypatch, folder
     monkeypatch.setattr(toolchain.calibrate, "calibrate", calibrations)
     run = run_pipeline(_options(tmp_path / "b", seed=1), resume=folder)
     assert calibrations.calls == 3 and "resumed" not in run.results
-    # where outputs go and how progress shows change no result: the checkpoint is used
+    # where outputs go, how progress shows and how many samples Lava verifies change no
+    # checkpointed result: the checkpoint is used
     calibrations.calls = 0
-    run = run_pipeline(_options(tmp_path / "c", seed=1, progress=True), resume=folder)
+    run = run_pipeline(_options(tmp_path / "c", seed=1, progress=True, verify_samples=3),
+                       resume=folder)
     assert calibrations.calls == 0 and run.results["resumed"]["after_stage"] == "emulate"
 
 

@@ -31,9 +31,11 @@ FOLDER = ".ftbc-resume"
 STATE = "state.pkl"
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "hw_targets", "exporters", "sims", "toolchain")
-# Options that change no result: where outputs go and how the run shows its progress.
-NOT_IN_KEY = frozenset({"model", "out", "progress", "verify_workers", "command_line",
-                        "resume"})
+# Options that change no checkpointed result: where outputs go, how the run shows its
+# progress, and the Lava verification (after the last checkpoint, always run again). The
+# model file is keyed by what was traced from it, not by its path.
+NOT_IN_KEY = frozenset({"model", "out", "progress", "verify_samples", "verify_workers",
+                        "command_line", "resume"})
 # Run fields the first stages remake on every run (large, and not needed in the checkpoint).
 REMADE = frozenset({"options", "data", "calib", "loaded", "store"})
 
