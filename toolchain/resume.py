@@ -91,19 +91,22 @@ def run_key(run: Any) -> str:
     return h.hexdigest()
 
 
-def _refreeze(obj: Any) -> None:
-    """Unpickled arrays are writable; the IR's arrays are read-only (``core.ir.frozen_array``)."""
+def _refreeze(obj: Any, in_ir: bool = False) -> None:
+    """Unpickled arrays are writable; the IR's are read-only (``core.ir.frozen_array``): make
+    the arrays inside dataclasses (the graphs) read-only again, leave the others as they were
+    made."""
     if isinstance(obj, np.ndarray):
-        obj.setflags(write=False)
+        if in_ir:
+            obj.setflags(write=False)
     elif is_dataclass(obj) and not isinstance(obj, type):
         for f in fields(obj):
-            _refreeze(getattr(obj, f.name))
+            _refreeze(getattr(obj, f.name), True)
     elif isinstance(obj, Mapping):
         for value in obj.values():
-            _refreeze(value)
+            _refreeze(value, in_ir)
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            _refreeze(item)
+            _refreeze(item, in_ir)
 
 
 def _write(path: Path, payload: Any) -> None:
