@@ -20,7 +20,7 @@ from sims.torch_snn import simulate
 from tests.qgraph_builders import random_inputs, random_qgraph, random_snn
 from tests.snn_reference import naive_snn
 from tests.test_emulator import assert_matches_reference
-from toolchain.calibration import DiskTrain
+from toolchain.calibration import SIGNED_FORMS, DiskTrain
 
 
 def signed(graph: SnnGraph | QuantGraph) -> SnnGraph | QuantGraph:
@@ -141,6 +141,48 @@ def test_fixed_calibration_of_a_signed_network_stays_exact(digits):
                for a, b in zip(q.layers, q2.layers))
     assert_matches_reference(q2, data.x_test[:6])
 
+
+
+def _assert_best_form_kept(report: dict, schedules: dict) -> list[str]:
+    """Every entry scored both forms on the held-out images and names the better as its
+    form; a kept constant form is constant over the steps. Returns the kept forms."""
+    kept = []
+    for name, entry in report["layers"].items():
+        errors = entry["holdout_error_forms"]
+        assert set(errors) == set(SIGNED_FORMS)
+        assert entry["form"] == min(errors, key=errors.get)
+        assert entry["holdout_error_after"] == errors[entry["form"]]
+        assert entry["kept"] == (entry["holdout_error_after"] < entry["holdout_error_before"])
+        if entry["kept"]:
+            kept.append(entry["form"])
+            if entry["form"] == "constant":
+                assert np.all(schedules[name] == schedules[name][:1]), name
+    return kept
+
+
+def test_signed_layers_keep_the_better_form_of_ftbc(digits):
+    """FTBC on a signed layer scores its per-step schedule and its constant form (each
+    channel's mean over the steps) on the held-out images and keeps the better one when it
+    beats the layer as it stands, in the float and in the integer calibration (T = 3, seed 1
+    keeps a constant form in both); IF layers have one form and report as before."""
+    from toolchain.calibrate import calibrate
+    from toolchain.calibrate_fixed import calibrate_fixed, float_thresholds
+    from toolchain.convert import convert
+    from toolchain.normalize import normalize
+    ann, x_calib, data = digits
+    settings = dict(batches=2, batch_size=64, seed=1)
+    snn, report = calibrate(convert(ann, x_calib, timesteps=3, neuron="signed"), ann, x_calib,
+                            method="ftbc", **settings)
+    kept = _assert_best_form_kept(report, {l.name: l.bias_schedule for l in snn.layers})
+    assert "constant" in kept and "per-step" in kept
+    target = get_target("loihi2")
+    q, report = calibrate_fixed(quantize(normalize(snn), target), ann, x_calib,
+                                thresholds=float_thresholds(snn), target=target, **settings)
+    assert "constant" in _assert_best_form_kept(report, {l.name: l.bias_mant for l in q.layers})
+    assert_matches_reference(q, data.x_test[:6])
+    _, report = calibrate(convert(ann, x_calib, timesteps=3), ann, x_calib, method="ftbc",
+                          **settings)
+    assert not any("form" in entry for entry in report["layers"].values())
 
 def test_nir_metadata_says_which_layers_are_signed():
     from exporters.nir_export import to_nir

@@ -243,6 +243,9 @@ class FloatFit:
             for b in cal:
                 fit(self, p, b)
         self.candidate, self.entry = sched, {}
+        # a signed layer's FTBC schedule may also be kept in its constant form (SIGNED_FORMS)
+        self.alternatives = {"constant": sched.mean(0, keepdim=True).expand_as(sched).clone()} \
+            if rule.opts.method == "ftbc" and self.lp.signed else {}
 
     def output(self, candidate: torch.Tensor | None, b: Batch) -> Iterator[torch.Tensor]:
         """The layer's spikes on b (``candidate``: a schedule; None: as kept), one time chunk

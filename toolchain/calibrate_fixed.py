@@ -227,6 +227,10 @@ class IntegerFit:
         new = mant.cpu().numpy().astype(np.int64)
         candidate = evolve(layer, bias_mant=new)
         self.candidate = (candidate, rule.plan_layer(candidate))
+        self.alternatives = {}
+        if layer.signed:  # its constant form too (toolchain.calibration.SIGNED_FORMS)
+            flat = evolve(layer, bias_mant=constant_form(new, *limits))
+            self.alternatives["constant"] = (flat, rule.plan_layer(flat))
         self.entry = {"clamped": clamped,
                       "changed": int(np.count_nonzero(new != layer.bias_mant)),
                       "max_abs_change": int(np.max(np.abs(new - layer.bias_mant), initial=0))}
@@ -238,6 +242,13 @@ class IntegerFit:
         lp = self.rule.plans[self.index] if candidate is None else candidate[1]
         dtype = train_dtype(lp, torch.uint8)
         return (c.to(dtype) for c in layer_chunks(lp, b.x, b.spikes, self.rule.graph.timesteps))
+
+
+def constant_form(mant: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Per-step mantissas (T, C) -> each channel's mean over the steps, rounded half to even
+    and within the target's mantissa range, at every step."""
+    flat = np.clip(np.rint(mant.mean(axis=0, keepdims=True)), low, high).astype(np.int64)
+    return np.broadcast_to(flat, mant.shape).copy()
 
 
 def _fit_currents(lp: LayerPlan, cal: list[Batch], steps: int) -> list[torch.Tensor | None]:

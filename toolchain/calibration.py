@@ -39,6 +39,11 @@ from sims.progress import progress_bar
 
 METHODS = ("none", "lp", "ftbc")
 KEEP_RULES = ("layer", "network")
+# The forms of an FTBC candidate for a signed layer, chosen between by the held-out rule: the
+# fitted per-step schedule, or its constant form (each channel's mean over the steps). A
+# signed neuron takes back its own early over-firing, and a per-step bias fitted to channel
+# means can work against that (bench/README.md, "Accuracy on residual networks", part 9).
+FIRST_FORM, SIGNED_FORMS = "per-step", ("per-step", "constant")
 STEP_TARGETS = ("ideal", "paper")  # FTBC's per-step target (toolchain.calibrate.step_targets)
 
 
@@ -99,9 +104,12 @@ class Batch:
 class LayerFit(Protocol):
     """One layer's fit: ``candidate`` (whatever the rule keeps), ``entry`` (report fields that
     precede ``kept``), and the layer's output on a batch for a candidate (None: as it is): its
-    (T, B, ...) 0/1 spikes, or their consecutive time chunks (``DiskTrain`` takes either)."""
+    (T, B, ...) 0/1 spikes, or their consecutive time chunks (``DiskTrain`` takes either).
+    ``alternatives``: other forms of the candidate, by name, for the held-out rule to choose
+    from (``SIGNED_FORMS``); empty for most fits."""
     candidate: Any
     entry: dict
+    alternatives: Mapping[str, Any]
 
     def output(self, candidate: Any, b: Batch) -> torch.Tensor | Iterable[torch.Tensor]: ...
 
@@ -259,15 +267,23 @@ def _calibrate_layer(rule: Rule, index: int, cal: list[Batch], hold: Batch | Non
         rule.keep(index, fit.candidate)
         entry = {**fit.entry, "kept": True}
     else:
-        out = DiskTrain(fit.output(fit.candidate, hold), signed)
-        after = running_logit_error(rule.readout(hold, {**hold.spikes, name: out}, index + 1),
-                                    hold.logits)
+        # the candidate and its other forms, each scored on the held-out readout; the best
+        # is kept if it beats the network as it stands
+        forms, scored = {FIRST_FORM: fit.candidate, **fit.alternatives}, {}
+        for form, candidate in forms.items():
+            out = DiskTrain(fit.output(candidate, hold), signed)
+            scored[form] = (running_logit_error(
+                rule.readout(hold, {**hold.spikes, name: out}, index + 1), hold.logits), out)
+        form = min(scored, key=lambda f: scored[f][0])  # the first form on a tie
+        after, out = scored[form]
         kept = after < before
         if kept:
-            rule.keep(index, fit.candidate)
+            rule.keep(index, forms[form])
             hold.spikes[name] = out
         entry = {**fit.entry, "kept": bool(kept), "holdout_error_before": before,
                  "holdout_error_after": after, "holdout_error": min(before, after)}
+        if fit.alternatives:
+            entry.update(form=form, holdout_error_forms={f: e for f, (e, _) in scored.items()})
     for b in cal + ([hold] if hold else []):
         if name not in b.spikes:
             b.spikes[name] = DiskTrain(fit.output(None, b), signed)
