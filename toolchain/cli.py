@@ -150,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if (default): the paper's integrate-and-fire neuron. signed: a neuron "
                         "that also sends a -1 spike (and adds its threshold back) when its "
                         "membrane is below 0 and its net spike count is positive, so it can "
-                        "take back a spike sent too early. On the CIFAR ResNet-20 the fixed-"
-                        "point drop from the ANN at T = 4 / 8 falls from 21.1 / 9.0 to 7.9 / "
-                        "1.5 points, for 1.5x the spikes at T = 8 (bench/README.md); spikes "
+                        "take back a spike sent too early. On the QCFS-trained CIFAR "
+                        "ResNet-20 (L = 4) the fixed-point drop from the ANN at T = 2 falls "
+                        "from 26.8 to 15.0 points, at T = 4 from 8.7 to 1.3 (bench/README.md, "
+                        "'Accuracy on residual networks', part 9), for about 1.5x the spikes "
+                        "(the ReLU-trained one at T = 8, part 8); spikes "
                         "are sent as signed graded payloads, and the lava-dl netx view of "
                         "the file ends before the first signed layer (docs/netx.md)")
     g = p.add_argument_group("FTBC calibration (training data only)")
