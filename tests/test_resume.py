@@ -18,7 +18,7 @@ import toolchain.calibrate
 import toolchain.resume as resume
 from core.ir import graphs_equal
 from tests.test_faults import DIGITS_MODEL, run_cli
-from tests.test_signals import Run
+from tests.test_signals import SETTINGS, Run
 from toolchain.pipeline import KEY_STAGE, LAST_CHECKPOINT, STAGES, Options, run_pipeline
 from toolchain.report import build_report
 
@@ -174,9 +174,8 @@ def test_sigterm_then_the_same_command_continues_and_cleans_up(tmp_path):
     assert (out / "network.net").read_bytes() == (plain / "network.net").read_bytes()
 
 
-SIGNAL_SETTINGS = ["--target", "loihi2", "--verify-samples", "0", "--no-progress",
-                   "--timesteps", "3", "--calib-batches", "1", "--calib-batch-size", "16",
-                   "--iterations", "1", "--eval-samples", "20"]
+# the signal tests' run settings (``Run`` adds them), as the stopped run above used them
+SIGNAL_SETTINGS = [*SETTINGS, "--target", "loihi2", "--verify-samples", "0", "--no-progress"]
 
 
 def _drop_seconds(obj):

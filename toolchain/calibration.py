@@ -43,7 +43,8 @@ KEEP_RULES = ("layer", "network")
 # fitted per-step schedule, or its constant form (each channel's mean over the steps). A
 # signed neuron takes back its own early over-firing, and a per-step bias fitted to channel
 # means can work against that (bench/README.md, "Accuracy on residual networks", part 9).
-FIRST_FORM, SIGNED_FORMS = "per-step", ("per-step", "constant")
+SIGNED_FORMS = ("per-step", "constant")
+FIRST_FORM = SIGNED_FORMS[0]  # the name of every fit's own candidate
 STEP_TARGETS = ("ideal", "paper")  # FTBC's per-step target (toolchain.calibrate.step_targets)
 
 

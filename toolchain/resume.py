@@ -21,7 +21,7 @@ import hashlib
 import pickle
 import sys
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -197,7 +197,6 @@ def open_checkpoints(run: Any, folder: Path) -> tuple[Any, int]:
     """Attach the checkpoint folder to ``run`` (once the stages the key needs have run) and
     restore an earlier identical run's state if there is one. Returns (run, index of the
     last stage that earlier run finished, -1 if none)."""
-    from dataclasses import replace
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if run.options.progress \
         else (lambda line: None)
     folder.mkdir(parents=True, exist_ok=True)
