@@ -77,7 +77,7 @@ def main() -> None:
                    help="FTBC's per-step target (ftbc-export's --ftbc-target)")
     p.add_argument("--neuron", default="if", choices=["if", "signed"],
                    help="the spiking neuron (ftbc-export's --neuron)")
-    p.add_argument("--keep-rule", default="layer", choices=["layer", "network"],
+    p.add_argument("--keep-rule", default="layer", choices=["layer", "lenient", "network"],
                    help="the calibration's keep rule (ftbc-export's --keep-rule)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "

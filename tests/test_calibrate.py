@@ -14,6 +14,7 @@ from tests.ann_builders import train_digits_cnn
 from tests.ftbc_full_forward import ftbc_full_forward
 from toolchain.ann import ann_forward
 from toolchain.calibrate import agreement, calibrate, split_calibration
+from toolchain.calibration import LENIENT_Z, image_errors, paired_t, running_logit_error
 from toolchain.convert import convert
 
 torch.set_num_threads(1)
@@ -110,6 +111,56 @@ def test_network_keep_rule_keeps_every_layer_as_the_authors_loop(setup, monkeypa
     _, layer_report = calibrate(snn, ann, x_calib[:160], method="ftbc", batches=1,
                                 batch_size=128, iterations=1, holdout=0.2)
     assert layer_report["keep_rule"] == "layer"
+
+
+def test_paired_t_of_the_rise():
+    before = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    rise = torch.tensor([0.5, -0.1, 0.3, 0.1], dtype=torch.float64)
+    d = rise.numpy()
+    expected = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert paired_t(before + rise, before) == pytest.approx(expected, rel=1e-12)
+    assert paired_t(before - rise, before) == pytest.approx(-expected, rel=1e-12)
+    assert paired_t(before, before) == 0.0
+    assert paired_t(before + 0.25, before) == np.inf
+
+
+@pytest.mark.parametrize("method", ["lp", "ftbc"])
+def test_lenient_keep_rule_reverts_only_a_significant_rise(setup, method):
+    """keep="lenient": each layer's entry carries the paired t of its held-out rise; a layer
+    is kept exactly when its error drops or t <= LENIENT_Z, and the per-sample errors it is
+    judged on are those of the network as kept (their mean is the entry's error)."""
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=2)
+    kw = dict(method=method, batches=2, batch_size=100, iterations=2)
+    new, report = calibrate(snn, ann, x_calib, keep="lenient", **kw)
+    assert report["keep_rule"] == "lenient"
+    entries = list(report["layers"].values())
+    for e in entries:
+        assert e["kept"] == (e["holdout_error_after"] < e["holdout_error_before"]
+                             or e["holdout_t"] <= LENIENT_Z)
+        assert e["holdout_error"] == (e["holdout_error_after"] if e["kept"]
+                                      else e["holdout_error_before"])
+    for a, b in zip(entries, entries[1:]):
+        assert b["holdout_error_before"] == pytest.approx(a["holdout_error"], rel=1e-12)
+    # on this setup the first layer's error rises a little (t < 1) and the rule keeps it
+    assert any(e["kept"] and e["holdout_error_after"] >= e["holdout_error_before"]
+               for e in entries)
+    # the strict rule on the same fits keeps exactly the layers whose error dropped
+    _, strict = calibrate(snn, ann, x_calib, **kw)
+    first = next(iter(strict["layers"].values()))
+    assert first["kept"] == (first["holdout_error_after"] < first["holdout_error_before"])
+    assert entries[0]["holdout_error_after"] == first["holdout_error_after"]
+    assert "holdout_t" not in first
+    with pytest.raises(InputError, match="keep rule"):
+        calibrate(snn, ann, x_calib, keep="loose")
+
+
+def test_image_errors_average_to_the_running_logit_error():
+    g = torch.Generator().manual_seed(0)
+    readout, logits = torch.randn(3, 5, 4, generator=g), torch.randn(5, 4, generator=g)
+    per = image_errors(readout, logits)
+    assert per.shape == (5,) and per.dtype == torch.float64
+    assert float(per.mean()) == pytest.approx(running_logit_error(readout, logits), rel=1e-6)
 
 
 @pytest.mark.parametrize("timesteps", [1, 2])

@@ -17,7 +17,7 @@ from sims.reference import encode_input, reference_run
 from tests.ann_builders import train_digits_cnn
 from toolchain.calibrate import calibrate, split_calibration
 from toolchain.calibrate_fixed import calibrate_fixed, float_thresholds
-from toolchain.calibration import CalibrationOptions, running_logit_error
+from toolchain.calibration import LENIENT_Z, CalibrationOptions, running_logit_error
 from toolchain.convert import convert
 from toolchain.normalize import normalize
 
@@ -83,6 +83,16 @@ def test_network_keep_rule_keeps_every_layer(setup):
         if layer_report["layers"][first]["kept"] and not layer_report["holdout"]["reverted"]:
             np.testing.assert_array_equal(new.layer(first).bias_mant,
                                           by_layer.layer(first).bias_mant)
+
+
+def test_lenient_keep_rule_on_the_integer_network(setup):
+    """keep="lenient" drives the integer FTBC too: a layer is kept when its held-out error
+    drops or its paired rise is not significant, and the result is a valid network."""
+    _, (new, report) = _fixed(setup, keep="lenient")
+    assert report["keep_rule"] == "lenient" and validate(new, TARGET) == []
+    for e in report["layers"].values():
+        assert e["kept"] == (e["holdout_error_after"] < e["holdout_error_before"]
+                             or e["holdout_t"] <= LENIENT_Z)
 
 
 def test_deterministic(setup):
