@@ -170,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer: keep a layer's correction only if it lowers the held-out "
                         "error of the network's output (default); lenient: keep it unless it "
                         "raises that error significantly (paired over the held-out samples, "
-                        "more than 2 standard errors; on the CIFAR-10 ResNet-20 at T = 1-4 "
-                        "measured better on validation, bench/README.md part 11); network: "
-                        "keep every layer's correction (the authors' algorithm) and revert "
-                        "them all only if the held-out agreement with the ANN drops")
+                        "more than 2 standard errors; on the CIFAR-10 ResNet-20 measured "
+                        "better at T = 1 and level at T = 4-8, bench/README.md part 11); "
+                        "network: keep every layer's correction (the authors' algorithm) and "
+                        "revert them all only if the held-out agreement with the ANN drops")
     g.add_argument("--ftbc-target", choices=("ideal", "paper"), default="ideal",
                    help="FTBC's per-step target. ideal (default): each step's firing is "
                         "pulled to that of an ideal IF neuron (same threshold and v_init, the "
