@@ -254,3 +254,22 @@ def test_bar_interrupted_after_its_first_print_is_cleared(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "emulate:   0%" in err
     assert err.endswith("\r")  # the partial line was cleared: the message starts afresh
+
+
+def test_stage_line_is_one_write_with_its_newline(monkeypatch):
+    """An interrupt between a stage line's text and its newline (Python runs signal handlers
+    between two writes) left 'ftbc-export: interrupted' on the stage's line (CI, 6f5cd69):
+    the line now reaches stderr in a single write."""
+    import toolchain.cli as cli
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    cli.stage_line(3, 14, "calibrate")
+    assert writes == ["[4/14] calibrate\n"]

@@ -352,7 +352,7 @@ def _run(options) -> int:
     def announce(index: int, name: str) -> None:
         _raise_if_stopped()
         if options.progress:
-            print(f"[{index + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
+            stage_line(index, len(STAGES), name)
 
     if not distributed.is_main():  # a worker rank: computes its shares, writes nothing
         run_pipeline(options)
@@ -380,6 +380,14 @@ def _run(options) -> int:
         raise VerificationError(f"Lava differs from the emulator: first mismatch "
                                 f"{lava['first_mismatch']} (details in report.json)")
     return 0
+
+
+def stage_line(index: int, total: int, name: str) -> None:
+    """``[i/n] name`` on stderr, newline included, in one write: ``print`` writes the text
+    and the newline separately, and an interrupt landing between the two left the
+    interrupted line glued to it ('[4/14] calibrateftbc-export: interrupted'; found by CI)."""
+    sys.stderr.write(f"[{index + 1}/{total}] {name}\n")
+    sys.stderr.flush()
 
 
 class Terminated(KeyboardInterrupt):
