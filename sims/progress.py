@@ -32,6 +32,14 @@ class _Bar(tqdm):
             super().close()
 
 
+def stderr_line(text: str) -> None:
+    """``text`` and its newline on stderr in one write: ``print`` writes the two apart, and an
+    interrupt landing between them left the "interrupted" message glued to the line
+    ('[4/14] calibrateftbc-export: interrupted'; found by CI)."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample",
                  leave: bool = False) -> tqdm:
     """A tqdm bar on stderr (disabled bars print nothing and cost nothing)."""

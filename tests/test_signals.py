@@ -259,8 +259,8 @@ def test_bar_interrupted_after_its_first_print_is_cleared(monkeypatch, capsys):
 def test_stage_line_is_one_write_with_its_newline(monkeypatch):
     """An interrupt between a stage line's text and its newline (Python runs signal handlers
     between two writes) left 'ftbc-export: interrupted' on the stage's line (CI, 6f5cd69):
-    the line now reaches stderr in a single write."""
-    import toolchain.cli as cli
+    progress lines (the CLI's stages, --resume's messages) reach stderr in a single write."""
+    from sims.progress import stderr_line
     writes = []
 
     class Recorder:
@@ -271,5 +271,5 @@ def test_stage_line_is_one_write_with_its_newline(monkeypatch):
             pass
 
     monkeypatch.setattr(sys, "stderr", Recorder())
-    cli.stage_line(3, 14, "calibrate")
+    stderr_line("[4/14] calibrate")
     assert writes == ["[4/14] calibrate\n"]

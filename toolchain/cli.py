@@ -347,12 +347,13 @@ def _run(options) -> int:
     from core.errors import VerificationError
     from toolchain.pipeline import OUTPUT_FILES, STAGES, run_pipeline
     from toolchain.report import build_report, summary_lines
+    from sims.progress import stderr_line
     from toolchain.resume import FOLDER as RESUME_FOLDER
 
     def announce(index: int, name: str) -> None:
         _raise_if_stopped()
         if options.progress:
-            stage_line(index, len(STAGES), name)
+            stderr_line(f"[{index + 1}/{len(STAGES)}] {name}")
 
     if not distributed.is_main():  # a worker rank: computes its shares, writes nothing
         run_pipeline(options)
@@ -380,14 +381,6 @@ def _run(options) -> int:
         raise VerificationError(f"Lava differs from the emulator: first mismatch "
                                 f"{lava['first_mismatch']} (details in report.json)")
     return 0
-
-
-def stage_line(index: int, total: int, name: str) -> None:
-    """``[i/n] name`` on stderr, newline included, in one write: ``print`` writes the text
-    and the newline separately, and an interrupt landing between the two left the
-    interrupted line glued to it ('[4/14] calibrateftbc-export: interrupted'; found by CI)."""
-    sys.stderr.write(f"[{index + 1}/{total}] {name}\n")
-    sys.stderr.flush()
 
 
 class Terminated(KeyboardInterrupt):

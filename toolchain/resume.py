@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import sys
 import time
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from sims.progress import stderr_line
 
 FOLDER = ".ftbc-resume"
 STATE = "state.pkl"
@@ -197,8 +198,7 @@ def open_checkpoints(run: Any, folder: Path) -> tuple[Any, int]:
     """Attach the checkpoint folder to ``run`` (once the stages the key needs have run) and
     restore an earlier identical run's state if there is one. Returns (run, index of the
     last stage that earlier run finished, -1 if none)."""
-    say = (lambda line: print(line, file=sys.stderr, flush=True)) if run.options.progress \
-        else (lambda line: None)
+    say = stderr_line if run.options.progress else (lambda line: None)
     folder.mkdir(parents=True, exist_ok=True)
     store = Checkpoints(folder, run_key(run), say)
     saved = store.saved_state()
