@@ -64,6 +64,11 @@ def validation_split(opts: Options, data, n: int) -> tuple[np.ndarray, np.ndarra
     return data.x_train[idx], data.y_train[idx]
 
 
+def accuracy(graph, x: np.ndarray, y: np.ndarray) -> float:
+    """The float SNN's accuracy (%) at t = T."""
+    return 100.0 * float((simulate(graph, x).predictions[-1] == y).mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,8 +99,7 @@ def main() -> None:
             start = time.perf_counter()
             run = pipeline.calibrate(pipeline.convert(run))
             seconds = time.perf_counter() - start
-            acc = {m: 100.0 * float((simulate(run.snn[m], x_val).predictions[-1] == y_val).mean())
-                   for m in pipeline.CALIBRATION_METHODS}
+            acc = {m: accuracy(run.snn[m], x_val, y_val) for m in pipeline.CALIBRATION_METHODS}
             kept = run.results["calibration"]["ftbc"].get("layers", {})
             n_kept = sum(bool(v.get("kept")) for v in kept.values())
             print(f"| {steps} | {text} | {ann_acc:.2f} | {acc['none']:.2f} | {acc['lp']:.2f} "

@@ -23,15 +23,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_validation import validation_split  # noqa: E402
-from sims.torch_snn import simulate  # noqa: E402
+from bench_validation import accuracy, validation_split  # noqa: E402
 from tests.ftbc_full_forward import ftbc_full_forward  # noqa: E402
 from toolchain import pipeline  # noqa: E402
 from toolchain.calibrate import calibrate  # noqa: E402
@@ -56,10 +54,6 @@ def variants(run: Run, opts: Options) -> dict:
                                              iterations=opts.iterations,
                                              step_target=opts.ftbc_target),
     }
-
-
-def accuracy(graph, x: np.ndarray, y: np.ndarray) -> float:
-    return 100.0 * float((simulate(graph, x).predictions[-1] == y).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
