@@ -50,7 +50,9 @@ from hw_targets.timing import synaptic_delays
 from hw_targets.loihi2_resources import ChipResources, describe, resources_for
 
 FORMAT = "ftbc-netlist"
-VERSION = 2   # 2: layers say "depth" (v1: "delay"), synapses "delay", delay slots counted
+VERSION = 3   # 2: layers say "depth" (v1: "delay"), synapses "delay", delay slots counted;
+#               3: neuron kind if+signed, neuron state bits, synapses' message bits,
+#                  negative spikes in the activity
 
 
 # =========================================================================== connectivity
@@ -244,6 +246,16 @@ def delay_slots(neurons: int, delays: tuple[int, ...]) -> int:
     return neurons * (1 + max(delays, default=0))
 
 
+def state_bits(layer: QLayer, bits: Mapping[str, int]) -> int:
+    """Neuron state bits of one neuron of ``layer``: the membrane v (and a signed neuron's
+    net spike count, a second word of the same width, as in sims/lava_procs)."""
+    return bits["state"] * (2 if layer.signed else 1)
+
+
+def neuron_kind(layer: QLayer) -> str:
+    return "readout" if layer.readout else "if+signed" if layer.signed else "if"
+
+
 def members_usage(layer: QLayer, conns: tuple[Connectivity, ...], shapes: Mapping,
                   members: np.ndarray, res: ChipResources, bits: Mapping[str, int],
                   timesteps: int, delays: tuple[int, ...] = ()) -> dict[str, int]:
@@ -256,13 +268,15 @@ def members_usage(layer: QLayer, conns: tuple[Connectivity, ...], shapes: Mappin
                                                         bits["weight"]),
             "fan_in_axons": axons,
             "bias_schedule_bits": channels_of(layer, members).size * timesteps * bits["bias"],
-            "delay_slots": delay_slots(int(members.size), delays)}
+            "delay_slots": delay_slots(int(members.size), delays),
+            "neuron_state_bits": int(members.size) * state_bits(layer, bits)}
 
 
 LIMIT_OF = {"neurons": "neurons_per_core", "synapse_memory_bits": "synapse_memory_bits_per_core",
             "fan_in_axons": "fan_in_axons_per_core",
             "bias_schedule_bits": "bias_memory_bits_per_core",
-            "delay_slots": "delay_slots_per_core"}
+            "delay_slots": "delay_slots_per_core",
+            "neuron_state_bits": "neuron_state_bits_per_core"}
 
 
 def overload(usage: Mapping[str, int], res: ChipResources, ignore: set[str]) -> float:
@@ -332,10 +346,11 @@ def fan_outs(q: QuantGraph, conns: Mapping[str, tuple[Connectivity, ...]]
 
 
 def synapse_record(syn: QSynapse, conn: Connectivity, weight_bits: int,
-                   delay: int) -> dict[str, Any]:
+                   delay: int, message_bits: int) -> dict[str, Any]:
     return {"source": syn.source, "kind": syn.kind.value, "weight_shape": list(syn.weight.shape),
             "weights_nonzero": conn.weights_nonzero, "connections": conn.connections,
             "weight_bits": weight_bits, "weight_exp": int(syn.weight_exp), "delay": int(delay),
+            "message_bits": int(message_bits),
             "stride": list(syn.stride), "padding": list(syn.padding),
             "dilation": list(syn.dilation), "groups": int(syn.groups),
             "ann_macs": conn.macs, "pool_folded": conn.pool_folded}
@@ -349,14 +364,15 @@ def bias_record(layer: QLayer, mant_bits: int) -> dict[str, Any]:
 
 
 def layer_record(layer: QLayer, conns, fan_out: np.ndarray, cores: list, bits,
-                 delays: tuple[int, ...]) -> dict:
+                 delays: tuple[int, ...], messages: Mapping[str, int]) -> dict:
     fan_in = np.sum([c.fan_in for c in conns], axis=0)
     n = int(np.prod(layer.shape))
     return {"name": layer.name, "origin": layer.origin,
-            "kind": "readout" if layer.readout else "if", "shape": list(layer.shape),
-            "neurons": n, "depth": int(layer.depth), "delay_slots": delay_slots(n, delays),
+            "kind": neuron_kind(layer), "shape": list(layer.shape),
+            "neurons": n, "neuron_state_bits": state_bits(layer, bits),
+            "depth": int(layer.depth), "delay_slots": delay_slots(n, delays),
             "vth": {"min": int(np.min(layer.vth)), "max": int(np.max(layer.vth))},
-            "synapses": [synapse_record(s, c, bits["weight"], d)
+            "synapses": [synapse_record(s, c, bits["weight"], d, messages[s.source])
                          for s, c, d in zip(layer.synapses, conns, delays)],
             "connections": int(fan_in.sum()), "fan_in": stats(fan_in), "fan_out": stats(fan_out),
             "weight_bits": bits["weight"], "bias_schedule": bias_record(layer, bits["bias"]),
@@ -378,7 +394,10 @@ def build_netlist(q: QuantGraph, target: Target, activity: Mapping[str, Any] | N
         raise InputError(f"netlist: target {target.name!r} is not a chip (no core limits); "
                          f"use --target loihi2")
     bits = {"weight": target.weight_bits,
-            "bias": signed_bits(target.bias_mant_min, target.bias_mant_max)}
+            "bias": signed_bits(target.bias_mant_min, target.bias_mant_max),
+            "state": target.state_bits}
+    messages = {INPUT: target.message_bits(None),
+                **{l.name: target.message_bits(l.signed) for l in q.layers}}
     conns, shapes, delays = graph_connectivity(q), shapes_of(q), synaptic_delays(q.layers)
     outs, layers, violations, first = fan_outs(q, conns), [], [], 0
     for layer in q.layers:
@@ -388,7 +407,7 @@ def build_netlist(q: QuantGraph, target: Target, activity: Mapping[str, Any] | N
             core["core"] = first + i
         first += len(cores)
         layers.append(layer_record(layer, conns[layer.name], outs[layer.name], cores, bits,
-                                   delays[layer.name]))
+                                   delays[layer.name], messages))
         violations += problems
     return assemble(q, target, res, layers, violations, outs, conns, activity)
 
@@ -398,12 +417,16 @@ def assemble(q, target, res, layers, violations, outs, conns, activity) -> dict[
     cores = sum(len(l["cores"]) for l in layers)
     n_in = int(np.prod(q.input.shape))
     totals = {"neurons": sum(l["neurons"] for l in layers),
+              "signed_neurons": sum(l["neurons"] for l in layers if l["kind"] == "if+signed"),
+              "neuron_state_bits": sum(l["neurons"] * l["neuron_state_bits"] for l in layers),
               "connections": sum(l["connections"] for l in layers),
               "weights_nonzero": sum(s["weights_nonzero"] for l in layers for s in l["synapses"]),
               "bias_schedule_bits": sum(l["bias_schedule"]["bits"] for l in layers),
               "delay_slots": sum(l["delay_slots"] for l in layers),
               "delayed_connections": sum(s["connections"] for l in layers
                                          for s in l["synapses"] if s["delay"]),
+              "graded_connections": sum(s["connections"] for l in layers
+                                        for s in l["synapses"] if s["message_bits"]),
               "ann_macs": sum(s["ann_macs"] for l in layers for s in l["synapses"]),
               "cores": cores, "chips": math.ceil(cores / res.limits.cores_per_chip)}
     return {"format": FORMAT, "version": VERSION, "target": target.name,
@@ -438,9 +461,11 @@ def layer_activity(layer: QLayer, conns, activity, timesteps: int) -> dict[str, 
         value, method = synops(events_of(activity, c.source), c.fan_out)
         ops, methods = ops + value, methods | {method}
     spikes = 0.0 if layer.readout else float(np.sum(activity["spikes"].get(layer.name, 0.0)))
+    negative = float(activity.get("negative_spikes", {}).get(layer.name, 0.0))
     n = int(np.prod(layer.shape))
-    return {"name": layer.name, "spikes": round(spikes, 4), "spike_rate": round(
-        spikes / (n * timesteps), 6), "synops": round(ops, 4),
+    return {"name": layer.name, "spikes": round(spikes, 4),
+            "negative_spikes": round(negative, 4),
+            "spike_rate": round(spikes / (n * timesteps), 6), "synops": round(ops, 4),
         "neuron_updates": n * timesteps, "ann_macs": sum(c.macs for c in conns),
         "synops_method": "/".join(sorted(methods))}
 
@@ -463,7 +488,7 @@ def activity_record(q: QuantGraph, conns, outs, activity: Mapping[str, Any],
     """Per-layer and total activity per inference, with the energy estimate."""
     layers = [layer_activity(l, conns[l.name], activity, q.timesteps) for l in q.layers]
     total = {k: round(sum(l[k] for l in layers), 4)
-             for k in ("spikes", "synops", "neuron_updates", "ann_macs")}
+             for k in ("spikes", "negative_spikes", "synops", "neuron_updates", "ann_macs")}
     total["input_events"] = round(float(np.sum(activity["input_events"])), 4)
     total["synops_per_ann_mac"] = round(total["synops"] / max(total["ann_macs"], 1), 6)
     return {"samples": int(activity["samples"]), "source": activity.get("source", ""),
@@ -504,6 +529,11 @@ def netlist_summary_lines(netlist: Mapping[str, Any]) -> list[str]:
              f"{_si(t['neurons'])} neurons, {_si(t['connections'])} synapses, "
              f"{t['cores']} cores on {t['chips']} chip(s) (limits partly assumptions, "
              f"see resources)"]
+    if t["signed_neurons"]:
+        lines.append(f"signed neurons: {_si(t['signed_neurons'])}, two state words each "
+                     f"(v and the net spike count); their -1/0/+1 spikes are graded "
+                     f"messages ({_si(t['graded_connections'])} graded synapses, input's "
+                     f"included)")
     if t["delayed_connections"]:
         lines.append(f"residual inputs aligned by synaptic delays: "
                      f"{_si(t['delayed_connections'])} delayed synapses, "
@@ -528,7 +558,10 @@ def activity_lines(netlist: Mapping[str, Any]) -> list[str]:
         return []
     a = netlist["activity"]
     tot, e = a["totals"], a["energy"]
-    return [f"per inference (mean of {a['samples']} samples): {_si(tot['spikes'])} spikes, "
+    takes = (f" ({_si(tot['negative_spikes'])} of them -1 take-backs)"
+             if tot["negative_spikes"] else "")
+    return [f"per inference (mean of {a['samples']} samples): {_si(tot['spikes'])} spikes"
+            f"{takes}, "
             f"{_si(tot['synops'])} synops vs {_si(tot['ann_macs'])} ANN MACs "
             f"({tot['synops_per_ann_mac']:.3g} synops/MAC)",
             f"energy estimate: SNN {e['snn_total_nj'] / 1e3:.3g} uJ (synops "

@@ -49,6 +49,11 @@ class Target:
     # accepts graded spikes when num_message_bits > 0, proc/dense/process.py, carried
     # in 24-bit ports, proc/conv/models.py s_in precision=24).
     input_payload_bits: int = 8
+    # A signed layer's spike (sims/reference.py: -1, 0 or +1) travels as a graded payload,
+    # 2 bits two's complement; the synapses reading it run with num_message_bits = 2 and
+    # multiply the weight by it (sims/lava_procs; Loihi 2 graded spikes carry up to 24 bits,
+    # Intel's Loihi 2 brief). An IF layer's spikes are binary (0 message bits).
+    signed_spike_bits: int = 2
     # Lava Dense/Conv deliver at step t what arrived at t-1 (proc/dense/models.py a_buff):
     # one fixed step per hop (hw_targets/timing.py). Loihi 2 synapses add a 6-bit delay
     # field, 0..63 extra steps (proc/sparse/models.py PyDelaySparseModelBitAcc: delays
@@ -92,6 +97,14 @@ class Target:
     def payload_max(self) -> int:
         """Largest graded-spike payload magnitude, 2**(input_payload_bits-1)."""
         return 1 << (self.input_payload_bits - 1)
+
+    def message_bits(self, source_signed: bool | None) -> int:
+        """Message bits of a synapse (Lava's ``num_message_bits``; 0 = binary spikes) by
+        its source: ``None`` the input (graded payload), ``True`` a signed layer, ``False``
+        an IF layer."""
+        if source_signed is None:
+            return self.input_payload_bits
+        return self.signed_spike_bits if source_signed else 0
 
     @property
     def mantissa_min(self) -> int:

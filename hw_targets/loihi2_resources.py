@@ -60,6 +60,13 @@ class CoreLimits:
     # Loihi 2's figure is not public: we assume 2 slots for each of the 8192 neurons a core
     # can hold, so a full core aligns one extra step and longer delays fit fewer neurons.
     delay_slots_per_core: int = 2 * 8192
+    # ASSUMPTION: neuron state memory per core. The brief's 8192 neurons per core assume the
+    # smallest neuron state; we read that as one 24-bit state word per neuron (an IF neuron's
+    # membrane v), 8192 x 24 = 196,608 bits. A neuron with more state fits fewer per core:
+    # the signed neuron (sims/reference.py) keeps its net spike count beside v, a second
+    # 24-bit word as in our Lava model (sims/lava_procs), so a full core holds 4096 of them.
+    # Loihi 2's state memory is flexibly partitioned and its size is not public.
+    neuron_state_bits_per_core: int = 8192 * 24
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ SOURCES: dict[str, str] = {
     "synapse_memory_bits_per_core": ASSUMPTION, "synapse_overhead_bits": ASSUMPTION,
     "conv_weight_sharing": ASSUMPTION, "fan_in_axons_per_core": ASSUMPTION,
     "bias_memory_bits_per_core": ASSUMPTION, "delay_slots_per_core": ASSUMPTION,
+    "neuron_state_bits_per_core": ASSUMPTION,
     "synop_pj": ASSUMPTION,
     "neuron_update_pj": ASSUMPTION, "spike_pj": ASSUMPTION,
     "ann_mac_int8_pj": PUBLIC, "ann_mac_fp32_pj": PUBLIC,

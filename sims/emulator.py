@@ -10,7 +10,7 @@ rows per time chunk; the neuron loop over t is a few in-place tensor ops.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -37,8 +37,10 @@ class EmuResult:
     all neurons); ``saturations`` layer -> number of 24-bit membrane clamps;
     ``synapse_clamps`` layer -> number of 24-bit synaptic-output clamps (0 when
     ``validate`` passed); ``neuron_spikes`` layer -> (n,) int64 spikes of each neuron over
-    all samples and steps (the activity the netlist's synops come from); ``spikes`` layer
-    -> (T, N, n) uint8 (a signed layer: int8 -1/0/1) when ``record=True``."""
+    all samples and steps (the activity the netlist's synops come from; a signed layer's
+    -1 spikes included); ``negative_spikes`` layer -> the -1 spikes (take-backs) of all its
+    neurons over all samples and steps (0 for an IF layer); ``spikes`` layer -> (T, N, n)
+    uint8 (a signed layer: int8 -1/0/1) when ``record=True``."""
     accuracy: np.ndarray | None
     predictions: np.ndarray
     readout: np.ndarray
@@ -47,6 +49,7 @@ class EmuResult:
     synapse_clamps: Mapping[str, int]
     neuron_spikes: Mapping[str, np.ndarray]
     spikes: Mapping[str, np.ndarray] | None = None
+    negative_spikes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def readout_trace(self) -> np.ndarray:
@@ -59,10 +62,12 @@ class EmuResult:
 @dataclass
 class _Totals:
     """Running totals over batches (mutable accumulator, private): per spiking layer the
-    spikes of each neuron (float64, exact integers), saturation and clamp counts."""
+    spikes of each neuron (float64, exact integers), saturation and clamp counts, and the
+    -1 spikes of the layer (int64 scalar; stays 0 for an IF layer)."""
     neurons: dict[str, torch.Tensor]
     saturations: dict[str, int]
     clamps: dict[str, int]
+    negatives: dict[str, torch.Tensor]
 
 
 def chunk_steps(plans: tuple[LayerPlan, ...], steps: int, batch: int) -> int:
@@ -122,6 +127,8 @@ def collect(lp: LayerPlan, out: torch.Tensor, chunk: range, totals: _Totals,
     # are exact (a chunk has < 2**24 rows)
     sent = out.abs() if lp.signed else out
     totals.neurons[lp.name] += sent.reshape(-1, out.shape[-1]).sum(dim=0)
+    if lp.signed:
+        totals.negatives[lp.name] += (out < 0).sum()
     if record is not None:
         rows = slice(row0, row0 + out.shape[1])
         record[lp.name][chunk.start:chunk.stop, rows] = out.to(
@@ -151,7 +158,9 @@ def emulate(q: QuantGraph, x: np.ndarray, y: np.ndarray | None = None, *,
     plans, steps, n = plan.layers, q.timesteps, len(x)
     totals = _Totals({lp.name: torch.zeros(lp.n, dtype=torch.float64, device=plan.device)
                       for lp in plans if not lp.readout},
-                     {lp.name: 0 for lp in plans}, {lp.name: 0 for lp in plans})
+                     {lp.name: 0 for lp in plans}, {lp.name: 0 for lp in plans},
+                     {lp.name: torch.zeros((), dtype=torch.int64, device=plan.device)
+                      for lp in plans if not lp.readout})
     spikes = ({lp.name: np.zeros((steps, n, lp.n), np.int8 if lp.signed else np.uint8)
                for lp in plans if not lp.readout} if record else None)
     readout = np.zeros((steps, n, plans[-1].n), dtype=np.int64)
@@ -177,4 +186,5 @@ def make_result(readout: np.ndarray, y: np.ndarray | None, totals: _Totals,
                      neuron_spikes={k: v.cpu().numpy().astype(np.int64)
                                     for k, v in totals.neurons.items()},
                      saturations=dict(totals.saturations),
-                     synapse_clamps=dict(totals.clamps), spikes=spikes)
+                     synapse_clamps=dict(totals.clamps), spikes=spikes,
+                     negative_spikes={k: int(v) for k, v in totals.negatives.items()})

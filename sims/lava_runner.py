@@ -63,7 +63,6 @@ from sims.progress import progress_bar
 LAVA_TARGET = "loihi2-sim"
 CONV_MATRIX_BLOCK = 1 << 22  # candidate taps per block of output channels (conv_matrix)
 SPARSE_CONV_MAX_PIXELS = 16  # convs with output planes up to 4 x 4 run as Sparse (runs_sparse)
-SIGNED_SPIKE_BITS = 2  # a signed layer's spike: a 2-bit two's-complement payload (-1, 0, +1)
 
 
 @dataclass(frozen=True)
@@ -179,12 +178,10 @@ def _build(q: QuantGraph, x_int: np.ndarray, period: int):
 
 
 def message_bits(q: QuantGraph, source: str) -> int:
-    """The ``num_message_bits`` of a synapse reading ``source``: the target's graded-input
-    payload width from the input, ``SIGNED_SPIKE_BITS`` from a signed layer (graded -1/0/+1),
-    0 (binary spikes) from an IF layer."""
-    if source == INPUT:
-        return get_target(q.target).input_payload_bits
-    return SIGNED_SPIKE_BITS if q.layer(source).signed else 0
+    """The ``num_message_bits`` of a synapse reading ``source`` (``Target.message_bits``:
+    the graded-input payload width from the input, 2 from a signed layer's -1/0/+1, 0 =
+    binary spikes from an IF layer)."""
+    return get_target(q.target).message_bits(None if source == INPUT else q.layer(source).signed)
 
 
 def _neuron(q: QuantGraph, layer: QLayer, num: int, period: int):

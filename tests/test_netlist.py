@@ -213,16 +213,20 @@ def test_schema_keys():
     n = build_netlist(q, LOIHI2_TARGET, measure_activity(q, lb.random_inputs(q, 3)))
     assert list(n) == ["format", "version", "target", "timesteps", "resources", "input",
                        "layers", "totals", "fits", "violations", "activity"]
-    assert set(n["layers"][0]) == {"name", "origin", "kind", "shape", "neurons", "depth",
-                                   "delay_slots", "vth", "synapses", "connections", "fan_in",
-                                   "fan_out", "weight_bits", "bias_schedule",
-                                   "placement_order", "cores"}
+    assert list(n["layers"][0]) == ["name", "origin", "kind", "shape", "neurons",
+                                    "neuron_state_bits", "depth", "delay_slots", "vth",
+                                    "synapses", "connections", "fan_in", "fan_out",
+                                    "weight_bits", "bias_schedule", "placement_order", "cores"]
     assert set(n["layers"][0]["cores"][0]) == {"core", "range", "neurons", "synapses",
                                                "synapse_memory_bits", "fan_in_axons",
-                                               "bias_schedule_bits", "delay_slots"}
-    assert set(n["totals"]) == {"neurons", "connections", "weights_nonzero",
-                                "bias_schedule_bits", "delay_slots", "delayed_connections",
+                                               "bias_schedule_bits", "delay_slots",
+                                               "neuron_state_bits"}
+    assert "message_bits" in n["layers"][0]["synapses"][0]
+    assert set(n["totals"]) == {"neurons", "signed_neurons", "neuron_state_bits",
+                                "connections", "weights_nonzero", "bias_schedule_bits",
+                                "delay_slots", "delayed_connections", "graded_connections",
                                 "ann_macs", "cores", "chips"}
+    assert "negative_spikes" in n["activity"]["layers"][0]
     assert set(n["activity"]) == {"samples", "source", "layers", "totals", "energy"}
     assert n["resources"]["cores_per_chip"] == {"value": 128, "source": "public"}
     assert len(n["layers"][2]["synapses"]) == 2          # the residual layer

@@ -4,6 +4,8 @@ float engine against their references, the spike cache, conversion and the integ
 netx file: ``tests/test_signed_lava.py``)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -65,10 +67,59 @@ def test_signed_networks_send_minus_one():
     spikes = np.concatenate([s.ravel() for s in res.spikes.values()])
     assert (spikes == -1).any() and (spikes == 1).any()
     assert all(s.dtype == np.int8 for s in res.spikes.values())
-    # activity counts every spike sent, +1 and -1 alike
+    # activity counts every spike sent, +1 and -1 alike, and the -1 spikes on their own
     for name, s in res.spikes.items():
         np.testing.assert_array_equal(res.neuron_spikes[name],
                                       np.abs(s.astype(np.int64)).sum(axis=(0, 1)))
+        assert res.negative_spikes[name] == int((s < 0).sum())
+    assert emulate(random_qgraph(1, timesteps=6), random_inputs(1, q, 4)).negative_spikes == {
+        name: 0 for name in res.spikes}
+
+
+def test_netlist_counts_what_the_signed_neuron_costs():
+    """A signed layer: kind if+signed, a second 24-bit state word per neuron (which can split
+    a layer over more cores), 2-bit graded messages on the synapses reading it (8 from the
+    input, 0 from an IF layer), and its -1 spikes in the activity."""
+    from exporters.netlist import build_netlist, netlist_summary_lines
+    from hw_targets.loihi2_resources import LOIHI2
+    from sims.activity import measure_activity
+    from sims.emulator import emulate
+    from tests import lava_builders as lb
+    target = get_target("loihi2")
+    plain = lb.residual_net(0)
+    q = signed(plain)
+    small = replace(LOIHI2, limits=replace(LOIHI2.limits, neurons_per_core=8,
+                                           neuron_state_bits_per_core=8 * 24))
+    n_if, n_signed = (build_netlist(g, target, resources=small) for g in (plain, q))
+    for n, kind, bits, graded in ((n_if, "if", 24, 0), (n_signed, "if+signed", 48, 2)):
+        assert [l["kind"] for l in n["layers"]] == [kind] * 3 + ["readout"]
+        assert [l["neuron_state_bits"] for l in n["layers"]] == [bits] * 3 + [24]
+        for l in n["layers"]:
+            assert [s["message_bits"] for s in l["synapses"]] == [
+                8 if s["source"] == INPUT else graded for s in l["synapses"]]
+            assert sum(c["neuron_state_bits"] for c in l["cores"]) == (
+                l["neurons"] * l["neuron_state_bits"])
+    # a core holds 8 one-word neurons or 4 two-word ones: the signed layers need twice the cores
+    neurons = [l["neurons"] for l in n_if["layers"]]
+    assert [len(l["cores"]) for l in n_if["layers"]] == [-(-k // 8) for k in neurons]
+    assert [len(l["cores"]) for l in n_signed["layers"]] == [
+        -(-k // 4) for k in neurons[:-1]] + [-(-neurons[-1] // 8)]
+    spiking = sum(neurons[:-1])
+    assert (n_if["totals"]["signed_neurons"], n_signed["totals"]["signed_neurons"]) == (0, spiking)
+    from_input = sum(s["connections"] for l in n_if["layers"] for s in l["synapses"]
+                     if s["source"] == INPUT)
+    assert n_if["totals"]["graded_connections"] == from_input
+    assert n_signed["totals"]["graded_connections"] == n_signed["totals"]["connections"]
+    assert any("signed neurons" in line for line in netlist_summary_lines(n_signed))
+    assert not any("signed neurons" in line for line in netlist_summary_lines(n_if))
+    # the -1 spikes per inference, measured, in the netlist's activity
+    q = signed(random_qgraph(1, timesteps=6))
+    x = random_inputs(1, q, 4)
+    trains = emulate(q, x, record=True).spikes
+    act = build_netlist(q, target, measure_activity(q, x))["activity"]
+    for rec in act["layers"][:-1]:
+        assert rec["negative_spikes"] == round(float((trains[rec["name"]] < 0).sum()) / 4, 4)
+    assert act["totals"]["negative_spikes"] > 0
 
 
 @pytest.mark.parametrize("seed,topology", [(0, "chain"), (1, "branch"), (2, "skip")])

@@ -289,7 +289,8 @@ def emulate(run: Run) -> Run:
         run.quant.input, x, get_target(run.options.target).input_payload_bits))
     saturations = {k: distributed.sum_int(v) for k, v in sorted(result.saturations.items())}
     activity = activity_from_counts(run.quant, x, result.neuron_spikes,
-                                    source=f"{run.options.data} evaluation split")
+                                    source=f"{run.options.data} evaluation split",
+                                    negative_spikes=result.negative_spikes)
     return replace(run, activity=activity).with_results(
         fixed_accuracy=_accuracy(run, result.predictions).tolist(),
         saturations={k: saturations[k] for k in result.saturations},
