@@ -466,8 +466,8 @@ def layer_activity(layer: QLayer, conns, activity, timesteps: int) -> dict[str, 
     return {"name": layer.name, "spikes": round(spikes, 4),
             "negative_spikes": round(negative, 4),
             "spike_rate": round(spikes / (n * timesteps), 6), "synops": round(ops, 4),
-        "neuron_updates": n * timesteps, "ann_macs": sum(c.macs for c in conns),
-        "synops_method": "/".join(sorted(methods))}
+            "neuron_updates": n * timesteps, "ann_macs": sum(c.macs for c in conns),
+            "synops_method": "/".join(sorted(methods))}
 
 
 def energy_record(total: Mapping[str, float], res: ChipResources) -> dict[str, Any]:

@@ -7,9 +7,9 @@ pass (``activity_from_counts``) instead of emulating the data set a second time;
 is the mean number of spikes per sample (summed over the T steps), and for the input the mean
 number of graded-spike events (non-zero payloads of ``sims.reference.encode_input``, sent at
 every step), and per layer the mean number of -1 spikes a signed layer sends (its
-take-backs; already counted among its spikes). It is the ``activity`` argument of ``exporters.netlist.build_netlist``. In a
-data-parallel run (``core.distributed``) each rank passes its shard and gets the totals
-of all ranks.
+take-backs, already counted among its spikes). It is the ``activity`` argument of
+``exporters.netlist.build_netlist``. In a data-parallel run (``core.distributed``) each rank
+passes its shard and gets the totals of all ranks.
 """
 from __future__ import annotations
 
