@@ -6,11 +6,14 @@ float SNN at t = T on ``--val`` training images that the calibration never saw: 
 draws its calibration images as the first ``need`` of a seeded permutation of the training
 split (``toolchain.pipeline._calib_data``); the validation images are the next ``--val`` of
 the same permutation. No test image is used, so the options can be chosen here without
-selecting on test data. Output: one markdown row per variant and T.
+selecting on test data. ``--seeds`` repeats every cell with other calibration seeds (the seed
+draws the calibration images and so the validation images after them: every variant of one
+seed sees the same images). Output: one markdown row per seed, T and variant.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_validation.py \\
         --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \\
-        --timesteps 4 --val 1000 --variants base threshold=percentile:99.9 holdout=0
+        --timesteps 4 --val 1000 --variants base threshold=percentile:99.9 holdout=0 \\
+        --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from toolchain.ann import ann_predictions  # noqa: E402
 from toolchain.pipeline import Options, Run  # noqa: E402
 
 VAL_START = 4096  # validation images start here in the permutation (after any calibration draw)
-# (no seed: it also draws the validation images, which stay the same for every variant)
+# (no seed here: it draws the validation images too; --seeds sets it for all variants at once)
 FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
           "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float,
           "ftbc_target": str, "neuron": str}
@@ -78,32 +81,36 @@ def main() -> None:
     p.add_argument("--val", type=int, default=1000, help="validation (training) images")
     p.add_argument("--variants", nargs="+", default=["base"],
                    help="'base' or key=value[,key=value] over " + ", ".join(FIELDS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="calibration seeds (each draws its own validation images too)")
     args = p.parse_args()
-    torch.manual_seed(0)
-    print("| T | variant | ANN (val) | none | lp | ftbc | ftbc kept layers | convert+calib s |")
-    print("|---|---|---|---|---|---|---|---|")
-    base_run, ann, ann_acc = None, None, 0.0
-    for steps in args.timesteps:
-        for text in args.variants:
-            opts = Options(model=Path(args.model), data=args.data, timesteps=steps,
-                           verify_samples=0, progress=False, **parse_variant(text))
-            if base_run is None:
-                base_run = pipeline.load(Run(options=opts))
-            run = replace(base_run, options=opts, calib=pipeline._calib_data(opts, base_run.data))
-            x_val, y_val = validation_split(opts, run.data, args.val)
-            if ann is None:
-                from toolchain.trace import trace as trace_model
-                ann = trace_model(run.loaded, tuple(run.data.x_train.shape[1:]))
-                ann_acc = 100.0 * float((ann_predictions(ann, x_val) == y_val).mean())
-            run = replace(run, ann=ann)
-            start = time.perf_counter()
-            run = pipeline.calibrate(pipeline.convert(run))
-            seconds = time.perf_counter() - start
-            acc = {m: accuracy(run.snn[m], x_val, y_val) for m in pipeline.CALIBRATION_METHODS}
-            kept = run.results["calibration"]["ftbc"].get("layers", {})
-            n_kept = sum(bool(v.get("kept")) for v in kept.values())
-            print(f"| {steps} | {text} | {ann_acc:.2f} | {acc['none']:.2f} | {acc['lp']:.2f} "
-                  f"| {acc['ftbc']:.2f} | {n_kept}/{len(kept)} | {seconds:.0f} |", flush=True)
+    print("| seed | T | variant | ANN (val) | none | lp | ftbc | ftbc kept layers "
+          "| convert+calib s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base_run, ann, ann_acc = None, None, {}
+    for seed, steps, text in ((s, t, v) for s in args.seeds for t in args.timesteps
+                              for v in args.variants):
+        torch.manual_seed(0)
+        opts = Options(model=Path(args.model), data=args.data, timesteps=steps,
+                       verify_samples=0, progress=False, seed=seed, **parse_variant(text))
+        if base_run is None:
+            base_run = pipeline.load(Run(options=opts))
+            from toolchain.trace import trace as trace_model
+            ann = trace_model(base_run.loaded, tuple(base_run.data.x_train.shape[1:]))
+        run = replace(base_run, options=opts, calib=pipeline._calib_data(opts, base_run.data),
+                      ann=ann)
+        x_val, y_val = validation_split(opts, run.data, args.val)
+        if seed not in ann_acc:
+            ann_acc[seed] = 100.0 * float((ann_predictions(ann, x_val) == y_val).mean())
+        start = time.perf_counter()
+        run = pipeline.calibrate(pipeline.convert(run))
+        seconds = time.perf_counter() - start
+        acc = {m: accuracy(run.snn[m], x_val, y_val) for m in pipeline.CALIBRATION_METHODS}
+        kept = run.results["calibration"]["ftbc"].get("layers", {})
+        n_kept = sum(bool(v.get("kept")) for v in kept.values())
+        print(f"| {seed} | {steps} | {text} | {ann_acc[seed]:.2f} | {acc['none']:.2f} "
+              f"| {acc['lp']:.2f} | {acc['ftbc']:.2f} | {n_kept}/{len(kept)} | {seconds:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
