@@ -51,8 +51,8 @@ class Target:
     input_payload_bits: int = 8
     # A signed layer's spike (sims/reference.py: -1, 0 or +1) travels as a graded payload,
     # 2 bits two's complement; the synapses reading it run with num_message_bits = 2 and
-    # multiply the weight by it (sims/lava_procs; Loihi 2 graded spikes carry up to 24 bits,
-    # Intel's Loihi 2 brief). An IF layer's spikes are binary (0 message bits).
+    # multiply the weight by it (sims/lava_procs; carried in the same 24-bit ports as the
+    # input's payload). An IF layer's spikes are binary (0 message bits).
     signed_spike_bits: int = 2
     # Lava Dense/Conv deliver at step t what arrived at t-1 (proc/dense/models.py a_buff):
     # one fixed step per hop (hw_targets/timing.py). Loihi 2 synapses add a 6-bit delay
