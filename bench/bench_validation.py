@@ -8,7 +8,8 @@ split (``toolchain.pipeline._calib_data``); the validation images are the next `
 the same permutation. No test image is used, so the options can be chosen here without
 selecting on test data. ``--seeds`` repeats every cell with other calibration seeds (the seed
 draws the calibration images and so the validation images after them: every variant of one
-seed sees the same images). Output: one markdown row per seed, T and variant.
+seed sees the same images). Output: one markdown row per seed, T and variant; with several
+variants, then each variant minus the first, paired per seed, with the mean and sd.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_validation.py \\
         --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \\
@@ -87,7 +88,7 @@ def main() -> None:
     print("| seed | T | variant | ANN (val) | none | lp | ftbc | ftbc kept layers "
           "| convert+calib s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base_run, ann, ann_acc = None, None, {}
+    base_run, ann, ann_acc, scores = None, None, {}, {}
     for seed, steps, text in ((s, t, v) for s in args.seeds for t in args.timesteps
                               for v in args.variants):
         torch.manual_seed(0)
@@ -108,9 +109,31 @@ def main() -> None:
         acc = {m: accuracy(run.snn[m], x_val, y_val) for m in pipeline.CALIBRATION_METHODS}
         kept = run.results["calibration"]["ftbc"].get("layers", {})
         n_kept = sum(bool(v.get("kept")) for v in kept.values())
+        scores[seed, steps, text] = acc
         print(f"| {seed} | {steps} | {text} | {ann_acc[seed]:.2f} | {acc['none']:.2f} "
               f"| {acc['lp']:.2f} | {acc['ftbc']:.2f} | {n_kept}/{len(kept)} | {seconds:.0f} |",
               flush=True)
+    print_differences(scores, args.seeds, args.timesteps, args.variants)
+
+
+def print_differences(scores: dict, seeds: list[int], steps: list[int],
+                      variants: list[str]) -> None:
+    """Each variant minus the first, paired per seed (same calibration and validation images):
+    the per-seed differences, their mean and sample standard deviation, for lp and ftbc."""
+    if len(variants) < 2:
+        return
+    first = variants[0]
+    print(f"\n| T | variant | method | minus {first}, seeds {' / '.join(map(str, seeds))} "
+          "| mean | sd |")
+    print("|---|---|---|---|---|---|")
+    for t in steps:
+        for text in variants[1:]:
+            for method in ("lp", "ftbc"):
+                d = np.array([scores[s, t, text][method] - scores[s, t, first][method]
+                              for s in seeds])
+                sd = f"{d.std(ddof=1):.2f}" if len(d) > 1 else "-"
+                print(f"| {t} | {text} | {method} | {' / '.join(f'{x:+.1f}' for x in d)} "
+                      f"| {d.mean():+.2f} | {sd} |")
 
 
 if __name__ == "__main__":
