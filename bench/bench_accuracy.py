@@ -4,9 +4,9 @@ Runs the real pipeline (no Lava: --verify-samples 0) once per T, each T in a fre
 so that its peak RSS (the largest per-stage peak) is that T's own, and collects report.json
 figures into a markdown table.
 
-    .venv/bin/python bench/bench_accuracy.py --model examples/digits_cnn.pt --data digits \
+    .venv/bin/python bench/bench_accuracy.py --model examples/digits_cnn.pt --data digits \\
         --timesteps 1 2 4 8 16 32 64 --out bench/out/digits
-    .venv/bin/python bench/bench_accuracy.py --model bench/models/mnist_cnn.pt \
+    .venv/bin/python bench/bench_accuracy.py --model bench/models/mnist_cnn.pt \\
         --data mnist:../shared/data/mnist --timesteps 1 2 4 8 16 32 64 --out bench/out/mnist
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Integer-domain FTBC (``toolchain.calibrate_fixed``) against "calibrate in float, then quantize".
 
-    .venv/bin/python bench/bench_calibrate_fixed.py --model examples/digits_cnn.pt \
+    .venv/bin/python bench/bench_calibrate_fixed.py --model examples/digits_cnn.pt \\
         --data digits --timesteps 2 4 8 16 --seeds 0 1 2
-    .venv/bin/python bench/bench_calibrate_fixed.py --model bench/models/mnist_cnn.pt \
+    .venv/bin/python bench/bench_calibrate_fixed.py --model bench/models/mnist_cnn.pt \\
         --data mnist:/work/shared/data/mnist --eval 2000 --timesteps 2 4 8 16
 
 Per T and seed (the seed picks the calibration subset of the training split, as the pipeline

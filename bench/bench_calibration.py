@@ -24,7 +24,7 @@ test split. The table gives the mean over seeds, and ftbc - lp per seed (paired:
 calibrations see the same subset and thresholds), since single runs differ by a few images.
 Results go to stdout (markdown) and bench/out/*.json.
 
-    .venv/bin/python bench/bench_calibration.py accuracy --model bench/models/mnist_cnn.pt \
+    .venv/bin/python bench/bench_calibration.py accuracy --model bench/models/mnist_cnn.pt \\
         --data mnist:../shared/data/mnist --seeds 3 --steps 1 2 4 8 16 32 64
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Residual alignment on Loihi 2: synaptic delays (what the toolchain does) vs relay neurons.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_residual_alignment.py \
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_residual_alignment.py \\
         --net OUT/network.net --data cifar10:../shared/data/cifar10 --samples 4
 
 A residual layer's shorter input path must wait ``delay = depth(layer) - 1 - depth(source)``

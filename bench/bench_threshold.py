@@ -4,7 +4,7 @@ the straightforward way (``tests.threshold_reference.grid_search_mse``, the refe
 tests check ours against: for every candidate fraction, quantize every value of every
 channel and sum the squared error), side by side, median of 3.
 
-    .venv/bin/python bench/bench_threshold.py --model bench/models/cifar_resnet20.pt \
+    .venv/bin/python bench/bench_threshold.py --model bench/models/cifar_resnet20.pt \\
         --data cifar10:../shared/data/cifar10 --timesteps 4 --samples 800
 
 Both search the same grid (``MSE_FRACTIONS``: f = 1.00, 0.99, ..., 0.05 of the channel max)

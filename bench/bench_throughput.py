@@ -1,8 +1,8 @@
 """Simulation throughput on any model: float SNN, bit-exact emulator and Lava (1 and 2 worker
 processes), in samples x steps per second, side by side in one run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_throughput.py \
-        --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_throughput.py \\
+        --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \\
         --timesteps 8 --samples 256 --lava-samples 4 --repeats 3
 
 The network is built once through the real pipeline (``--target``, default loihi2-sim; calibration

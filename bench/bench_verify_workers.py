@@ -1,7 +1,7 @@
 """Lava verification with 1 and 2 worker processes (``--verify-workers``), side by side.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_verify_workers.py [--samples 100]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_verify_workers.py \
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_verify_workers.py \\
         --net OUT/network.net --data cifar10:../shared/data/cifar10 --samples 20 --repeats 1
 
 The demo network (``make demo``: examples/digits_cnn.pt, loihi2-sim, default options) is

@@ -2,7 +2,7 @@
 draw: float accuracy at t = T on validation images (training images outside the draw) and on
 the test set.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/keep_rules.py --model bench/models/cifar_resnet20.pt \
+    OMP_NUM_THREADS=1 .venv/bin/python bench/keep_rules.py --model bench/models/cifar_resnet20.pt \\
         --data cifar10:../shared/data/cifar10 --timesteps 1 --seeds 0 1 2
 
 Per seed, the same converted graph calibrated by

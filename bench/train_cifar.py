@@ -26,7 +26,7 @@ for ``--epochs`` more epochs at a lower learning rate (e.g. ``--lr 0.02``). Fine
 pretrained ANN into QCFS form is common practice when training from scratch is too long; the
 resulting model is not QCFS's own from-scratch schedule, and the log says which was done.
 
-    .venv/bin/python bench/train_cifar.py --act qcfs --levels 4 \
+    .venv/bin/python bench/train_cifar.py --act qcfs --levels 4 \\
         --finetune bench/models/resnet20.ckpt --epochs 6 --lr 0.02
 """
 from __future__ import annotations
