@@ -90,8 +90,10 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
               keep: str = "layer", step_target: str = "ideal") -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
     ``progress``: a bar over the layers on stderr; ``device``: the torch device; ``keep``:
-    ``"layer"`` (each layer's correction kept only if it lowers the held-out error) or
-    ``"network"`` (every correction kept, the final held-out guard only); ``step_target``:
+    ``"layer"`` (each layer's correction kept only if it lowers the held-out error),
+    ``"lenient"`` (kept unless it raises that error significantly: ``LENIENT_Z`` in
+    ``toolchain.calibration``) or ``"network"`` (every correction kept, the final held-out
+    guard only); ``step_target``:
     FTBC's per-step target, ``"ideal"`` (``step_targets``, the default) or ``"paper"``
     (mean_c(abar) at every step).
 
