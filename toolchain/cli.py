@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer: keep a layer's correction only if it lowers the held-out "
                         "error of the network's output (default); lenient: keep it unless it "
                         "raises that error significantly (paired over the held-out samples, "
-                        "more than 2 standard errors; on the CIFAR-10 ResNet-20 measured "
-                        "better at T = 1 and level at T = 4-8, bench/README.md part 11); "
+                        "more than 2 standard errors; measured on validation images better "
+                        "on the CIFAR-10 ResNet-20s at T = 1-2 and level from T = 4, worse on "
+                        "VGG-16 at T = 1-2: bench/README.md parts 11 and 13); "
                         "network: keep every layer's correction (the authors' algorithm) and "
                         "revert them all only if the held-out agreement with the ANN drops")
     g.add_argument("--ftbc-target", choices=("ideal", "paper"), default="ideal",
