@@ -135,9 +135,9 @@ def test_no_baselines_deploys_the_same_network_and_skips_none_and_lp(tmp_path):
 
 
 def test_calibration_defaults_agree_everywhere():
-    """The calibration's defaults are written in four places (the CLI, the pipeline's
-    Options, CalibrationOptions and the two calibrate functions' signatures); they must say
-    the same, or the library and the command line calibrate differently."""
+    """The calibration's defaults are written in five places (the CLI, the pipeline's
+    Options, CalibrationOptions and the signatures of calibrate and calibrate_fixed); they
+    must say the same, or the library and the command line calibrate differently."""
     import dataclasses
     import inspect
 
@@ -150,16 +150,17 @@ def test_calibration_defaults_agree_everywhere():
     args = build_parser().parse_args(["model.pt"])
     options = {f.name: f.default for f in dataclasses.fields(Options)}
     library = {f.name: f.default for f in dataclasses.fields(CalibrationOptions)}
-    # CLI dest -> (Options field, CalibrationOptions field and calibrate() keyword)
+    signatures = {fn.__name__: inspect.signature(fn).parameters
+                  for fn in (calibrate, calibrate_fixed)}
+    # CLI dest -> (Options field, CalibrationOptions field and calibrate keyword)
     names = {"alpha": ("alpha", "alpha"), "calib_batches": ("calib_batches", "batches"),
              "calib_batch_size": ("calib_batch_size", "batch_size"),
              "iterations": ("iterations", "iterations"), "holdout": ("holdout", "holdout"),
              "keep_rule": ("keep_rule", "keep"), "ftbc_target": ("ftbc_target", "step_target"),
              "seed": ("seed", "seed")}
-    for fn in (calibrate, calibrate_fixed):
-        signature = inspect.signature(fn).parameters
-        for cli_name, (option, keyword) in names.items():
-            value = getattr(args, cli_name)
-            assert options[option] == value, (cli_name, options[option], value)
-            assert library[keyword] == value, (keyword, library[keyword], value)
-            assert signature[keyword].default == value, (fn.__name__, keyword)
+    for cli_name, (option, keyword) in names.items():
+        value = getattr(args, cli_name)
+        assert options[option] == value, (cli_name, options[option], value)
+        assert library[keyword] == value, (keyword, library[keyword], value)
+        for name, parameters in signatures.items():
+            assert parameters[keyword].default == value, (name, keyword)

@@ -93,9 +93,8 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
     ``"layer"`` (each layer's correction kept only if it lowers the held-out error),
     ``"lenient"`` (kept unless it raises that error significantly: ``LENIENT_Z`` in
     ``toolchain.calibration``) or ``"network"`` (every correction kept, the final held-out
-    guard only); ``step_target``:
-    FTBC's per-step target, ``"ideal"`` (``step_targets``, the default) or ``"paper"``
-    (mean_c(abar) at every step).
+    guard only); ``step_target``: FTBC's per-step target, ``"ideal"`` (``step_targets``, the
+    default) or ``"paper"`` (mean_c(abar) at every step).
 
     The report holds method, alpha, batches, batch_size, iterations, seconds, per-layer
     ``layers[name] = {kept, holdout_error_before, holdout_error_after}`` (E below) and the
