@@ -135,9 +135,10 @@ def test_no_baselines_deploys_the_same_network_and_skips_none_and_lp(tmp_path):
 
 
 def test_calibration_defaults_agree_everywhere():
-    """The calibration's defaults are written in five places (the CLI, the pipeline's
-    Options, CalibrationOptions and the signatures of calibrate and calibrate_fixed); they
-    must say the same, or the library and the command line calibrate differently."""
+    """The calibration's defaults are written once, in CalibrationOptions; the CLI, the
+    pipeline's Options and the signatures of calibrate and calibrate_fixed take them from
+    there. A literal copy that drifts would make the library and the command line calibrate
+    differently, so all five are compared."""
     import dataclasses
     import inspect
 

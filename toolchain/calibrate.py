@@ -76,6 +76,8 @@ from toolchain.ann import ann_forward
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 from toolchain.calibration import agreement, split_calibration  # noqa: F401  (public here too)
 
+_DEFAULT = CalibrationOptions  # the defaults below are its fields' (written once, there)
+
 DTYPE = torch.float32
 TIE = 1e-5  # an activation this close (in thresholds) below a count's boundary counts as on it
 CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations below 512 MiB
@@ -84,10 +86,11 @@ CURRENT_CACHE_BYTES = 1 << 29  # cache a layer's currents across iterations belo
 # --------------------------------------------------------------------------- public API
 
 def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str = "ftbc",
-              alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
-              iterations: int = 3, holdout: float = 0.2, seed: int = 0,
-              progress: bool = False, device: Any = None,
-              keep: str = "layer", step_target: str = "ideal") -> tuple[SnnGraph, dict]:
+              alpha: float = _DEFAULT.alpha, batches: int = _DEFAULT.batches,
+              batch_size: int = _DEFAULT.batch_size, iterations: int = _DEFAULT.iterations,
+              holdout: float = _DEFAULT.holdout, seed: int = _DEFAULT.seed,
+              progress: bool = False, device: Any = None, keep: str = _DEFAULT.keep,
+              step_target: str = _DEFAULT.step_target) -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
     ``progress``: a bar over the layers on stderr; ``device``: the torch device; ``keep``:
     ``"layer"`` (each layer's correction kept only if it lowers the held-out error),

@@ -64,6 +64,7 @@ from toolchain.ann import ann_forward
 from toolchain.calibrate import ideal_current, step_targets
 from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
 
+_DEFAULT = CalibrationOptions  # the defaults below are its fields' (written once, there)
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
 CHUNK_ELEMENTS = 1 << 22  # uncached drives and layer outputs: steps x batch x neurons per chunk
 
@@ -81,10 +82,11 @@ def float_thresholds(snn: SnnGraph) -> dict[str, np.ndarray]:
 
 def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     thresholds: Mapping[str, np.ndarray], target: Target,
-                    alpha: float = 0.5, batches: int = 5, batch_size: int = 128,
-                    iterations: int = 3, holdout: float = 0.2, seed: int = 0,
-                    progress: bool = False, device: Any = None,
-                    keep: str = "layer", step_target: str = "ideal"
+                    alpha: float = _DEFAULT.alpha, batches: int = _DEFAULT.batches,
+                    batch_size: int = _DEFAULT.batch_size,
+                    iterations: int = _DEFAULT.iterations, holdout: float = _DEFAULT.holdout,
+                    seed: int = _DEFAULT.seed, progress: bool = False, device: Any = None,
+                    keep: str = _DEFAULT.keep, step_target: str = _DEFAULT.step_target
                     ) -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target

@@ -112,6 +112,9 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from toolchain.calibration import KEEP_RULES, STEP_TARGETS
+    from toolchain.pipeline import Options  # the calibration defaults: written once, there
+
     p = argparse.ArgumentParser(prog="ftbc-export", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", type=Path, help="trained model file")
@@ -158,15 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "are sent as signed graded payloads, and the lava-dl netx view of "
                         "the file ends before the first signed layer (docs/netx.md)")
     g = p.add_argument_group("FTBC calibration (training data only)")
-    g.add_argument("--alpha", type=_positive(float), default=0.5,
-                   help="bias update rate (default 0.5)")
-    g.add_argument("--calib-batches", type=_positive(int), default=5, help="default 5")
-    g.add_argument("--calib-batch-size", type=_positive(int), default=128, help="default 128")
-    g.add_argument("--iterations", type=_positive(int), default=3, help="default 3")
-    g.add_argument("--holdout", type=_fraction, default=0.2,
+    g.add_argument("--alpha", type=_positive(float), default=Options.alpha,
+                   help=f"bias update rate (default {Options.alpha:g})")
+    g.add_argument("--calib-batches", type=_positive(int), default=Options.calib_batches,
+                   help=f"default {Options.calib_batches}")
+    g.add_argument("--calib-batch-size", type=_positive(int), default=Options.calib_batch_size,
+                   help=f"default {Options.calib_batch_size}")
+    g.add_argument("--iterations", type=_positive(int), default=Options.iterations,
+                   help=f"default {Options.iterations}")
+    g.add_argument("--holdout", type=_fraction, default=Options.holdout,
                    help="fraction of the calibration samples held out to decide which "
-                        "corrections to keep (default 0.2)")
-    g.add_argument("--keep-rule", choices=("layer", "lenient", "network"), default="layer",
+                        f"corrections to keep (default {Options.holdout:g})")
+    g.add_argument("--keep-rule", choices=KEEP_RULES, default=Options.keep_rule,
                    help="layer: keep a layer's correction only if it lowers the held-out "
                         "error of the network's output (default); lenient: keep it unless it "
                         "raises that error significantly (paired over the held-out samples, "
@@ -175,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "VGG-16 at T = 1-2: bench/README.md parts 11 and 13); "
                         "network: keep every layer's correction (the authors' algorithm) and "
                         "revert them all only if the held-out agreement with the ANN drops")
-    g.add_argument("--ftbc-target", choices=("ideal", "paper"), default="ideal",
+    g.add_argument("--ftbc-target", choices=STEP_TARGETS, default=Options.ftbc_target,
                    help="FTBC's per-step target. ideal (default): each step's firing is "
                         "pulled to that of an ideal IF neuron (same threshold and v_init, the "
                         "ANN activation as constant input), shifted so the T steps sum to the "
@@ -203,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-workers", type=_positive(int), metavar="N",
                    help="worker processes for the Lava verification, one Lava runtime each, "
                         "samples split between them (default: the number of cores)")
-    g.add_argument("--seed", type=_positive(int, zero=True), default=0,
-                   help="random seed, >= 0 (default 0)")
+    g.add_argument("--seed", type=_positive(int, zero=True), default=Options.seed,
+                   help=f"random seed, >= 0 (default {Options.seed})")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="torch device of the simulations and calibrations (default cpu; auto: "

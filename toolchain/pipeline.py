@@ -18,6 +18,7 @@ import numpy as np
 from core import distributed
 from core.errors import InputError
 from core.ir import AnnGraph, QuantGraph, SnnGraph
+from toolchain.calibration import CalibrationOptions
 
 
 def default_workers() -> int:
@@ -43,19 +44,20 @@ class Options:
     v_init: float | None = None
     input_shift: bool | None = None
     neuron: str = "if"
-    alpha: float = 0.5
-    calib_batches: int = 5
-    calib_batch_size: int = 128
-    iterations: int = 3
-    holdout: float = 0.2
-    keep_rule: str = "layer"
-    ftbc_target: str = "ideal"
+    # the calibration's defaults are the library's (CalibrationOptions), written once
+    alpha: float = CalibrationOptions.alpha
+    calib_batches: int = CalibrationOptions.batches
+    calib_batch_size: int = CalibrationOptions.batch_size
+    iterations: int = CalibrationOptions.iterations
+    holdout: float = CalibrationOptions.holdout
+    keep_rule: str = CalibrationOptions.keep
+    ftbc_target: str = CalibrationOptions.step_target
     calibrate_fixed: bool = True
     baselines: bool = True  # also calibrate and score none and LP beside FTBC
     eval_samples: int | None = None
     verify_samples: int = 100
     verify_workers: int = field(default_factory=default_workers)
-    seed: int = 0
+    seed: int = CalibrationOptions.seed
     progress: bool = True
     device: str = "cpu"  # torch device of the simulations and calibrations: cpu|cuda|auto
     resume: bool = False  # keep checkpoints in OUT/.ftbc-resume and continue from them
