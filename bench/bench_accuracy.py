@@ -31,7 +31,8 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
                       out=Path(args.out) / f"T{steps}", timesteps=steps, verify_samples=0,
                       eval_samples=args.eval_samples, seed=args.seed,
                       ftbc_target=args.ftbc_target, baselines=args.baselines,
-                      neuron=args.neuron, keep_rule=args.keep_rule, progress=False)
+                      neuron=args.neuron, keep_rule=args.keep_rule, ftbc_fit=args.ftbc_fit,
+                      progress=False)
     start = time.perf_counter()
     resume = options.out_dir / RESUME_FOLDER if args.resume else None
     report = build_report(run_pipeline(options, resume=resume))
@@ -79,6 +80,8 @@ def main() -> None:
                    help="the spiking neuron (ftbc-export's --neuron)")
     p.add_argument("--keep-rule", default="layer", choices=["layer", "lenient", "network"],
                    help="the calibration's keep rule (ftbc-export's --keep-rule)")
+    p.add_argument("--ftbc-fit", default="sweep", choices=["sweep", "solve"],
+                   help="FTBC's fit (ftbc-export's --ftbc-fit)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "
                         "and fixed point only, about half the calibration time)")
@@ -109,6 +112,7 @@ def main() -> None:
                                           v["calibration"].items()},
                   "ftbc_target": args.ftbc_target, "seed": args.seed,
                   "neuron": args.neuron, "keep_rule": args.keep_rule,
+                  "ftbc_fit": args.ftbc_fit,
                   "stage_seconds": v["seconds"],
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
                   "resumed": v.get("resumed"),

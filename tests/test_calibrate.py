@@ -236,3 +236,126 @@ def test_step_targets_are_an_ideal_neurons_firing_summing_to_the_mean_activation
     np.testing.assert_allclose(got.reshape(steps, 2).double(), th * fired + shift, atol=1e-6)
     np.testing.assert_allclose(got.reshape(steps, 2).double().sum(0), steps * mean, rtol=1e-6)
     assert not torch.allclose(got[0], got[-1])  # not the paper's flat target
+
+
+def test_solve_bias_finds_the_crossing_nearest_the_target():
+    """``solve_bias`` on hand-made step functions: the rate of 1,000 known values, a target
+    out of reach (moved to the nearest reachable rate), a flat stretch at the target (its end
+    nearest the start), and whole numbers in integer mode."""
+    from toolchain.calibration import solve_bias
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 1000, generator=g, dtype=torch.float64)
+    theta = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+
+    def rate(b):  # IF neurons compared after the bias: u + b >= theta
+        return theta * (u + b[:, None] >= theta[:, None]).double().mean(1)
+
+    def solve(target, start, **kw):
+        start = torch.as_tensor(start, dtype=torch.float64)
+        return solve_bias(rate, torch.tensor(target, dtype=torch.float64), start,
+                          theta.clone(), start - 2 ** 20 * theta, start + 2 ** 20 * theta,
+                          2.0 ** -20 * theta, **kw)
+
+    b, missed = solve([0.3, 0.5, 0.0], [0.0, 0.0, 0.0])
+    assert torch.equal(rate(b), torch.tensor([0.3, 0.5, 0.0], dtype=torch.float64))
+    assert not missed.any()
+    # channel 2 must not fire: it stops just below the largest value's spike, the nearest
+    # point of the flat stretch at rate 0 to a start above it
+    assert 0 < float(theta[2] - u[2].max() - b[2]) < 2.0 ** -19
+    # from a start below a flat stretch at the target, its lower end
+    b_low, _ = solve([0.0, 0.0, 0.0], [-100.0, -100.0, -100.0])
+    assert torch.equal(b_low, torch.full((3,), -100.0, dtype=torch.float64))
+    # out of reach (an IF rate is at most 1 spike per step, never negative): moved
+    b, missed = solve([1.5, -0.2, 0.5], [0.0, 0.0, 0.0])
+    assert missed.tolist() == [True, True, False]
+    assert rate(b).tolist() == [1.0, 0.0, 0.5]
+    # between two reachable rates: the nearer one (1 / 1000 steps of rate per value)
+    b, _ = solve([0.3004, 0.5, 0.3006], [0.0, 0.0, 0.0])
+    assert rate(b).tolist() == pytest.approx([0.300, 0.5, 0.301], abs=1e-12)
+    # integer mode: whole numbers only, the best of them
+    grid = torch.arange(-50, 51, dtype=torch.float64)
+    b, _ = solve([0.3, 0.5, 0.7], [0.0, 0.0, 0.0], integer=True)
+    assert torch.equal(b, torch.floor(b))
+    best = torch.stack([rate(torch.full((3,), float(m), dtype=torch.float64)) for m in grid])
+    target = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    assert torch.equal((rate(b) - target).abs(), (best - target).abs().min(0).values)
+
+
+@pytest.mark.parametrize("neuron", ["if", "signed"])
+def test_solved_ftbc_reaches_the_nearest_rate_at_every_step(setup, monkeypatch, neuron):
+    """``fit="solve"``: every layer's step-t bias gives the calibration batches' mean rate
+    nearest the mean target that any bias could give, with upstream layers and the layer's
+    earlier steps as calibrated. Checked against the plain-torch network of
+    ``tests/ftbc_full_forward.py`` run on the result: per layer, step and channel, every
+    bias at which the rate changes is tried. The sweeps (``fit="sweep"``) stop short of
+    that on the same batches."""
+    import tests.ftbc_full_forward as ref
+    monkeypatch.setattr(cal, "DTYPE", torch.float64)
+    ann, x_calib, _ = setup
+    snn = convert(ann, x_calib, timesteps=3, neuron=neuron)
+    kw = dict(method="ftbc", batches=2, batch_size=16, holdout=0.0, keep="network")
+    solved, report = calibrate(snn, ann, x_calib[:32], fit="solve", **kw)
+    swept, _ = calibrate(snn, ann, x_calib[:32], **kw)
+    assert report["fit"] == solved.meta["calibration"]["fit"] == "solve"
+    parts, _ = split_calibration(x_calib[:32], 0.0, 2, 16, 0)
+    gaps = {"solve": [], "sweep": []}
+    for fit, graph in (("solve", solved), ("sweep", swept)):
+        scheds = {l.name: torch.tensor(ref._schedule(graph, l), dtype=torch.float64)
+                  for l in graph.layers if not l.readout}
+        for layer in graph.layers[:-1]:
+            gaps[fit].append(_nearest_rate_gap(graph, ann, parts, layer, scheds, ref))
+    assert max(g.max() for g in gaps["solve"]) < 1e-9
+    assert sum(g.sum() for g in gaps["sweep"]) > 1e-3
+
+
+def _nearest_rate_gap(graph, ann, parts, layer, scheds, ref) -> np.ndarray:
+    """(T, C): how much farther the calibrated rate is from the batches' mean target than
+    the nearest rate any bias gives (theta * spikes per step)."""
+    from sims.torch_snn import encode_input
+    params = {l.name: ref._params(graph, l, scheds) for l in graph.layers}
+    p = params[layer.name]
+    theta = p["theta"].reshape(-1).numpy()
+    pre, counts, goals = [], [], []  # per batch, per step: (B, C, m) before the step's bias
+    for xb in parts:
+        x = encode_input(graph.input, xb, torch.float64)
+        state = {l.name: params[l.name]["v_init"].expand((len(xb),) + tuple(l.shape)).clone()
+                 for l in graph.layers}
+        count = {l.name: torch.zeros_like(state[l.name]) for l in graph.layers}
+        _, values = ann_forward(ann, xb, record=True, dtype=torch.float64)
+        abar = torch.minimum(values[layer.name].clamp(min=0), p["theta"])
+        node = ann.node(layer.name)
+        current = (torch.minimum(values[node.inputs[0]].clamp(min=0), p["theta"])
+                   if type(node).__name__ == "QcfsNode" else abar)
+        steps = []
+        for t in range(graph.timesteps):
+            v_prev, cur, _, n_prev = ref._network_step(graph, params, state, count, x, t,
+                                                       layer.name)
+            steps.append((v_prev + cur + p["bias"], n_prev))
+        pre.append(steps)
+        goals.append([ref._ideal_target(abar, current, p, t, graph.timesteps).reshape(-1)
+                      for t in range(graph.timesteps)])
+    gap = np.zeros((graph.timesteps, layer.channels))
+    for t in range(graph.timesteps):
+        want = torch.stack([g[t] for g in goals]).mean(0).numpy()
+        for c in range(layer.channels):
+            us = [s[t][0].transpose(0, 1)[c].reshape(-1).numpy() for s in pre]
+            ns = [s[t][1].transpose(0, 1)[c].reshape(-1).numpy() for s in pre]
+
+            def rate(b):  # the batches' mean rate at biases b (k,), as ref._fire fires
+                out = 0.0
+                for u, n in zip(us, ns):
+                    fired = (u[None] + b[:, None] >= theta[c]).mean(1)
+                    if layer.signed:
+                        fired = fired - ((u[None] + b[:, None] < 0) & (n[None] > 0)).mean(1)
+                    out = out + fired / len(us)
+                return theta[c] * out
+
+            u_all = np.concatenate(us)
+            edges = np.concatenate([theta[c] - u_all, -u_all if layer.signed else []])
+            far = 4 * (np.abs(u_all).max() + theta[c])
+            edges = np.unique(edges)  # each where the rate may change, and just above
+            tried = np.concatenate([edges, np.nextafter(edges, np.inf), [-far, far]])
+            best = np.abs(rate(tried) - want[c]).min()
+            got = abs(rate(np.array([float(scheds[layer.name][t, c])]))[0] - want[c])
+            gap[t, c] = got - best
+    return gap

@@ -121,6 +121,24 @@ def test_two_nodes_write_the_same_network(single_and_pair, tmp_path):
     assert (out / "network.net").read_bytes() == (single / "network.net").read_bytes()
 
 
+def test_two_ranks_solve_the_same_network(tmp_path):
+    """``--ftbc-fit solve``: every rank bisects on the rates of all ranks' shards (exact
+    counts, all-reduced), so the ranks agree on every step and two write what one writes."""
+    reports = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        proc = run_ranks(ranks, out, "--ftbc-fit", "solve", "--no-baselines",
+                         "--verify-samples", "0")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[ranks] = json.loads((out / "report.json").read_text())
+    assert ((tmp_path / "ranks1" / "network.net").read_bytes()
+            == (tmp_path / "ranks2" / "network.net").read_bytes())
+    ftbc = reports[2]["calibration"]["ftbc"]
+    assert ftbc["fit"] == "solve" and not ftbc["holdout"]["reverted"]
+    assert any(entry["kept"] for entry in ftbc["layers"].values())  # not all zeros
+    assert reports[2]["fixed_accuracy"] == reports[1]["fixed_accuracy"]
+
+
 def test_only_rank_zero_speaks_and_writes(single_and_pair):
     _, _, proc = single_and_pair[2]
     assert proc.stdout.count("outputs in ") == 1

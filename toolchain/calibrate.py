@@ -34,6 +34,14 @@ count lost 3-10 points of validation accuracy to LP (bench/README.md, "Accuracy 
 networks", part 4). With the ideal neuron's profile as target, b[t] corrects only the
 deviation from it; summed over t the target is the paper's (and LP's).
 
+Fit (``fit``). ``"sweep"`` (the default) is the update above, ``iterations`` passes over the
+batches. ``"solve"`` (``--ftbc-fit solve``) goes straight to where those passes stop moving
+b[t]: the batches' mean of ``target_c(t) - theta mean_c(s(t))`` at 0, or the spike count
+nearest it (``_ftbc_solve``: per step, with the earlier steps fixed, a channel's rate does not
+fall as b[t] rises, so a bisection finds it); ``alpha`` and ``iterations`` do not apply.
+Three sweeps at alpha 0.5 do not get there where a layer's rate responds weakly to its bias
+(bench/README.md, "Accuracy on residual networks", parts 14 and 15).
+
 lp. One bias per channel for all steps: b += mean_c(abar - theta * rate), rate = spikes / T,
 full step per batch as SNN-Calibration's bias correction does.
 
@@ -73,7 +81,8 @@ from sims.engine import FloatArithmetic, LayerPlan
 from sims.torch_snn import (encode_input, layer_chunks, layer_drive, layer_output,
                             stream_readout)
 from toolchain.ann import ann_forward
-from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
+from toolchain.calibration import (Batch, CalibrationOptions, calibrate_layers, solve_bias,
+                                   summary)
 from toolchain.calibration import agreement, split_calibration  # noqa: F401  (public here too)
 
 _DEFAULT = CalibrationOptions  # the defaults below are its fields' (written once, there)
@@ -90,7 +99,8 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
               batch_size: int = _DEFAULT.batch_size, iterations: int = _DEFAULT.iterations,
               holdout: float = _DEFAULT.holdout, seed: int = _DEFAULT.seed,
               progress: bool = False, device: Any = None, keep: str = _DEFAULT.keep,
-              step_target: str = _DEFAULT.step_target) -> tuple[SnnGraph, dict]:
+              step_target: str = _DEFAULT.step_target, fit: str = _DEFAULT.fit
+              ) -> tuple[SnnGraph, dict]:
     """Return (calibrated SnnGraph, report). ``x_calib``: training samples only.
     ``progress``: a bar over the layers on stderr; ``device``: the torch device; ``keep``:
     ``"layer"`` (each layer's correction kept only if it lowers the held-out error),
@@ -105,7 +115,7 @@ def calibrate(snn: SnnGraph, ann: AnnGraph, x_calib: np.ndarray, *, method: str 
     opts = CalibrationOptions(method=method, alpha=alpha, batches=batches,
                               batch_size=batch_size, iterations=iterations, holdout=holdout,
                               seed=seed, progress=progress, device=device, keep=keep,
-                              step_target=step_target)
+                              step_target=step_target, fit=fit)
     opts.check(x_calib)
     start = time.perf_counter()
     report: dict[str, Any] = opts.header()
@@ -242,10 +252,13 @@ class FloatFit:
         self.currents = _cached_currents(self.lp, cal + ([hold] if hold else []), self.steps)
         sched = self.lp.schedule.clone()
         p = replace(self.lp, schedule=sched)
-        fit = _ftbc_pass if rule.opts.method == "ftbc" else _lp_pass
-        for _ in range(rule.opts.iterations):
-            for b in cal:
-                fit(self, p, b)
+        if rule.opts.method == "ftbc" and rule.opts.fit == "solve":
+            _ftbc_solve(self, p, cal)  # the sweeps' fixed point, found directly
+        else:
+            fit = _ftbc_pass if rule.opts.method == "ftbc" else _lp_pass
+            for _ in range(rule.opts.iterations):
+                for b in cal:
+                    fit(self, p, b)
         self.candidate, self.entry = sched, {}
         # a signed layer's FTBC schedule may also be kept in its constant form (SIGNED_FORMS)
         self.alternatives = {"constant": sched.mean(0, keepdim=True).expand_as(sched).clone()} \
@@ -314,6 +327,49 @@ def _ftbc_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:
         p.schedule[t] += alpha * (target[t] - theta * rate)
 
     engine.bias_sweep(p, fit.drives(b), state, lambda t: p.schedule[t], update)
+
+
+def _ftbc_solve(fit: FloatFit, p: LayerPlan, cal: list[Batch]) -> None:
+    """FTBC's fixed point, solved step by step instead of approached by ``alpha`` steps: the
+    sweeps stop moving b[t] when the batches' mean of ``target[t] - theta * rate(t)`` is 0
+    (every batch charged with the biases of steps < t, as the sweeps leave them). With the
+    earlier steps fixed a channel's mean rate at step t does not decrease as b[t] rises (the
+    neuron is compared after adding it; a signed neuron takes back less), so b[t] is found
+    per channel by bisection (``toolchain.calibration.solve_bias``). Then every batch settles
+    step t with it, and step t + 1 follows. ``iterations`` and ``alpha`` do not apply."""
+    steps = len(p.schedule)
+    states = [engine.initial_state(p, b.x.shape[0]) for b in cal]
+    drives = [iter(fit.drives(b)) for b in cal]
+    theta = _theta(p).reshape(p.channels)
+    want = torch.stack([b.targets[p.name].reshape(-1, p.channels).expand(steps, -1)
+                        for b in cal]).mean(0)  # (T, C): the batches' mean target
+    widest = max(b.x.shape[0] for b in cal)
+    buffers = torch.empty((2, widest, p.n), dtype=p.dtype, device=p.vth.device)
+
+    def rate(bias: torch.Tensor) -> torch.Tensor:
+        """(C,) the batches' mean of theta * rate(t) with ``bias`` as b[t]."""
+        total = torch.zeros_like(theta)
+        for state in states:
+            rows = engine.membrane(p, state).shape[0]
+            fired = engine.probe(p, state, bias, buffers[0, :rows], buffers[1, :rows])
+            total += channel_rate(fired.view(rows, p.channels, -1)).reshape(p.channels)
+        return theta * total / len(states)
+
+    reach = SOLVE_RANGE * theta
+    for t in range(steps):
+        for state, drive in zip(states, drives):
+            engine.charge(p, state, next(drive))
+        start = p.schedule[t].reshape(p.channels).clone()
+        bias, _ = solve_bias(rate, want[t], start, theta.clone(), start - reach, start + reach,
+                             SOLVE_TOLERANCE * theta)
+        p.schedule[t] = bias.view_as(p.schedule[t])
+        for state in states:
+            rows = engine.membrane(p, state).shape[0]
+            engine.settle(p, state, p.schedule[t], buffers[0, :rows], buffers[1, :rows])
+
+
+SOLVE_RANGE = 2.0 ** 20  # the float solve tries biases within this many thresholds of the
+SOLVE_TOLERANCE = 2.0 ** -20  # step's start, and stops at a bracket this fraction of theta
 
 
 def _lp_pass(fit: FloatFit, p: LayerPlan, b: Batch) -> None:

@@ -21,14 +21,17 @@ integer spike trains cached), each iteration and calibration batch, for t = 1..T
     the step is re-fired with the updated bias before moving on (as toolchain.calibrate)
 
 (vth[c] state units = one float threshold, so ``(target - mean_c(s)) * vth`` is the float
-update in state units.) ``target_c(t)`` is the float calibration's per-step target in spikes
-per step: with ``step_target="ideal"`` (the default, ``toolchain.calibrate.step_targets``)
-the firing of an ideal IF neuron with this layer's v_init / vth fed abar as a constant
-input, shifted so that the T steps sum to T mean_c(abar); with ``"paper"`` mean_c(abar) at
-every step.
+update in state units.) With ``fit="solve"`` each step's mantissas are instead the whole
+numbers within the 13-bit range whose mean rate over the batches is nearest the mean target
+(``_ftbc_solve``, as the float calibration's solve). ``target_c(t)`` is the float
+calibration's per-step target in spikes per step: with ``step_target="ideal"`` (the default,
+``toolchain.calibrate.step_targets``) the firing of an ideal IF neuron with this layer's
+v_init / vth fed abar as a constant input, shifted so that the T steps sum to T
+mean_c(abar); with ``"paper"`` mean_c(abar) at every step.
 The layer's ``bias_exp`` is kept:
 an update that does not fit 13 bits is clipped to the limit and counted in the report
-(``clamped``), so the graph stays valid for the target; nothing else changes (weights, vth,
+(``clamped``; with ``fit="solve"``: the step-channels whose target no mantissa in the range
+reaches), so the graph stays valid for the target; nothing else changes (weights, vth,
 v_init, the readout).
 
 Selection, by the driver shared with ``toolchain.calibrate`` (``toolchain.calibration``, on
@@ -62,7 +65,8 @@ from sims.engine import (IntegerArithmetic, LayerPlan, bias_sweep, initial_state
 from sims.reference import encode_input
 from toolchain.ann import ann_forward
 from toolchain.calibrate import ideal_current, step_targets
-from toolchain.calibration import Batch, CalibrationOptions, calibrate_layers, summary
+from toolchain.calibration import (Batch, CalibrationOptions, calibrate_layers, solve_bias,
+                                   summary)
 
 _DEFAULT = CalibrationOptions  # the defaults below are its fields' (written once, there)
 CURRENT_CACHE_BYTES = 1 << 28  # cache a layer's fit currents across iterations below 256 MiB
@@ -86,8 +90,8 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
                     batch_size: int = _DEFAULT.batch_size,
                     iterations: int = _DEFAULT.iterations, holdout: float = _DEFAULT.holdout,
                     seed: int = _DEFAULT.seed, progress: bool = False, device: Any = None,
-                    keep: str = _DEFAULT.keep, step_target: str = _DEFAULT.step_target
-                    ) -> tuple[QuantGraph, dict]:
+                    keep: str = _DEFAULT.keep, step_target: str = _DEFAULT.step_target,
+                    fit: str = _DEFAULT.fit) -> tuple[QuantGraph, dict]:
     """Return (QuantGraph with corrected ``bias_mant``, report). ``x_calib``: training samples
     only; ``thresholds``: ``float_thresholds(converted_snn)``; ``target``: the hardware target
     ``q`` was quantized for (its 13-bit bias range bounds the mantissas); ``device``: the
@@ -101,7 +105,7 @@ def calibrate_fixed(q: QuantGraph, ann: AnnGraph, x_calib: np.ndarray, *,
     opts = CalibrationOptions(method="ftbc", alpha=alpha, batches=batches,
                               batch_size=batch_size, iterations=iterations, holdout=holdout,
                               seed=seed, progress=progress, device=device, keep=keep,
-                              step_target=step_target)
+                              step_target=step_target, fit=fit)
     opts.check(x_calib)
     _check_graph(q, thresholds, target)
     start = time.perf_counter()
@@ -220,12 +224,19 @@ class IntegerFit:
         limits = (float(rule.target.bias_mant_min), float(rule.target.bias_mant_max))
         cache = _fit_currents(lp, cal, steps)
         clamped = 0
-        for _ in range(rule.opts.iterations):
-            for i, b in enumerate(cal):
-                cur = (cache[i] if cache[i] is not None
-                       else fit_drives(lp, b.x, b.spikes, steps))
-                clamped += _ftbc_pass(lp, layer, cur, b.targets[layer.name], mant,
-                                      rule.opts.alpha, limits)
+        if rule.opts.fit == "solve":  # the sweeps' fixed point, found directly
+            drives = [_steps(cache[i] if cache[i] is not None
+                             else fit_drives(lp, b.x, b.spikes, steps), steps)
+                      for i, b in enumerate(cal)]
+            want = torch.stack([b.targets[layer.name] for b in cal]).mean(0)  # (T, C)
+            clamped = _ftbc_solve(lp, layer, drives, want, mant, limits)
+        else:
+            for _ in range(rule.opts.iterations):
+                for i, b in enumerate(cal):
+                    cur = (cache[i] if cache[i] is not None
+                           else fit_drives(lp, b.x, b.spikes, steps))
+                    clamped += _ftbc_pass(lp, layer, cur, b.targets[layer.name], mant,
+                                          rule.opts.alpha, limits)
         new = mant.cpu().numpy().astype(np.int64)
         candidate = evolve(layer, bias_mant=new)
         self.candidate = (candidate, rule.plan_layer(candidate))
@@ -292,19 +303,24 @@ def _chunk_steps(lp: LayerPlan, steps: int, batch: int) -> int:
     return max(1, min(steps, CHUNK_ELEMENTS // max(1, widest * batch)))
 
 
+def _steps(drive: torch.Tensor | Iterator[torch.Tensor], steps: int
+           ) -> Iterator[torch.Tensor]:
+    """A cached drive tensor ((T, B, n), or (B, n) at every step) or a stream of per-step
+    drives (``fit_drives``), step by step."""
+    if isinstance(drive, torch.Tensor):
+        return (drive if drive.dim() == 2 else drive[t] for t in range(steps))
+    return drive
+
+
 def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor],
                target: torch.Tensor, mant: torch.Tensor, alpha: float,
                limits: tuple[float, float]) -> int:
     """One integer FTBC sweep t = 1..T over a batch (``engine.bias_sweep``) on a cached
     drive tensor or a stream of per-step drives (``fit_drives``); updates ``mant`` (T, C) in
     place. Returns how many updated mantissas were clipped to the 13-bit range."""
-    if not isinstance(drive, torch.Tensor):
-        first = next(drive)
-        drives = itertools.chain([first], drive)
-        batch = first.shape[-2]
-    else:
-        drives = (drive if drive.dim() == 2 else drive[t] for t in range(mant.shape[0]))
-        batch = drive.shape[-2]
+    drives = _steps(drive, mant.shape[0])
+    first = next(drives)
+    drives, batch = itertools.chain([first], drives), first.shape[-2]
     state = initial_state(lp, batch)
     vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(state.device)
     unit = float(2 ** layer.bias_exp)
@@ -318,6 +334,47 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
 
     bias_sweep(lp, drives, state, lambda t: (mant[t] * unit).to(state.dtype), update)
     return clamped[0]
+
+
+def _ftbc_solve(lp: LayerPlan, layer, drives: list[Iterator[torch.Tensor]],
+                want: torch.Tensor, mant: torch.Tensor, limits: tuple[float, float]) -> int:
+    """Integer FTBC's fixed point, step by step (``toolchain.calibrate``'s float solve in
+    mantissas): per step the whole mantissas within the 13-bit range where the batches' mean
+    rate meets ``want[t]`` (the batches' mean target), by ``solve_bias`` from the step's
+    current mantissa; then every batch settles the step with it. Updates ``mant`` (T, C) in
+    place; returns how many step-channels could not reach their target within the range."""
+    firsts = [next(d) for d in drives]
+    drives = [itertools.chain([f], d) for f, d in zip(firsts, drives)]
+    states = [initial_state(lp, f.shape[-2]) for f in firsts]
+    vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(mant.device)
+    unit = float(2 ** layer.bias_exp)
+    width = torch.clamp(torch.round(vth_c / unit), min=1)  # one threshold, in mantissas
+    low, high = torch.full_like(width, limits[0]), torch.full_like(width, limits[1])
+    widest = max(f.shape[-2] for f in firsts)
+    dtype = states[0].dtype
+    buffers = torch.empty((2, widest, lp.n), dtype=dtype, device=states[0].device)
+
+    def rate(m: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(width)
+        for state in states:
+            rows = membrane(lp, state).shape[0]
+            fired = engine.probe(lp, state, (m * unit).to(dtype), buffers[0, :rows],
+                                 buffers[1, :rows])
+            total += distributed.rate(fired.view(rows, lp.channels, -1), (0, 2))
+        return total / len(states)
+
+    missed = 0
+    for t in range(mant.shape[0]):
+        for state, drive in zip(states, drives):
+            engine.charge(lp, state, next(drive))
+        mant[t], out = solve_bias(rate, want[t], mant[t].clone(), width, low, high, 1,
+                                  integer=True)
+        missed += int(out.sum())
+        for state in states:
+            rows = membrane(lp, state).shape[0]
+            engine.settle(lp, state, (mant[t] * unit).to(dtype), buffers[0, :rows],
+                          buffers[1, :rows])
+    return missed
 
 
 # --------------------------------------------------------------------------- forwards

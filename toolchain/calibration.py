@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ LENIENT_Z = 2.0  # keep = "lenient": revert only above this paired t statistic o
 SIGNED_FORMS = ("per-step", "constant")
 FIRST_FORM = SIGNED_FORMS[0]  # the name of every fit's own candidate
 STEP_TARGETS = ("ideal", "paper")  # FTBC's per-step target (toolchain.calibrate.step_targets)
+FITS = ("sweep", "solve")  # FTBC's fit: the paper's alpha steps, or their fixed point solved
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,14 @@ class CalibrationOptions:
     keep: str = "layer"  # KEEP_RULES: per-layer held-out test (strict or lenient), or the
     #                      final guard only
     step_target: str = "ideal"  # STEP_TARGETS: the ideal neuron's, or the paper's flat target
+    fit: str = "sweep"  # FITS
 
     def header(self) -> dict[str, Any]:
         """The report's leading fields."""
         return {"method": self.method, "alpha": float(self.alpha), "batches": self.batches,
                 "batch_size": self.batch_size, "iterations": self.iterations,
                 "holdout_fraction": float(self.holdout), "seed": self.seed,
-                "keep_rule": self.keep, "step_target": self.step_target}
+                "keep_rule": self.keep, "step_target": self.step_target, "fit": self.fit}
 
     def check(self, x: np.ndarray, methods: tuple[str, ...] = METHODS) -> None:
         """InputError naming every bad option at once."""
@@ -93,6 +95,8 @@ class CalibrationOptions:
         if self.step_target not in STEP_TARGETS:
             problems.append(f"step target must be one of {STEP_TARGETS}, "
                             f"got {self.step_target!r}")
+        if self.fit not in FITS:
+            problems.append(f"fit must be one of {FITS}, got {self.fit!r}")
         if not 0.0 <= self.holdout < 1.0:
             problems.append(f"holdout must be in [0, 1), got {self.holdout}")
         if self.method != "none" and len(x) < 2:
@@ -261,6 +265,49 @@ def agreement(readout: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the driver
 
+def solve_bias(rate: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor,
+               start: torch.Tensor, width: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+               resolution: float | torch.Tensor, integer: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FTBC's fixed point for one step (``fit="solve"``): per channel a bias b in [low, high]
+    where the mean rate ``rate(b)`` (C,), a nondecreasing step function, meets ``target``
+    (C,), searched from ``start`` (the bias as the earlier steps left it).
+
+    A target the rate cannot reach in [low, high] is moved to the nearest rate it can (so a
+    channel that must not fire stops just below its first spike, where the sweeps stop too).
+    The bracket lo < hi, rate(lo) below and rate(hi) at or above the target (the target itself
+    counts on the side ``start`` lies, so a flat stretch at the target ends where the sweeps
+    would stop in it), is widened from ``width`` by doubling, then halved until it is no
+    wider than ``resolution`` (``integer``: whole numbers, resolution 1) or, in floats, no
+    number lies between its ends. Of its two ends the one whose rate is nearer the target is
+    returned, with a (C,) bool of the channels whose target was out of reach."""
+    reachable = torch.minimum(torch.maximum(target, rate(low)), rate(high))
+    above = rate(start) > reachable  # the sweeps would lower these channels' bias
+
+    def too_high(b: torch.Tensor) -> torch.Tensor:
+        e = rate(b) - reachable
+        return torch.where(above, e > 0, e >= 0)
+
+    lo, hi = start.clone(), start.clone()
+    while True:  # ends at the bounds at the latest (the target is reachable there)
+        lo = torch.where(above, torch.maximum(start - width, low), lo)
+        hi = torch.where(above, hi, torch.minimum(start + width, high))
+        open_ = torch.where(above, too_high(lo) & (lo > low), ~too_high(hi) & (hi < high))
+        if not bool(open_.any()):
+            break
+        width = torch.where(open_, 2 * width, width)
+    while True:  # (a float bracket also ends when no number lies between its ends)
+        mid = torch.floor((lo + hi) / 2) if integer else (lo + hi) / 2
+        split = ((hi - lo) > resolution) & (lo < mid) & (mid < hi)
+        if not bool(split.any()):
+            break
+        high_ = too_high(mid)
+        hi = torch.where(split & high_, mid, hi)
+        lo = torch.where(split & ~high_, mid, lo)
+    nearer = (rate(hi) - reachable).abs() < (rate(lo) - reachable).abs()
+    return torch.where(nearer, hi, lo), reachable != target
+
+
 def calibrate_layers(rule: Rule, x_calib: np.ndarray, opts: CalibrationOptions) -> dict:
     """Run the layer loop; returns the report's details (batches, per-layer entries, the
     held-out guard). The rule has kept what it kept; ``details["holdout"]["reverted"]``
@@ -364,7 +411,7 @@ def summary(report: dict, extra_keys: tuple[str, ...] = (),
     """The graph's meta record of a calibration: options, kept per layer (and the rule's
     ``per_layer`` counts), reverted."""
     keys = ("method", "alpha", "batches", "batch_size", "iterations", "holdout_fraction",
-            "seed", "keep_rule", "step_target") + extra_keys
+            "seed", "keep_rule", "step_target", "fit") + extra_keys
     layers = report.get("layers", {})
     out = {**{k: report[k] for k in keys},
            "kept": {name: r.get("kept") for name, r in layers.items()}}

@@ -112,7 +112,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from toolchain.calibration import KEEP_RULES, STEP_TARGETS
+    from toolchain.calibration import FITS, KEEP_RULES, STEP_TARGETS
     from toolchain.pipeline import Options  # the calibration defaults: written once, there
 
     p = argparse.ArgumentParser(prog="ftbc-export", description=DESCRIPTION, epilog=EPILOG,
@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "data ideal scores better at t = T on the CIFAR ResNet-20s (paper "
                         "loses to LP on the QCFS L = 8 one), equal on MNIST and VGG-16; "
                         "paper is ahead at early t < T (bench/README.md)")
+    g.add_argument("--ftbc-fit", choices=FITS, default=Options.ftbc_fit,
+                   help="how FTBC fits each step's bias. sweep (default): the paper's update, "
+                        "--iterations passes over the calibration batches moving the bias by "
+                        "--alpha times the rate error; solve: the point those passes move "
+                        "towards, found directly per step and channel by bisection (no "
+                        "--alpha or --iterations; the same in the integer FTBC)")
     g.add_argument("--calibrate-fixed", action=argparse.BooleanOptionalAction, default=True,
                    help="after quantization, run FTBC again on the integer network with the "
                         "bit-exact emulator (integer bias mantissas; same alpha, batches, "
@@ -251,6 +257,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
         holdout=args.holdout, keep_rule=args.keep_rule, ftbc_target=args.ftbc_target,
+        ftbc_fit=args.ftbc_fit,
         neuron=args.neuron,
         calibrate_fixed=args.calibrate_fixed, baselines=args.baselines,
         eval_samples=args.eval_samples,

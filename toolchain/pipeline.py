@@ -52,6 +52,7 @@ class Options:
     holdout: float = CalibrationOptions.holdout
     keep_rule: str = CalibrationOptions.keep
     ftbc_target: str = CalibrationOptions.step_target
+    ftbc_fit: str = CalibrationOptions.fit
     calibrate_fixed: bool = True
     baselines: bool = True  # also calibrate and score none and LP beside FTBC
     eval_samples: int | None = None
@@ -205,7 +206,7 @@ def _calibration_settings(opts: Options) -> dict[str, Any]:
     return dict(alpha=opts.alpha, batches=opts.calib_batches, batch_size=opts.calib_batch_size,
                 iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
                 progress=opts.progress, device=opts.device, keep=opts.keep_rule,
-                step_target=opts.ftbc_target)
+                step_target=opts.ftbc_target, fit=opts.ftbc_fit)
 
 
 def _part(run: Run, name: str, compute: Callable[[], Any]) -> Any:
