@@ -82,17 +82,24 @@ def _child(kind: str, setup_path: Path) -> dict:
         calibrate(snn, ann, x_calib, method="ftbc", **calib)
     elif kind == "ours_no_holdout_rule":
         calibrate(snn, ann, x_calib, method="ftbc", **{**calib, "holdout": 0.0})
+    elif kind == "ours_solve":
+        calibrate(snn, ann, x_calib, method="ftbc", fit="solve", **calib)
     elif kind == "full_forward":
         ftbc_full_forward(snn, ann, parts, alpha=calib["alpha"],
                           iterations=calib["iterations"])
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _rss_mb()}
 
 
+KINDS = ("baseline", "ours", "ours_no_holdout_rule", "full_forward", "ours_solve")
+
+
 def timing(timesteps: int, repeats: int, model: Path | None = None, spec: str = "digits",
-           batches: int = 5, iterations: int = 3, batch_size: int = 128) -> dict:
+           batches: int = 5, iterations: int = 3, batch_size: int = 128,
+           kinds: tuple[str, ...] = KINDS[:4]) -> dict:
     """Side by side, alternating, in fresh children: ours with and without the keep rule,
-    the full-forwards loop, and a baseline child (set-up only) for the memory figure.
-    ``model``: a TorchScript model on ``spec`` data (default: the seeded digits CNN)."""
+    the full-forwards loop, ours with ``fit="solve"`` (``kinds`` picks among them), and a
+    baseline child (set-up only) for the memory figure. ``model``: a TorchScript model on
+    ``spec`` data (default: the seeded digits CNN)."""
     torch.set_num_threads(1)
     calib = {**CALIB, "batches": batches, "iterations": iterations, "batch_size": batch_size}
     if model is None:
@@ -106,8 +113,7 @@ def timing(timesteps: int, repeats: int, model: Path | None = None, spec: str = 
     OUT.mkdir(parents=True, exist_ok=True)
     setup = OUT / f"timing_setup_T{timesteps}.pkl"
     setup.write_bytes(pickle.dumps((ann, snn, x_calib, calib)))
-    runs: dict[str, list[dict]] = {"baseline": [], "ours": [], "ours_no_holdout_rule": [],
-                                   "full_forward": []}
+    runs: dict[str, list[dict]] = {kind: [] for kind in ("baseline", *kinds)}
     for _ in range(repeats):
         for kind in runs:
             cmd = [sys.executable, __file__, "_child", kind, str(setup)]
@@ -120,14 +126,20 @@ def timing(timesteps: int, repeats: int, model: Path | None = None, spec: str = 
               "spiking_layers": spiking, "neurons": int(sum(np.prod(l.shape) for l in snn.layers)),
               "repeats": repeats, **calib, "load_average": os.getloadavg(), "runs": runs}
     base_rss = statistics.median(r["peak_rss_mb"] for r in runs["baseline"])
-    for kind in ("ours", "ours_no_holdout_rule", "full_forward"):
-        rs = runs[kind]
-        result[f"{kind}_median_s"] = statistics.median(r["seconds"] for r in rs)
-        result[f"{kind}_peak_rss_over_baseline_mb"] = statistics.median(
-            r["peak_rss_mb"] for r in rs) - base_rss
-    full = result["full_forward_median_s"]
-    result["speedup"] = full / result["ours_median_s"]
-    result["speedup_no_holdout_rule"] = full / result["ours_no_holdout_rule_median_s"]
+    for kind in runs:
+        if kind != "baseline":
+            rs = runs[kind]
+            result[f"{kind}_median_s"] = statistics.median(r["seconds"] for r in rs)
+            result[f"{kind}_peak_rss_over_baseline_mb"] = statistics.median(
+                r["peak_rss_mb"] for r in rs) - base_rss
+    for kind in ("ours", "ours_no_holdout_rule"):
+        if kind in runs and "full_forward" in runs:
+            suffix = "" if kind == "ours" else "_no_holdout_rule"
+            result["speedup" + suffix] = (result["full_forward_median_s"]
+                                          / result[f"{kind}_median_s"])
+    if "ours" in runs and "ours_solve" in runs:  # per repeat, side by side, then the median
+        result["solve_over_sweep"] = statistics.median(
+            a["seconds"] / b["seconds"] for a, b in zip(runs["ours_solve"], runs["ours"]))
     return result
 
 
@@ -192,11 +204,14 @@ def main(argv: list[str]) -> None:
                    help="timing: FTBC iterations")
     p.add_argument("--batch-size", type=int, default=CALIB["batch_size"],
                    help="timing: calibration batch size")
+    p.add_argument("--kinds", nargs="+", choices=KINDS[1:], default=list(KINDS[1:4]),
+                   help="timing: what to time beside the baseline child (ours_solve: "
+                        "ours with --ftbc-fit solve)")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.mode == "timing":
         result = timing(args.timesteps, args.repeats, args.model, args.data, args.batches,
-                        args.iterations, args.batch_size)
+                        args.iterations, args.batch_size, tuple(args.kinds))
         stem = f"_{args.model.stem}" if args.model else ""
         (OUT / f"calibration_timing{stem}_T{args.timesteps}.json").write_text(
             json.dumps(result, indent=1))

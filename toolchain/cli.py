@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--iterations passes over the calibration batches moving the bias by "
                         "--alpha times the rate error; solve: the point those passes move "
                         "towards, found directly per step and channel by bisection (no "
-                        "--alpha or --iterations; the same in the integer FTBC)")
+                        "--alpha or --iterations; the same in the integer FTBC). On "
+                        "validation data solve is ahead at T = 1 on a QCFS ResNet-20 with "
+                        "--keep-rule network and mixed elsewhere (bench/README.md part 15)")
     g.add_argument("--calibrate-fixed", action=argparse.BooleanOptionalAction, default=True,
                    help="after quantization, run FTBC again on the integer network with the "
                         "bit-exact emulator (integer bias mantissas; same alpha, batches, "
