@@ -315,7 +315,7 @@ def _nearest_rate_gap(graph, ann, parts, layer, scheds, ref) -> np.ndarray:
     params = {l.name: ref._params(graph, l, scheds) for l in graph.layers}
     p = params[layer.name]
     theta = p["theta"].reshape(-1).numpy()
-    pre, counts, goals = [], [], []  # per batch, per step: (B, C, m) before the step's bias
+    pre, goals = [], []  # per batch, per step: (B, C, m) before the step's bias, net counts
     for xb in parts:
         x = encode_input(graph.input, xb, torch.float64)
         state = {l.name: params[l.name]["v_init"].expand((len(xb),) + tuple(l.shape)).clone()
