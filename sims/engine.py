@@ -16,7 +16,9 @@ A layer's state is its membrane v (B, n), or for a signed layer (2, B, n): v and
 count n (``initial_state``; ``membrane`` gives v).
 
 ``run_steps`` is charge + settle over a chunk of steps; ``bias_sweep`` is FTBC's step (probe the
-spikes with the current b[t], let the calibration move b[t], settle with the new one).
+spikes with the current b[t], let the calibration move b[t], settle with the new one);
+``bias_solve`` is its solved form (every batch charged, b[t] chosen from probes of all of them,
+then every batch settled with it).
 ``sims.reference`` is the independent numpy specification of the integer arithmetic; Lava's
 ProcessModel (``sims.lava_procs.models``) is the only other writing of the step.
 
@@ -53,7 +55,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Iterator, Mapping, Union
+from typing import Callable, ClassVar, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -640,6 +642,42 @@ def bias_sweep(lp: LayerPlan, drives: Iterable[torch.Tensor], state: torch.Tenso
         charge(lp, state, drive)
         update(t, probe(lp, state, bias_of(t), spikes, scratch))
         settle(lp, state, bias_of(t), spikes, scratch)
+
+
+def bias_solve(lp: LayerPlan, drives: Sequence[Iterable[torch.Tensor]],
+               bias_of: Callable[[torch.Tensor], torch.Tensor],
+               rate_of: Callable[[torch.Tensor], torch.Tensor],
+               solve: Callable[[int, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
+               scale: torch.Tensor | None = None) -> None:
+    """FTBC's step solved over several batches at once (``bias_sweep`` is the sweeps'): per
+    t = 0, 1, .. every batch charges with its next drive (``drives``: one stream per batch),
+    ``solve(t, rate)`` returns step t's candidate, then every batch settles step t with
+    ``bias_of(candidate)``. ``rate(c)`` is ``scale`` times the batches' mean of
+    ``rate_of(spikes)`` (C,), the spikes (B, C, n / C) that ``probe`` gives with
+    ``bias_of(c)``; the states are not changed by it. Holds every batch's state at once."""
+    states: list[torch.Tensor] = []
+    buffers = torch.empty(0)
+
+    def rate(candidate: torch.Tensor) -> torch.Tensor:
+        bias, total = bias_of(candidate), 0
+        for state in states:
+            rows = membrane(lp, state).shape[0]
+            fired = probe(lp, state, bias, buffers[0, :rows], buffers[1, :rows])
+            total = total + rate_of(fired.view(rows, lp.channels, -1))
+        return (total if scale is None else scale * total) / len(states)
+
+    for t, step in enumerate(zip(*drives)):
+        if not states:  # the batch sizes, from the first step's drives
+            states = [initial_state(lp, drive.shape[-2]) for drive in step]
+            v = membrane(lp, states[0])
+            widest = max(drive.shape[-2] for drive in step)
+            buffers = torch.empty((2, widest, lp.n), dtype=v.dtype, device=v.device)
+        for state, drive in zip(states, step):
+            charge(lp, state, drive)
+        bias = bias_of(solve(t, rate))
+        for state in states:
+            rows = membrane(lp, state).shape[0]
+            settle(lp, state, bias, buffers[0, :rows], buffers[1, :rows])
 
 
 def initial_state(lp: LayerPlan, batch: int) -> torch.Tensor:

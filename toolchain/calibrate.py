@@ -336,36 +336,23 @@ def _ftbc_solve(fit: FloatFit, p: LayerPlan, cal: list[Batch]) -> None:
     earlier steps fixed a channel's mean rate at step t does not decrease as b[t] rises (the
     neuron is compared after adding it; a signed neuron takes back less), so b[t] is found
     per channel by bisection (``toolchain.calibration.solve_bias``). Then every batch settles
-    step t with it, and step t + 1 follows. ``iterations`` and ``alpha`` do not apply."""
+    step t with it, and step t + 1 follows (``engine.bias_solve``). ``iterations`` and
+    ``alpha`` do not apply."""
     steps = len(p.schedule)
-    states = [engine.initial_state(p, b.x.shape[0]) for b in cal]
-    drives = [iter(fit.drives(b)) for b in cal]
     theta = _theta(p).reshape(p.channels)
     want = torch.stack([b.targets[p.name].reshape(-1, p.channels).expand(steps, -1)
                         for b in cal]).mean(0)  # (T, C): the batches' mean target
-    widest = max(b.x.shape[0] for b in cal)
-    buffers = torch.empty((2, widest, p.n), dtype=p.dtype, device=p.vth.device)
-
-    def rate(bias: torch.Tensor) -> torch.Tensor:
-        """(C,) the batches' mean of theta * rate(t) with ``bias`` as b[t]."""
-        total = torch.zeros_like(theta)
-        for state in states:
-            rows = engine.membrane(p, state).shape[0]
-            fired = engine.probe(p, state, bias, buffers[0, :rows], buffers[1, :rows])
-            total += channel_rate(fired.view(rows, p.channels, -1)).reshape(p.channels)
-        return theta * total / len(states)
-
     reach = SOLVE_RANGE * theta
-    for t in range(steps):
-        for state, drive in zip(states, drives):
-            engine.charge(p, state, next(drive))
+
+    def solve(t: int, rate) -> torch.Tensor:  # rate(b): the batches' mean theta * rate(t)
         start = p.schedule[t].reshape(p.channels).clone()
         bias, _ = solve_bias(rate, want[t], start, theta.clone(), start - reach, start + reach,
                              SOLVE_TOLERANCE * theta)
         p.schedule[t] = bias.view_as(p.schedule[t])
-        for state in states:
-            rows = engine.membrane(p, state).shape[0]
-            engine.settle(p, state, p.schedule[t], buffers[0, :rows], buffers[1, :rows])
+        return bias
+
+    engine.bias_solve(p, [fit.drives(b) for b in cal], lambda bias: bias,
+                      lambda fired: channel_rate(fired).reshape(p.channels), solve, theta)
 
 
 SOLVE_RANGE = 2.0 ** 20  # the float solve tries biases within this many thresholds of the

@@ -339,42 +339,26 @@ def _ftbc_pass(lp: LayerPlan, layer, drive: torch.Tensor | Iterator[torch.Tensor
 def _ftbc_solve(lp: LayerPlan, layer, drives: list[Iterator[torch.Tensor]],
                 want: torch.Tensor, mant: torch.Tensor, limits: tuple[float, float]) -> int:
     """Integer FTBC's fixed point, step by step (``toolchain.calibrate``'s float solve in
-    mantissas): per step the whole mantissas within the 13-bit range where the batches' mean
-    rate meets ``want[t]`` (the batches' mean target), by ``solve_bias`` from the step's
-    current mantissa; then every batch settles the step with it. Updates ``mant`` (T, C) in
-    place; returns how many step-channels could not reach their target within the range."""
-    firsts = [next(d) for d in drives]
-    drives = [itertools.chain([f], d) for f, d in zip(firsts, drives)]
-    states = [initial_state(lp, f.shape[-2]) for f in firsts]
+    mantissas, ``engine.bias_solve``): per step the whole mantissas within the 13-bit range
+    where the batches' mean rate meets ``want[t]`` (the batches' mean target), by
+    ``solve_bias`` from the step's current mantissa; then every batch settles the step with
+    it. Updates ``mant`` (T, C) in place; returns how many step-channels could not reach
+    their target within the range."""
     vth_c = torch.from_numpy(np.array(layer.vth, np.float64)).to(mant.device)
-    unit = float(2 ** layer.bias_exp)
+    unit, dtype = float(2 ** layer.bias_exp), lp.v_init.dtype
     width = torch.clamp(torch.round(vth_c / unit), min=1)  # one threshold, in mantissas
     low, high = torch.full_like(width, limits[0]), torch.full_like(width, limits[1])
-    widest = max(f.shape[-2] for f in firsts)
-    dtype = states[0].dtype
-    buffers = torch.empty((2, widest, lp.n), dtype=dtype, device=states[0].device)
+    missed = [0]
 
-    def rate(m: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(width)
-        for state in states:
-            rows = membrane(lp, state).shape[0]
-            fired = engine.probe(lp, state, (m * unit).to(dtype), buffers[0, :rows],
-                                 buffers[1, :rows])
-            total += distributed.rate(fired.view(rows, lp.channels, -1), (0, 2))
-        return total / len(states)
-
-    missed = 0
-    for t in range(mant.shape[0]):
-        for state, drive in zip(states, drives):
-            engine.charge(lp, state, next(drive))
+    def solve(t: int, rate) -> torch.Tensor:  # rate(m): the batches' mean spikes per step
         mant[t], out = solve_bias(rate, want[t], mant[t].clone(), width, low, high, 1,
                                   integer=True)
-        missed += int(out.sum())
-        for state in states:
-            rows = membrane(lp, state).shape[0]
-            engine.settle(lp, state, (mant[t] * unit).to(dtype), buffers[0, :rows],
-                          buffers[1, :rows])
-    return missed
+        missed[0] += int(out.sum())
+        return mant[t]
+
+    engine.bias_solve(lp, drives, lambda m: (m * unit).to(dtype),
+                      lambda fired: distributed.rate(fired, (0, 2)), solve)
+    return missed[0]
 
 
 # --------------------------------------------------------------------------- forwards
