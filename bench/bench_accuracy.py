@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toolchain.calibration import FITS, KEEP_RULES, STEP_TARGETS  # noqa: E402
+from toolchain.convert import NEURONS  # noqa: E402
 from toolchain.pipeline import Options, run_pipeline  # noqa: E402
 from toolchain.report import build_report  # noqa: E402
 from toolchain.resume import FOLDER as RESUME_FOLDER  # noqa: E402
@@ -74,13 +76,13 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--seed", type=int, default=0, help="calibration seed (the test images "
                    "are drawn by a fixed seed whatever this is, so rows of two seeds pair)")
-    p.add_argument("--ftbc-target", default="ideal", choices=["ideal", "paper"],
+    p.add_argument("--ftbc-target", default=Options.ftbc_target, choices=STEP_TARGETS,
                    help="FTBC's per-step target (ftbc-export's --ftbc-target)")
-    p.add_argument("--neuron", default="if", choices=["if", "signed"],
+    p.add_argument("--neuron", default=Options.neuron, choices=NEURONS,
                    help="the spiking neuron (ftbc-export's --neuron)")
-    p.add_argument("--keep-rule", default="layer", choices=["layer", "lenient", "network"],
+    p.add_argument("--keep-rule", default=Options.keep_rule, choices=KEEP_RULES,
                    help="the calibration's keep rule (ftbc-export's --keep-rule)")
-    p.add_argument("--ftbc-fit", default="sweep", choices=["sweep", "solve"],
+    p.add_argument("--ftbc-fit", default=Options.ftbc_fit, choices=FITS,
                    help="FTBC's fit (ftbc-export's --ftbc-fit)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "

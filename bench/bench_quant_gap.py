@@ -43,6 +43,7 @@ from sims.emulator import emulate  # noqa: E402
 from sims.torch_snn import simulate  # noqa: E402
 from toolchain import pipeline  # noqa: E402
 from toolchain.calibrate import calibrate  # noqa: E402
+from toolchain.calibration import STEP_TARGETS  # noqa: E402
 from toolchain.pipeline import Options, Run  # noqa: E402
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     p.add_argument("--target", default="loihi2")
     p.add_argument("--timesteps", type=int, default=16)
     p.add_argument("--eval-samples", type=int, default=2000)
-    p.add_argument("--ftbc-target", default="ideal", choices=["ideal", "paper"])
+    p.add_argument("--ftbc-target", default=Options.ftbc_target, choices=STEP_TARGETS)
     args = p.parse_args()
     opts = Options(model=Path(args.model), data=args.data, target=args.target,
                    timesteps=args.timesteps, eval_samples=args.eval_samples, verify_samples=0,

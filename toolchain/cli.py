@@ -113,6 +113,7 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from toolchain.calibration import FITS, KEEP_RULES, STEP_TARGETS
+    from toolchain.convert import NEURONS
     from toolchain.pipeline import Options  # the calibration defaults: written once, there
 
     p = argparse.ArgumentParser(prog="ftbc-export", description=DESCRIPTION, epilog=EPILOG,
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial membrane potential as a fraction of the threshold")
     g.add_argument("--input-shift", action=argparse.BooleanOptionalAction, default=None,
                    help="add theta/(2T) to the input current at every step")
-    g.add_argument("--neuron", choices=("if", "signed"), default="if",
+    g.add_argument("--neuron", choices=NEURONS, default=Options.neuron,
                    help="if (default): the paper's integrate-and-fire neuron. signed: a neuron "
                         "that also sends a -1 spike (and adds its threshold back) when its "
                         "membrane is below 0 and its net spike count is positive, so it can "
