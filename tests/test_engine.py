@@ -1,7 +1,10 @@
 """sims.engine against the independent references: the integer arithmetic against
 ``sims.reference`` (assert_array_equal), the float64 arithmetic against a naive per-sample
-numpy loop of the SnnGraph equations, on random graphs; devices and exactness settings."""
+numpy loop of the SnnGraph equations, on random graphs; devices and exactness settings;
+``bias_solve`` against ``run_steps``."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -129,3 +132,68 @@ def test_integer_arithmetic_reads_the_target():
     arith = engine.IntegerArithmetic(t)
     assert (arith.state_min, arith.state_max) == (t.state_min, t.state_max)
     assert arith.shift == float(1 << t.act_shift) and arith.payload_bits == 8
+
+
+@pytest.mark.parametrize("arith", ["float64", "integer"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_bias_solve_probes_and_settles_as_the_steps_run(arith, signed):
+    """``bias_solve``'s ``rate(c)`` at step t is the batches' mean step-t rate of the layer
+    as ``run_steps`` runs it with the chosen biases before t and c at t (times ``scale``);
+    every batch settles the candidate ``solve`` returns, which later steps' rates show."""
+    from core import distributed
+    steps, sizes = 4, (3, 5)  # two batches of different sizes
+    snn = random_snn(11, timesteps=steps, conv=True)
+    snn = evolve(snn, layers=tuple(evolve(l, signed=signed and not l.readout)
+                                   for l in snn.layers))
+    x = random_inputs(11, snn, sum(sizes))
+    if arith == "integer":
+        from exporters.quantize import quantize
+        q = quantize(snn, get_target("loihi2"))
+        plan = engine.compile(q)
+        x_enc = torch.from_numpy(encode_input(q.input, x).astype(np.float32))
+    else:
+        plan = engine.compile(snn, engine.FloatArithmetic(torch.float64))
+        x_enc = encode_float(snn.input, x, torch.float64)
+    lp = plan.layers[0]
+    drive = engine.input_current(lp, x_enc)
+    drive = drive.mul_(lp.shift) if lp.limits is not None else drive
+    parts = torch.split(drive, list(sizes))
+    scale = None if arith == "integer" else \
+        torch.linspace(0.5, 2.0, lp.channels, dtype=lp.dtype)
+    rng = np.random.default_rng(0)
+    # candidates per step in the bias's units: whole numbers for the integer layer
+    unit = float(lp.vth.max())
+    candidates = [torch.from_numpy(rng.uniform(-unit, unit, (3, lp.channels))).to(lp.dtype)
+                  for _ in range(steps)]
+    if arith == "integer":
+        candidates = [c.round() for c in candidates]
+    chosen: list[torch.Tensor] = []
+    rates: list[float] = []
+
+    def reference_rate(c: torch.Tensor) -> torch.Tensor:
+        schedule = torch.stack(chosen + [c]).reshape(-1, lp.channels, 1)
+        run = replace(lp, schedule=schedule)
+        total = 0
+        for part in parts:
+            state = engine.initial_state(run, part.shape[0])
+            out = torch.empty((len(schedule),) + tuple(engine.membrane(run, state).shape),
+                              dtype=lp.dtype)
+            engine.run_steps(run, part, state, 0, out,
+                             torch.empty_like(engine.membrane(run, state)))
+            spikes = out[-1].view(part.shape[0], lp.channels, -1)
+            total = total + distributed.rate(spikes, (0, 2))
+        return (total if scale is None else scale * total) / len(parts)
+
+    def solve(t, rate):
+        assert t == len(chosen)
+        for c in candidates[t]:
+            got = rate(c)
+            np.testing.assert_array_equal(got.numpy(), reference_rate(c).numpy())
+            rates.append(float(got.sum()))
+        chosen.append(candidates[t][t % 3])
+        return chosen[-1]
+
+    engine.bias_solve(lp, [[p] * steps for p in parts], lambda c: c,
+                      lambda fired: distributed.rate(fired, (0, 2)), solve, scale)
+    assert len(chosen) == steps
+    assert min(rates) < max(rates)  # the candidates move the rate
