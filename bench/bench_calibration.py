@@ -126,17 +126,13 @@ def timing(timesteps: int, repeats: int, model: Path | None = None, spec: str = 
               "spiking_layers": spiking, "neurons": int(sum(np.prod(l.shape) for l in snn.layers)),
               "repeats": repeats, **calib, "load_average": os.getloadavg(), "runs": runs}
     base_rss = statistics.median(r["peak_rss_mb"] for r in runs["baseline"])
-    for kind in runs:
-        if kind != "baseline":
-            rs = runs[kind]
-            result[f"{kind}_median_s"] = statistics.median(r["seconds"] for r in rs)
-            result[f"{kind}_peak_rss_over_baseline_mb"] = statistics.median(
-                r["peak_rss_mb"] for r in rs) - base_rss
-    for kind in ("ours", "ours_no_holdout_rule"):
+    for kind in kinds:
+        result[f"{kind}_median_s"] = statistics.median(r["seconds"] for r in runs[kind])
+        result[f"{kind}_peak_rss_over_baseline_mb"] = statistics.median(
+            r["peak_rss_mb"] for r in runs[kind]) - base_rss
+    for kind, key in (("ours", "speedup"), ("ours_no_holdout_rule", "speedup_no_holdout_rule")):
         if kind in runs and "full_forward" in runs:
-            suffix = "" if kind == "ours" else "_no_holdout_rule"
-            result["speedup" + suffix] = (result["full_forward_median_s"]
-                                          / result[f"{kind}_median_s"])
+            result[key] = result["full_forward_median_s"] / result[f"{kind}_median_s"]
     if "ours" in runs and "ours_solve" in runs:  # per repeat, side by side, then the median
         result["solve_over_sweep"] = statistics.median(
             a["seconds"] / b["seconds"] for a, b in zip(runs["ours_solve"], runs["ours"]))
