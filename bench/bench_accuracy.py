@@ -59,9 +59,12 @@ def run_child(argv: list[str], steps: int) -> dict:
 def row(steps: int, r: dict) -> str:
     acc = {m: f"{a[-1]:.2f}" for m, a in r["snn_accuracy"].items()}
     fixed = r.get("fixed_accuracy", [float("nan")])[-1]
+    agree = [f"{a[-1]:.2f}" for a in (*r["snn_agreement"].values(),
+                                      *([r["fixed_agreement"]] if "fixed_agreement" in r else []))]
     cal = r["calibration"]
     return (f"| {steps} | {r['ann_accuracy']:.2f} | {acc.get('none', '-')} "
-            f"| {acc.get('lp', '-')} | {acc['ftbc']} | {fixed:.2f} | {r['seconds']['convert']:.1f} "
+            f"| {acc.get('lp', '-')} | {acc['ftbc']} | {fixed:.2f} | {' / '.join(agree)} "
+            f"| {r['seconds']['convert']:.1f} "
             f"| {cal['ftbc']['seconds']:.1f} | {r['wall_seconds']:.0f} "
             f"| {r['peak_rss_mib']:.0f} |")
 
@@ -99,9 +102,9 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(one_run(args, args.child)))
         return
-    print("| T | ANN | none | lp | ftbc | fixed (ftbc) | convert s | ftbc calib s | wall s "
-          "| peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | ANN | none | lp | ftbc | fixed (ftbc) | agreement with the ANN (same order) "
+          "| convert s | ftbc calib s | wall s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for steps in args.timesteps:
         results[steps] = run_child(argv, steps)
@@ -110,6 +113,8 @@ def main() -> None:
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],
                   "fixed": v.get("fixed_accuracy"),
+                  "snn_agreement": v["snn_agreement"],
+                  "fixed_agreement": v.get("fixed_agreement"),
                   "calibration_seconds": {m: c["seconds"] for m, c in
                                           v["calibration"].items()},
                   "ftbc_target": args.ftbc_target, "seed": args.seed,

@@ -84,6 +84,9 @@ def test_end_to_end_digits_loihi2_sim(tmp_path):
     assert set(report["snn_accuracy"]) == {"none", "lp", "ftbc"}
     assert all(len(acc) == 4 for acc in report["snn_accuracy"].values())
     assert len(report["fixed_accuracy"]) == 4
+    assert set(report["snn_agreement"]) == {"none", "lp", "ftbc"}
+    assert len(report["fixed_agreement"]) == 4
+    assert "agree@T" in proc.stdout
     lava = report["lava"]
     assert lava["samples"] == 4
     assert lava["spike_mismatches"] == 0 and lava["readout_mismatches"] == 0

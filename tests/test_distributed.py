@@ -89,7 +89,8 @@ def test_two_ranks_bias_schedules_match(single_and_pair):
 
 def test_two_ranks_report_the_same_results(single_and_pair):
     r1, r2 = (json.loads((single_and_pair[k][0] / "report.json").read_text()) for k in (1, 2))
-    for key in ("ann_accuracy", "snn_accuracy", "fixed_accuracy", "saturations"):
+    for key in ("ann_accuracy", "snn_accuracy", "fixed_accuracy", "snn_agreement",
+                "fixed_agreement", "saturations"):
         assert r2[key] == r1[key], key
     assert r2["lava"]["samples"] == 3 and r2["lava"]["spike_mismatches"] == 0
     assert r2["lava"]["accuracy"] == r1["lava"]["accuracy"]

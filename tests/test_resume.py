@@ -11,6 +11,7 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import sims.torch_snn
@@ -46,7 +47,8 @@ class Counted:
 def _results(run) -> dict:
     report = build_report(run)
     return {k: report[k] for k in ("ann_accuracy", "snn_accuracy", "fixed_accuracy",
-                                   "saturations", "quantization")}
+                                   "snn_agreement", "fixed_agreement", "saturations",
+                                   "quantization")}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,38 @@ def test_the_key_covers_data_and_weights(uninterrupted):
     changed = replace(conv, weight=conv.weight * 1.5)
     ann = replace(run.ann, nodes=(run.ann.nodes[0], changed, *run.ann.nodes[2:]))
     assert resume.run_key(replace(run, ann=ann)) != key
+
+
+def test_agreement_is_the_share_of_samples_on_the_anns_top1(uninterrupted):
+    """``snn_agreement`` / ``fixed_agreement`` (the reference run's): per step, the percent of
+    evaluation samples whose SNN top-1 is the ANN's, recomputed here from the graphs."""
+    from sims.emulator import emulate
+    from sims.torch_snn import simulate
+    from toolchain.ann import ann_predictions
+    from toolchain.pipeline import _eval_split
+    run = uninterrupted
+    x, _ = _eval_split(run)
+    top1 = ann_predictions(run.ann, x)
+    for method, agree in run.results["snn_agreement"].items():
+        expected = 100.0 * (simulate(run.snn[method], x).predictions == top1).mean(1)
+        np.testing.assert_allclose(agree, expected, rtol=0, atol=1e-9, err_msg=method)
+    expected = 100.0 * (emulate(run.quant, x).predictions == top1).mean(1)
+    np.testing.assert_allclose(run.results["fixed_agreement"], expected, rtol=0, atol=1e-9)
+    assert run.results["snn_agreement"].keys() == run.results["snn_accuracy"].keys()
+    # (the ANN gets all 60 of these samples right, so here agreement is accuracy too; the
+    # next test tells the two apart)
+
+
+def test_agreement_counts_the_anns_top1_not_the_label():
+    from toolchain.data import DataSplit
+    from toolchain.pipeline import Run as PipelineRun, _accuracy, _agreement
+    y = np.array([0, 1, 2, 3])
+    data = DataSplit("toy", y[:, None].astype(np.float32), y, y[:, None].astype(np.float32), y)
+    run = PipelineRun(options=Options(model=DIGITS_MODEL), data=data,
+                      ann_labels=np.array([0, 1, 2, 0]))  # the ANN misses the last sample
+    predictions = np.array([[0, 1, 2, 3], [0, 1, 1, 0]])  # (T = 2, n = 4)
+    np.testing.assert_allclose(_accuracy(run, predictions), [100.0, 50.0])
+    np.testing.assert_allclose(_agreement(run, predictions), [75.0, 75.0])
 
 
 def test_sigterm_then_the_same_command_continues_and_cleans_up(tmp_path):

@@ -81,6 +81,7 @@ class Run:
     normalized: SnnGraph | None = None
     quant: QuantGraph | None = None
     results: Mapping[str, Any] = field(default_factory=dict)
+    ann_labels: np.ndarray | None = None  # the ANN's top-1 on the whole evaluation split
     activity: Mapping[str, Any] | None = None  # per-neuron spikes of the emulate stage
     timings: Mapping[str, float] = field(default_factory=dict)
     peak_rss: Mapping[str, int] = field(default_factory=dict)  # stage -> peak RSS bytes
@@ -120,8 +121,18 @@ def _local_eval(run: Run) -> tuple[np.ndarray, np.ndarray]:
 def _accuracy(run: Run, predictions: np.ndarray) -> np.ndarray:
     """Percent correct after each step from this rank's (T, n) predictions, over the whole
     evaluation split (predictions of every rank gathered in order)."""
-    y = _eval_split(run)[1]
-    return 100.0 * (distributed.gather_array(predictions, axis=-1) == y).mean(-1)
+    return _percent_equal(predictions, _eval_split(run)[1])
+
+
+def _agreement(run: Run, predictions: np.ndarray) -> np.ndarray:
+    """``_accuracy`` against the ANN's top-1 (``run.ann_labels``) instead of the labels: how
+    faithful the SNN is to the network it was converted from, whatever the labels say."""
+    return _percent_equal(predictions, run.ann_labels)
+
+
+def _percent_equal(predictions: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Percent of the whole evaluation split equal to ``reference`` after each step."""
+    return 100.0 * (distributed.gather_array(predictions, axis=-1) == reference).mean(-1)
 
 
 def _calib_data(opts: Options, data: Any) -> np.ndarray:
@@ -176,9 +187,10 @@ def trace(run: Run) -> Run:
                           eval_samples=len(_eval_split(run)[0]),
                           holdout_samples=int(round(opts.holdout * len(run.calib))))
     x, _ = _local_eval(run)
-    accuracy = float(_accuracy(run, ann_predictions(ann, x)))
-    return replace(run, ann=ann).with_results(ann_accuracy=accuracy,
-                                              memory_estimate_bytes=memory)
+    top1 = ann_predictions(ann, x)
+    accuracy = float(_accuracy(run, top1))
+    return replace(run, ann=ann, ann_labels=distributed.gather_array(top1)).with_results(
+        ann_accuracy=accuracy, memory_estimate_bytes=memory)
 
 
 def convert(run: Run) -> Run:
@@ -230,10 +242,16 @@ def simulate(run: Run) -> Run:
     from sims.torch_snn import simulate as simulate_snn
     x, _ = _local_eval(run)
     opts = run.options
-    accuracy = {m: _part(run, f"simulate:{m}", lambda: _accuracy(run, simulate_snn(
-                    run.snn[m], x, progress=opts.progress, device=opts.device).predictions))
-                for m in calibration_methods(opts)}
-    return run.with_results(snn_accuracy={m: a.tolist() for m, a in accuracy.items()})
+
+    def score(method: str) -> tuple[np.ndarray, np.ndarray]:
+        predictions = simulate_snn(run.snn[method], x, progress=opts.progress,
+                                   device=opts.device).predictions
+        return _accuracy(run, predictions), _agreement(run, predictions)
+
+    scores = {m: _part(run, f"simulate:{m}", lambda: score(m))
+              for m in calibration_methods(opts)}
+    return run.with_results(snn_accuracy={m: a.tolist() for m, (a, _) in scores.items()},
+                            snn_agreement={m: a.tolist() for m, (_, a) in scores.items()})
 
 
 def normalize(run: Run) -> Run:
@@ -296,6 +314,7 @@ def emulate(run: Run) -> Run:
                                     negative_spikes=result.negative_spikes)
     return replace(run, activity=activity).with_results(
         fixed_accuracy=_accuracy(run, result.predictions).tolist(),
+        fixed_agreement=_agreement(run, result.predictions).tolist(),
         saturations={k: saturations[k] for k in result.saturations},
         input_clipped={"values": clipped, "of": int(len(_eval_split(run)[0]) * np.prod(
             run.quant.input.shape)), "range": run.quant.meta["input_range"]})

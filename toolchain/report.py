@@ -144,17 +144,22 @@ def _fmt(acc: Any) -> str:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A readable table: ANN; float none / LP / FTBC; fixed point; Lava."""
     T = report["timesteps"]
-    rows = [("ANN", report.get("ann_accuracy"), None)]
+    rows = [("ANN", report.get("ann_accuracy"), None, None)]
+    agreement = report.get("snn_agreement", {})
     for method, acc in report.get("snn_accuracy", {}).items():
-        rows.append((f"SNN float, {method}", acc[-1], acc[min(T, 4) - 1]))
+        agree = agreement.get(method)
+        rows.append((f"SNN float, {method}", acc[-1], acc[min(T, 4) - 1],
+                     agree[-1] if agree else None))
     if "fixed_accuracy" in report:
-        acc = report["fixed_accuracy"]
-        rows.append((f"fixed point ({report['target']})", acc[-1], acc[min(T, 4) - 1]))
+        acc, agree = report["fixed_accuracy"], report.get("fixed_agreement")
+        rows.append((f"fixed point ({report['target']})", acc[-1], acc[min(T, 4) - 1],
+                     agree[-1] if agree else None))
     lava = report.get("lava")
     if lava:
-        rows.append((f"Lava, {lava['samples']} samples", lava.get("accuracy"), None))
-    lines = [f"{'':28s} {'acc@T':>7s} {'acc@' + str(min(T, 4)):>7s}"]
-    lines += [f"{name:28s} {_fmt(a):>7s} {_fmt(b):>7s}" for name, a, b in rows]
+        rows.append((f"Lava, {lava['samples']} samples", lava.get("accuracy"), None, None))
+    # agree@T: the share of evaluation samples whose top-1 at t = T is the ANN's
+    lines = [f"{'':28s} {'acc@T':>7s} {'acc@' + str(min(T, 4)):>7s} {'agree@T':>8s}"]
+    lines += [f"{name:28s} {_fmt(a):>7s} {_fmt(b):>7s} {_fmt(c):>8s}" for name, a, b, c in rows]
     if lava:
         lines.append(f"Lava vs emulator: {lava['spike_mismatches']} spike and "
                      f"{lava['readout_mismatches']} readout mismatches "
