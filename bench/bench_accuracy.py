@@ -59,8 +59,9 @@ def run_child(argv: list[str], steps: int) -> dict:
 def row(steps: int, r: dict) -> str:
     acc = {m: f"{a[-1]:.2f}" for m, a in r["snn_accuracy"].items()}
     fixed = r.get("fixed_accuracy", [float("nan")])[-1]
-    agree = [f"{a[-1]:.2f}" for a in (*r["snn_agreement"].values(),
-                                      *([r["fixed_agreement"]] if "fixed_agreement" in r else []))]
+    agreement = {**r["snn_agreement"], "fixed": r.get("fixed_agreement")}
+    agree = [f"{a[-1]:.2f}" if a else "-" for a in
+             (agreement.get(m) for m in ("none", "lp", "ftbc", "fixed"))]
     cal = r["calibration"]
     return (f"| {steps} | {r['ann_accuracy']:.2f} | {acc.get('none', '-')} "
             f"| {acc.get('lp', '-')} | {acc['ftbc']} | {fixed:.2f} | {' / '.join(agree)} "
@@ -102,8 +103,8 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(one_run(args, args.child)))
         return
-    print("| T | ANN | none | lp | ftbc | fixed (ftbc) | agreement with the ANN (same order) "
-          "| convert s | ftbc calib s | wall s | peak RSS MiB |")
+    print("| T | ANN | none | lp | ftbc | fixed (ftbc) "
+          "| agreement with the ANN: none / lp / ftbc / fixed | convert s | ftbc calib s | wall s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for steps in args.timesteps:
