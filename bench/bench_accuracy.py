@@ -104,7 +104,8 @@ def main() -> None:
         print(json.dumps(one_run(args, args.child)))
         return
     print("| T | ANN | none | lp | ftbc | fixed (ftbc) "
-          "| agreement with the ANN: none / lp / ftbc / fixed | convert s | ftbc calib s | wall s | peak RSS MiB |")
+          "| agreement with the ANN: none / lp / ftbc / fixed | convert s | ftbc calib s "
+          "| wall s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for steps in args.timesteps:
