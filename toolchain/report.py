@@ -142,7 +142,8 @@ def _fmt(acc: Any) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A readable table: ANN; float none / LP / FTBC; fixed point; Lava."""
+    """A readable table: ANN; float none / LP / FTBC; fixed point; Lava (accuracy at t = T and
+    t = min(T, 4); agreement with the ANN's top-1 at t = T)."""
     T = report["timesteps"]
     rows = [("ANN", report.get("ann_accuracy"), None, None)]
     agreement = report.get("snn_agreement", {})
