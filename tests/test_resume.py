@@ -165,14 +165,15 @@ def test_agreement_is_the_share_of_samples_on_the_anns_top1(uninterrupted):
 
 def test_agreement_counts_the_anns_top1_not_the_label():
     from toolchain.data import DataSplit
-    from toolchain.pipeline import Run as PipelineRun, _accuracy, _agreement
+    from toolchain.pipeline import Run as PipelineRun, _scores
     y = np.array([0, 1, 2, 3])
     data = DataSplit("toy", y[:, None].astype(np.float32), y, y[:, None].astype(np.float32), y)
     run = PipelineRun(options=Options(model=DIGITS_MODEL), data=data,
                       ann_labels=np.array([0, 1, 2, 0]))  # the ANN misses the last sample
     predictions = np.array([[0, 1, 2, 3], [0, 1, 1, 0]])  # (T = 2, n = 4)
-    np.testing.assert_allclose(_accuracy(run, predictions), [100.0, 50.0])
-    np.testing.assert_allclose(_agreement(run, predictions), [75.0, 75.0])
+    accuracy, agreement = _scores(run, predictions)
+    np.testing.assert_allclose(accuracy, [100.0, 50.0])
+    np.testing.assert_allclose(agreement, [75.0, 75.0])
 
 
 def test_sigterm_then_the_same_command_continues_and_cleans_up(tmp_path):

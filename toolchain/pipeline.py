@@ -118,21 +118,14 @@ def _local_eval(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return x[mine], y[mine]
 
 
-def _accuracy(run: Run, predictions: np.ndarray) -> np.ndarray:
-    """Percent correct after each step from this rank's (T, n) predictions, over the whole
-    evaluation split (predictions of every rank gathered in order)."""
-    return _percent_equal(predictions, _eval_split(run)[1])
-
-
-def _agreement(run: Run, predictions: np.ndarray) -> np.ndarray:
-    """``_accuracy`` against the ANN's top-1 (``run.ann_labels``) instead of the labels: how
-    faithful the SNN is to the network it was converted from, whatever the labels say."""
-    return _percent_equal(predictions, run.ann_labels)
-
-
-def _percent_equal(predictions: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Percent of the whole evaluation split equal to ``reference`` after each step."""
-    return 100.0 * (distributed.gather_array(predictions, axis=-1) == reference).mean(-1)
+def _scores(run: Run, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Percent correct, and percent agreeing with the ANN's top-1 (``run.ann_labels``: how
+    faithful the SNN is to the network it was converted from, whatever the labels say), after
+    each step, from this rank's (T, n) predictions over the whole evaluation split
+    (predictions of every rank gathered in order, once)."""
+    every = distributed.gather_array(predictions, axis=-1)
+    return (100.0 * (every == _eval_split(run)[1]).mean(-1),
+            100.0 * (every == run.ann_labels).mean(-1))
 
 
 def _calib_data(opts: Options, data: Any) -> np.ndarray:
@@ -187,9 +180,9 @@ def trace(run: Run) -> Run:
                           eval_samples=len(_eval_split(run)[0]),
                           holdout_samples=int(round(opts.holdout * len(run.calib))))
     x, _ = _local_eval(run)
-    top1 = ann_predictions(ann, x)
-    accuracy = float(_accuracy(run, top1))
-    return replace(run, ann=ann, ann_labels=distributed.gather_array(top1)).with_results(
+    top1 = distributed.gather_array(ann_predictions(ann, x))
+    accuracy = float(100.0 * (top1 == _eval_split(run)[1]).mean())
+    return replace(run, ann=ann, ann_labels=top1).with_results(
         ann_accuracy=accuracy, memory_estimate_bytes=memory)
 
 
@@ -242,13 +235,8 @@ def simulate(run: Run) -> Run:
     from sims.torch_snn import simulate as simulate_snn
     x, _ = _local_eval(run)
     opts = run.options
-
-    def score(method: str) -> tuple[np.ndarray, np.ndarray]:
-        predictions = simulate_snn(run.snn[method], x, progress=opts.progress,
-                                   device=opts.device).predictions
-        return _accuracy(run, predictions), _agreement(run, predictions)
-
-    scores = {m: _part(run, f"simulate:{m}", lambda: score(m))
+    scores = {m: _part(run, f"simulate:{m}", lambda: _scores(run, simulate_snn(
+                  run.snn[m], x, progress=opts.progress, device=opts.device).predictions))
               for m in calibration_methods(opts)}
     return run.with_results(snn_accuracy={m: a.tolist() for m, (a, _) in scores.items()},
                             snn_agreement={m: a.tolist() for m, (_, a) in scores.items()})
@@ -312,9 +300,9 @@ def emulate(run: Run) -> Run:
     activity = activity_from_counts(run.quant, x, result.neuron_spikes,
                                     source=f"{run.options.data} evaluation split",
                                     negative_spikes=result.negative_spikes)
+    accuracy, agreement = _scores(run, result.predictions)
     return replace(run, activity=activity).with_results(
-        fixed_accuracy=_accuracy(run, result.predictions).tolist(),
-        fixed_agreement=_agreement(run, result.predictions).tolist(),
+        fixed_accuracy=accuracy.tolist(), fixed_agreement=agreement.tolist(),
         saturations={k: saturations[k] for k in result.saturations},
         input_clipped={"values": clipped, "of": int(len(_eval_split(run)[0]) * np.prod(
             run.quant.input.shape)), "range": run.quant.meta["input_range"]})
