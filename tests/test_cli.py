@@ -73,6 +73,26 @@ def test_corrupt_model_is_one_line_error_after_progress(tmp_path, capsys):
     assert lines[-1].startswith("ftbc-export: error:")
 
 
+@pytest.mark.parametrize("form", ["scripted", "export"])
+def test_a_model_for_other_inputs_than_the_data_names_the_data_and_the_fix(tmp_path, capsys,
+                                                                           form):
+    # The user forgot --data: a model for 2 x 6 x 6 inputs meets the default digits (1 x 8 x 8).
+    from tests.models import Normalized
+    model = Normalized().eval()
+    path = tmp_path / ("model.pt" if form == "scripted" else "model.pt2")
+    if form == "scripted":
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        torch.export.save(torch.export.export(model, (torch.rand(2, 2, 6, 6),)), str(path))
+    assert main([str(path), "--no-progress"]) == 2
+    error, note = capsys.readouterr().err.splitlines()[-2:]
+    assert error.startswith("ftbc-export: error:")
+    if form == "export":
+        assert "exported for input (2, 2, 6, 6)" in error and "pass data of shape (2, 6, 6)" in error
+    assert note.startswith("note: traced on the samples of data digits, shape (1, 8, 8)")
+    assert "--data" in note and "cifar10:DIR" in note
+
+
 @pytest.mark.lava
 def test_end_to_end_digits_loihi2_sim(tmp_path):
     out = tmp_path / "run"

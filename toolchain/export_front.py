@@ -85,7 +85,8 @@ def _export_example(program: torch.export.ExportedProgram, shape: tuple) -> torc
     fixed = tuple(_concrete_dim(program, d) for d in user[0].meta["val"].shape)
     if fixed[1:] != tuple(shape):
         raise InputError(f"the exported program was exported for input {fixed}, not "
-                         f"(N, {', '.join(map(str, shape))}): export it again with that shape")
+                         f"(N, {', '.join(map(str, shape))}): pass data of shape {fixed[1:]}, or "
+                         "export the model again for the data's shape")
     return torch.rand(fixed)
 
 
