@@ -47,6 +47,14 @@ def test_unknown_target_lists_valid_ones(capsys):
     assert err.count("\n") == 1 and "loihi2-sim" in err
 
 
+@pytest.mark.parametrize("target", ["loihi2", "float", "nir"])
+def test_verify_samples_on_a_target_lava_does_not_run_is_one_line_exit_2(capsys, target):
+    # Asked for a Lava verification that the target would skip: said, not silently ignored.
+    assert main([str(DIGITS_MODEL), "--target", target, "--verify-samples", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--target loihi2-sim" in err and target in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_cuda_without_a_gpu_is_one_line_exit_2(capsys):
     assert main([str(DIGITS_MODEL), "--device", "cuda"]) == 2

@@ -212,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-samples", type=_positive(int),
                    help="evaluate on N test samples drawn by a fixed seed, the same N in "
                         "every run (default: all)")
-    g.add_argument("--verify-samples", type=_positive(int, zero=True), default=100,
+    g.add_argument("--verify-samples", type=_positive(int, zero=True), default=None,
                    help="test samples (drawn by a fixed seed) run in Lava and compared spike "
-                        "for spike (default 100; 0 skips)")
+                        "for spike; loihi2-sim only (default 100 there; 0 skips)")
     g.add_argument("--verify-workers", type=_positive(int), metavar="N",
                    help="worker processes for the Lava verification, one Lava runtime each, "
                         "samples split between them (default: the number of cores)")
@@ -242,7 +242,11 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
     from toolchain.pipeline import Options
     if args.model is None:
         raise InputError("no model file given (usage: ftbc-export MODEL [options]; see --help)")
-    get_target(args.target)  # unknown target -> InputError listing the valid ones
+    target = get_target(args.target)  # unknown target -> InputError listing the valid ones
+    if args.verify_samples and not target.simulated:
+        raise InputError(f"--verify-samples runs the network in Lava, which target "
+                         f"{args.target} does not; use --target loihi2-sim to verify, or "
+                         "drop --verify-samples")
     from sims.engine import resolve_device
     resolve_device(args.device)  # cuda without a GPU -> InputError
     check_model_file(args.model)
@@ -264,7 +268,8 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         neuron=args.neuron,
         calibrate_fixed=args.calibrate_fixed, baselines=args.baselines,
         eval_samples=args.eval_samples,
-        verify_samples=args.verify_samples, seed=args.seed,
+        seed=args.seed,
+        **({} if args.verify_samples is None else {"verify_samples": args.verify_samples}),
         **({} if args.verify_workers is None else {"verify_workers": args.verify_workers}),
         progress=not args.no_progress and distributed.is_main(),
         device=args.device, resume=args.resume,
