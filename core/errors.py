@@ -13,6 +13,12 @@ class FtbcError(Exception):
     """Base of every error the CLI reports as a one-line message."""
     exit_code = 1
 
+    def add_context(self, context: str) -> None:
+        """Append ``context`` to the message's first line, in place (before a re-raise): what
+        the caller knows of the cause, kept to one line per problem."""
+        first, newline, rest = str(self).partition("\n")
+        self.args = (f"{first}; {context}{newline}{rest}",)
+
 
 class InputError(FtbcError):
     """Bad input: missing or corrupt file, wrong shapes, bad option values."""

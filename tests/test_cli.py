@@ -47,6 +47,14 @@ def test_unknown_target_lists_valid_ones(capsys):
     assert err.count("\n") == 1 and "loihi2-sim" in err
 
 
+def test_context_joins_the_first_line_and_keeps_the_problem_items():
+    from core.errors import UnsupportedModelError
+    exc = UnsupportedModelError(["aten::sub: a", "aten::div: b"])
+    exc.add_context("traced on X")
+    assert str(exc) == "unsupported model: 2 problem(s); traced on X\n  - aten::sub: a\n  - aten::div: b"
+    assert exc.problems == ["aten::sub: a", "aten::div: b"] and exc.exit_code == 2
+
+
 @pytest.mark.parametrize("target", ["loihi2", "float", "nir"])
 def test_verify_samples_on_a_target_lava_does_not_run_is_one_line_exit_2(capsys, target):
     # Asked for a Lava verification that the target would skip: said, not silently ignored.
@@ -93,12 +101,12 @@ def test_a_model_for_other_inputs_than_the_data_names_the_data_and_the_fix(tmp_p
     else:
         torch.export.save(torch.export.export(model, (torch.rand(2, 2, 6, 6),)), str(path))
     assert main([str(path), "--no-progress"]) == 2
-    error, note = capsys.readouterr().err.splitlines()[-2:]
-    assert error.startswith("ftbc-export: error:")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ftbc-export: error:")
     if form == "export":
-        assert "exported for input (2, 2, 6, 6)" in error and "pass data of shape (2, 6, 6)" in error
-    assert note.startswith("note: traced on the samples of data digits, shape (1, 8, 8)")
-    assert "--data" in note and "cifar10:DIR" in note
+        assert "exported for input (2, 2, 6, 6)" in err and "pass data of shape (2, 6, 6)" in err
+    assert "; traced on the samples of data digits, shape (1, 8, 8): " in err
+    assert "--data" in err and "cifar10:DIR" in err
 
 
 @pytest.mark.lava

@@ -481,7 +481,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         options = options_from_args(args, argv)
         return _run(options)
     except FtbcError as exc:
-        return _error("\n".join([str(exc), *getattr(exc, "__notes__", ())]), exc.exit_code)
+        return _error(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
         interrupted = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except MemoryError:

@@ -175,10 +175,10 @@ def trace(run: Run) -> Run:
     try:
         ann = trace_model(run.loaded, shape)
     except InputError as exc:  # most often a model made for other inputs than the data's
-        exc.add_note(f"note: traced on the samples of data {run.data.name}, shape {shape}; if "
-                     "the model takes other inputs, name its data with --data: 'mnist:DIR' "
-                     "(1 x 28 x 28), 'cifar10:DIR' (3 x 32 x 32) or 'npz:TRAIN.npz,TEST.npz' "
-                     "(the default is digits, 1 x 8 x 8)")
+        exc.add_context(f"traced on the samples of data {run.data.name}, shape {shape}: if the "
+                        "model takes other inputs, name its data with --data ('mnist:DIR' 1 x "
+                        "28 x 28, 'cifar10:DIR' 3 x 32 x 32, 'npz:TRAIN.npz,TEST.npz'; the "
+                        "default is digits, 1 x 8 x 8)")
         raise
     check_labels(run.data, int(ann.node(ann.output).weight.shape[0]))
     opts = run.options
