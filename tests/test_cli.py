@@ -51,7 +51,8 @@ def test_context_joins_the_first_line_and_keeps_the_problem_items():
     from core.errors import UnsupportedModelError
     exc = UnsupportedModelError(["aten::sub: a", "aten::div: b"])
     exc.add_context("traced on X")
-    assert str(exc) == "unsupported model: 2 problem(s); traced on X\n  - aten::sub: a\n  - aten::div: b"
+    assert str(exc) == ("unsupported model: 2 problem(s); traced on X\n"
+                        "  - aten::sub: a\n  - aten::div: b")
     assert exc.problems == ["aten::sub: a", "aten::div: b"] and exc.exit_code == 2
 
 
