@@ -35,8 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.ir import ReluNode  # noqa: E402
-from sims import engine  # noqa: E402
-from sims.torch_snn import FloatArithmetic, run_network  # noqa: E402
+from sims.torch_snn import simulate  # noqa: E402
 from toolchain import ann as ann_module  # noqa: E402
 from toolchain.data import load_data  # noqa: E402
 
@@ -77,11 +76,8 @@ def snn(run: dict, x: np.ndarray, y: np.ndarray, lambdas: list[float], batch: in
     top1 = {}
     for lam in lambdas:
         start = time.perf_counter()
-        graph = scaled(run["snn"]["ftbc"], lam)
-        plan = engine.compile(graph, FloatArithmetic(torch.float32), None)
-        top1[lam] = np.concatenate([
-            run_network(graph, x[s:s + batch], plan=plan).readout[-1].argmax(1).numpy()
-            for s in range(0, len(x), batch)])
+        top1[lam] = simulate(scaled(run["snn"]["ftbc"], lam), x, batch_size=batch,
+                             progress=True).predictions[-1]
         p, away = top1[lam], top1[lam] != ann_top1
         net = int((away & (p == y)).sum()) - int((away & (ann_top1 == y)).sum())
         versus = ""
