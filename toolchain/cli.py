@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each method inside calibration and scoring), and continue a stopped "
                         "run of the same command from it: options, model, data and ftbc's "
                         "code must be the same, else it starts afresh. Removed once the run "
-                        "succeeds. For long runs a scheduler may stop and requeue")
+                        "succeeds. Meant for long runs that a scheduler may stop and requeue "
+                        "or a machine going down may cut short (README, 'Long runs')")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
                    help="model input shape without batch (default: from the data set)")
     g = p.add_argument_group("model loading")
