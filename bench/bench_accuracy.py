@@ -34,7 +34,7 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
                       eval_samples=args.eval_samples, seed=args.seed,
                       ftbc_target=args.ftbc_target, baselines=args.baselines,
                       neuron=args.neuron, keep_rule=args.keep_rule, ftbc_fit=args.ftbc_fit,
-                      progress=False)
+                      threshold_scale=args.threshold_scale, progress=False)
     start = time.perf_counter()
     resume = options.out_dir / RESUME_FOLDER if args.resume else None
     report = build_report(run_pipeline(options, resume=resume))
@@ -88,6 +88,8 @@ def main() -> None:
                    help="the calibration's keep rule (ftbc-export's --keep-rule)")
     p.add_argument("--ftbc-fit", default=Options.ftbc_fit, choices=FITS,
                    help="FTBC's fit (ftbc-export's --ftbc-fit)")
+    p.add_argument("--threshold-scale", type=float, default=Options.threshold_scale,
+                   help="searched thresholds times S (ftbc-export's --threshold-scale)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "
                         "and fixed point only, about half the calibration time)")

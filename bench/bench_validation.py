@@ -39,7 +39,7 @@ VAL_START = 4096  # validation images start here in the permutation (after any c
 # (no seed here: it draws the validation images too; --seeds sets it for all variants at once)
 FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
           "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float,
-          "ftbc_target": str, "ftbc_fit": str, "neuron": str}
+          "ftbc_target": str, "ftbc_fit": str, "neuron": str, "threshold_scale": float}
 
 
 def parse_variant(text: str) -> dict:

@@ -398,6 +398,7 @@ def _cli_values(seeds: Seeds, rng: random.Random) -> dict[str, Callable[[], list
         "--timesteps": num((1, 2, 3), (0, -1, "x", 1.5, "", 10**9, 10**15, "1e3")),
         "--threshold": num(("max", "percentile", "mse"), ("min", "")),
         "--percentile": num((50, 99.9, 100), (0, -5, 101, "nan", "inf", "x")),
+        "--threshold-scale": num((0.5, 1, 1.15, 3), (0, -1, "nan", "inf", "x")),
         "--v-init": num((0, 0.25, 0.5, 0.99), (1, -0.1, "nan", "inf")),
         "--alpha": num((0.1, 0.5, 1, 5), (0, -1, "nan", "inf", "1e400")),
         "--calib-batches": num((1, 2), (0, -2, "x")),

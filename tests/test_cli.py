@@ -25,8 +25,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_documents_every_option_and_exit_code():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for option in ("--target", "--data", "--timesteps", "--threshold", "--alpha",
-                   "--calib-batches", "--calib-batch-size", "--iterations", "--holdout",
+    for option in ("--target", "--data", "--timesteps", "--threshold", "--threshold-scale",
+                   "--alpha", "--calib-batches", "--calib-batch-size", "--iterations", "--holdout",
                    "--eval-samples", "--verify-samples", "--out", "--arch",
                    "--arch-kwargs", "--trust-pickle", "--input-shape", "--list-targets",
                    "--device", "--baselines", "--no-baselines"):

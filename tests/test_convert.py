@@ -8,7 +8,7 @@ from torch import nn
 
 from core.errors import InputError, UnsupportedModelError
 from core.ir import (INPUT, AnnGraph, AvgPoolNode, ConvNode, FlattenNode, InputNode,
-                     LinearNode, ReluNode, frozen_array)
+                     LinearNode, QcfsNode, ReluNode, frozen_array)
 from sims.torch_snn import synapse_current
 from tests.ann_builders import graph_from_sequential, residual_graph, small_cnn
 from tests.threshold_reference import grid_search_mse
@@ -117,6 +117,34 @@ def test_threshold_methods():
     assert np.all(m1 <= mx + 1e-9) and np.all(m32 <= mx + 1e-9)
     assert not np.allclose(m1, m32)  # thresholds depend on T
     assert np.all(m1 > 0)
+
+
+def test_threshold_scale_multiplies_searched_thresholds_only():
+    """``threshold_scale`` multiplies every searched threshold (and so the v0 = v_init * theta
+    and the spike payload that follow from it); a clip, a QCFS layer's learned thresholds
+    and the readout's keep theirs."""
+    torch.manual_seed(5)
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8),
+                        nn.Flatten(), nn.Linear(4, 3)).eval()
+    nodes = {n.name: n for n in graph_from_sequential(seq, (1, 8, 8)).nodes}
+    nodes["relu5"] = QcfsNode("relu5", ("conv4",), "relu5",  # a learned QCFS threshold
+                              frozen_array([0.5, 1.0, 1.5, 2.0]), 4)
+    ann = AnnGraph(tuple(nodes.values()), "linear8")
+    plain = convert(ann, X, timesteps=2)
+    scaled = convert(ann, X, timesteps=2, threshold_scale=1.25)
+    assert scaled.meta["threshold_scale"] == 1.25 and plain.meta["threshold_scale"] == 1.0
+    searched, clipped, learned = plain.layers[:3]
+    assert (searched.name, clipped.name, learned.name) == ("relu1", "relu63", "relu5")
+    assert clipped.clip == 6.0
+    np.testing.assert_allclose(scaled.layer("relu1").threshold, 1.25 * searched.threshold,
+                               rtol=1e-12)
+    for kept in (clipped, learned, plain.readout):
+        np.testing.assert_array_equal(scaled.layer(kept.name).threshold, kept.threshold)
+    np.testing.assert_array_equal(learned.threshold, [0.5, 1.0, 1.5, 2.0])
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="threshold_scale"):
+            convert(ann, X, timesteps=2, threshold_scale=bad)
 
 
 def test_mse_threshold_minimises_quantisation_error():

@@ -158,7 +158,8 @@ def test_netx_view_type_of_wrong_kind(seeds, tmp_path):
 
 @pytest.mark.parametrize("option, value", [
     ("--seed", "-1"), ("--alpha", "nan"), ("--alpha", "inf"), ("--verify-samples", "-2"),
-    ("--timesteps", "0"), ("--holdout", "nan")])
+    ("--timesteps", "0"), ("--holdout", "nan"), ("--threshold-scale", "0"),
+    ("--threshold-scale", "nan")])
 def test_invalid_option_values_are_usage_errors(option, value):
     code, _, err = run_cli([str(DIGITS_MODEL), *TINY, option, value])
     assert code == 2 and f"argument {option}" in err and "Traceback" not in err

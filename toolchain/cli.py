@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "max for this T)")
     g.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --threshold percentile (default 99.99)")
+    g.add_argument("--threshold-scale", type=_positive(float), default=Options.threshold_scale,
+                   metavar="S",
+                   help="multiply every searched threshold by S > 0 (default 1; not clips "
+                        "nor QCFS's learned thresholds). The per-layer search ignores that "
+                        "clipping errors add up over the layers: on validation images a scale "
+                        "of 1.15 raised FTBC at T = 1-2 on the CIFAR ResNet-20 "
+                        "(bench/README.md, 'Accuracy on residual networks', part 17)")
     g.add_argument("--v-init", type=float, metavar="FRACTION",
                    help="initial membrane potential as a fraction of the threshold")
     g.add_argument("--input-shift", action=argparse.BooleanOptionalAction, default=None,
@@ -261,7 +268,8 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         model=args.model, target=args.target, data=args.data, out=args.out,
         input_shape=args.input_shape, arch=args.arch, arch_kwargs=arch_kwargs,
         trust_pickle=args.trust_pickle, timesteps=args.timesteps, threshold=args.threshold,
-        percentile=args.percentile, v_init=args.v_init, input_shift=args.input_shift,
+        percentile=args.percentile, threshold_scale=args.threshold_scale,
+        v_init=args.v_init, input_shift=args.input_shift,
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
         holdout=args.holdout, keep_rule=args.keep_rule, ftbc_target=args.ftbc_target,

@@ -50,7 +50,11 @@ Thresholds (per channel, from ``x_calib`` = training data only)
     all calibration data gets the layer's largest threshold (1.0 when the whole layer is
     silent), recorded in ``meta["fallback_channels"]``; a channel whose percentile/mse
     threshold is 0 while its max is not gets its max (not recorded: its threshold still comes
-    from its own data). Never a threshold of 0.
+    from its own data). Never a threshold of 0. ``threshold_scale`` (default 1) multiplies
+    every searched threshold (not the clips, learned QCFS thresholds or the readout's): the
+    per-layer MSE ignores that a clipped activation's error is one-signed and adds up over the
+    layers, so at small T a scale above 1 can suit the whole network better
+    (bench/README.md, "Accuracy on residual networks", part 17).
 
 Encoding
     Constant input: the analog (normalised) sample enters the first synapses at every step.
@@ -120,13 +124,14 @@ class _Path:
 def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: str = "mse",
             percentile: float = 99.99, v_init: float = DEFAULT_V_INIT,
             input_shift: bool = DEFAULT_INPUT_SHIFT, calib_samples: int = 1024,
-            batch_size: int = 256, neuron: str = "if") -> SnnGraph:
+            batch_size: int = 256, neuron: str = "if",
+            threshold_scale: float = 1.0) -> SnnGraph:
     """Convert ``ann`` to an SnnGraph with T = ``timesteps`` (see the module docstring).
 
     ``x_calib`` (N, *input shape), training data only; its first ``calib_samples`` samples set
     the thresholds. Raises UnsupportedModelError listing every construct that cannot be
     expressed, InputError for bad options."""
-    _check_options(timesteps, threshold, percentile, v_init)
+    _check_options(timesteps, threshold, percentile, v_init, threshold_scale)
     if neuron not in NEURONS:
         raise InputError(f"neuron must be one of {', '.join(NEURONS)}, got {neuron!r}")
     shapes = node_shapes(ann)
@@ -137,13 +142,14 @@ def convert(ann: AnnGraph, x_calib: np.ndarray, *, timesteps: int, threshold: st
     layers, fallbacks = [], {}
     for spec in structure:
         theta, fb = _layer_threshold(spec, acts.pop(spec.name, None), threshold,
-                                     percentile, timesteps, offset)
+                                     percentile, timesteps, offset, threshold_scale)
         if fb:
             fallbacks[spec.name] = fb
         layers.append(_neuron_layer(spec, theta, v_init, input_shift, timesteps,
                                     signed=neuron == "signed" and not spec.readout))
     node = ann.input
     meta = {"threshold_method": threshold, "percentile": float(percentile),
+            "threshold_scale": float(threshold_scale),
             "timesteps": int(timesteps), "v_init": float(v_init),
             "input_shift": bool(input_shift), "neuron": neuron, "fallback_channels": fallbacks,
             "calib_samples": int(min(len(x_calib), calib_samples)),
@@ -179,7 +185,8 @@ def _learned_meta(structure: list) -> dict:
 
 # --------------------------------------------------------------------------- options
 
-def _check_options(timesteps: int, threshold: str, percentile: float, v_init: float) -> None:
+def _check_options(timesteps: int, threshold: str, percentile: float, v_init: float,
+                   threshold_scale: float = 1.0) -> None:
     problems = []
     if int(timesteps) < 1:
         problems.append(f"timesteps must be >= 1, got {timesteps}")
@@ -189,6 +196,8 @@ def _check_options(timesteps: int, threshold: str, percentile: float, v_init: fl
         problems.append(f"percentile must be in (0, 100], got {percentile}")
     if not 0.0 <= v_init < 1.0:
         problems.append(f"v_init must be in [0, 1) (a fraction of the threshold), got {v_init}")
+    if not (np.isfinite(threshold_scale) and threshold_scale > 0):
+        problems.append(f"threshold_scale must be a finite number > 0, got {threshold_scale}")
     if problems:
         raise InputError("; ".join(problems))
 
@@ -634,9 +643,10 @@ def _raw_threshold(values: torch.Tensor, method: str, percentile: float, timeste
 
 
 def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
-                     percentile: float, timesteps: int, offset: float
+                     percentile: float, timesteps: int, offset: float, scale: float = 1.0
                      ) -> tuple[np.ndarray, list[int]]:
-    """Thresholds of one layer and the channels that needed a fallback."""
+    """Thresholds of one layer (searched ones times ``scale``) and the channels that needed
+    a fallback."""
     channels = spec.shape[0]
     if spec.readout:
         return np.ones(channels), []
@@ -647,7 +657,7 @@ def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
     values = channel_values(act)
     vmax = values.max(1).values.double().numpy()
     theta = _raw_threshold(values, method, percentile, timesteps, offset)
-    theta = np.where((theta <= 0) & (vmax > 0), vmax, theta)
+    theta = np.where((theta <= 0) & (vmax > 0), vmax, theta) * scale
     silent = vmax <= 0
     fill = float(theta[~silent].max()) if (~silent).any() else 1.0
     return np.where(silent, fill, theta), [int(c) for c in np.flatnonzero(silent)]

@@ -41,6 +41,7 @@ class Options:
     timesteps: int = 16
     threshold: str = "mse"
     percentile: float = 99.99
+    threshold_scale: float = 1.0
     v_init: float | None = None
     input_shift: bool | None = None
     neuron: str = "if"
@@ -200,6 +201,7 @@ def convert(run: Run) -> Run:
              if v is not None}
     snn = convert_ann(run.ann, run.calib, timesteps=opts.timesteps,
                       threshold=opts.threshold, percentile=opts.percentile,
+                      threshold_scale=opts.threshold_scale,
                       neuron=opts.neuron, **extra)
     return replace(run, snn={"converted": snn})
 
