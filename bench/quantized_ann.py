@@ -16,7 +16,9 @@ of ``--eval-samples`` (a diagnosis: nothing is selected here).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantized_ann.py \\
         --model bench/models/cifar_resnet20.pt --data cifar10:../shared/data/cifar10 \\
-        --timesteps 1 2 4 8 16
+        --timesteps 1 2 4 8 16 [--scales 1 1.15 1.3]
+
+``--scales``: every searched threshold times s (``--threshold-scale``), one row per T and s.
 """
 from __future__ import annotations
 
@@ -81,6 +83,8 @@ def main() -> None:
     p.add_argument("--threshold", default="mse")
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="threshold scales s (ftbc-export's --threshold-scale), one row each")
     args = p.parse_args()
     torch.set_num_threads(1)
     opts = Options(model=Path(args.model), data=args.data, verify_samples=0, progress=False,
@@ -95,19 +99,21 @@ def main() -> None:
     base.load_state_dict(state)
     print(f"ANN: validation {accuracy(base, x_val, y_val):.2f}, "
           f"test subset {accuracy(base, x_test, y_test):.2f}")
-    print("| T | clip only (val) | q_T (val) | clip only (test) | q_T (test) |")
-    print("|---|---|---|---|---|")
+    print("| T | s | clip only (val) | q_T (val) | clip only (test) | q_T (test) |")
+    print("|---|---|---|---|---|---|")
     for steps in args.timesteps:
-        snn = pipeline.convert(replace(run, options=replace(opts, timesteps=steps))).snn
-        thetas = {l.name: np.broadcast_to(np.asarray(l.threshold), (l.channels,))
-                  for l in snn["converted"].layers if not l.readout}
-        clip = with_quantisers(ResNet20(), thetas, None)
-        clip.load_state_dict(state)
-        quant = with_quantisers(ResNet20(), thetas, steps)
-        quant.load_state_dict(state)
-        print(f"| {steps} | {accuracy(clip, x_val, y_val):.2f} | "
-              f"{accuracy(quant, x_val, y_val):.2f} | {accuracy(clip, x_test, y_test):.2f} | "
-              f"{accuracy(quant, x_test, y_test):.2f} |", flush=True)
+        for scale in args.scales:
+            snn = pipeline.convert(replace(run, options=replace(
+                opts, timesteps=steps, threshold_scale=scale))).snn
+            thetas = {l.name: np.broadcast_to(np.asarray(l.threshold), (l.channels,))
+                      for l in snn["converted"].layers if not l.readout}
+            clip = with_quantisers(ResNet20(), thetas, None)
+            clip.load_state_dict(state)
+            quant = with_quantisers(ResNet20(), thetas, steps)
+            quant.load_state_dict(state)
+            print(f"| {steps} | {scale:g} | {accuracy(clip, x_val, y_val):.2f} | "
+                  f"{accuracy(quant, x_val, y_val):.2f} | {accuracy(clip, x_test, y_test):.2f} "
+                  f"| {accuracy(quant, x_test, y_test):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def provenance(run) -> dict[str, Any]:
     opts = run.options
     return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
             "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
+            "threshold_scale": opts.threshold_scale,
             "neuron": opts.neuron,
             "calibrate_fixed": opts.calibrate_fixed,
             "calibration_data": f"{opts.data} (training split)"}
