@@ -52,8 +52,8 @@ Thresholds (per channel, from ``x_calib`` = training data only)
     threshold is 0 while its max is not gets its max (not recorded: its threshold still comes
     from its own data). Never a threshold of 0. ``threshold_scale`` (default 1) multiplies
     every searched threshold (not the clips, learned QCFS thresholds or the readout's): the
-    per-layer MSE ignores that a clipped activation's error is one-signed and adds up over the
-    layers, so at small T a scale above 1 can suit the whole network better
+    per-layer MSE weighs a clipped activation's one-signed error, which the layers add up,
+    like rounding's, so at small T a scale above 1 can suit the whole network better
     (bench/README.md, "Accuracy on residual networks", part 17).
 
 Encoding
