@@ -120,9 +120,9 @@ def test_threshold_methods():
 
 
 def test_threshold_scale_multiplies_searched_thresholds_only():
-    """``threshold_scale`` multiplies every searched threshold (and so the v0 = v_init * theta
-    and the spike payload that follow from it); a clip, a QCFS layer's learned thresholds
-    and the readout's keep theirs."""
+    """``threshold_scale`` multiplies every searched threshold (v0 = v_init * theta and the
+    spike payload follow from theta); a clip, a QCFS layer's learned thresholds and the
+    readout's keep theirs; a scale that is not finite and > 0 is an InputError."""
     torch.manual_seed(5)
     seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                         nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8),
