@@ -139,7 +139,8 @@ def test_a_dead_lava_process_is_a_named_error(good_run):
     code, seconds = run.finish()
     last = run.text().strip().splitlines()[-1]
     assert code == LavaRuntimeError.exit_code, run.text()[-2000:]
-    assert seconds < STOP_WITHIN_S
+    # the message says which watchdog stopped the run (a death or a hang), should this fail
+    assert seconds < STOP_WITHIN_S, (seconds, victim, processes, run.text()[-2000:])
     assert last.startswith("ftbc-export: error: ") and f"pid {victim}" in last, last
     assert "killed by SIGKILL" in last and "verification worker 0" in last, last
     assert_intact(out, before)
