@@ -186,7 +186,7 @@ def _learned_meta(structure: list) -> dict:
 # --------------------------------------------------------------------------- options
 
 def _check_options(timesteps: int, threshold: str, percentile: float, v_init: float,
-                   threshold_scale: float = 1.0) -> None:
+                   threshold_scale: float) -> None:
     problems = []
     if int(timesteps) < 1:
         problems.append(f"timesteps must be >= 1, got {timesteps}")
@@ -643,7 +643,7 @@ def _raw_threshold(values: torch.Tensor, method: str, percentile: float, timeste
 
 
 def _layer_threshold(spec: _LayerSpec, act: torch.Tensor | None, method: str,
-                     percentile: float, timesteps: int, offset: float, scale: float = 1.0
+                     percentile: float, timesteps: int, offset: float, scale: float
                      ) -> tuple[np.ndarray, list[int]]:
     """Thresholds of one layer (searched ones times ``scale``) and the channels that needed
     a fallback."""
