@@ -140,6 +140,23 @@ def test_two_ranks_solve_the_same_network(tmp_path):
     assert reports[2]["fixed_accuracy"] == reports[1]["fixed_accuracy"]
 
 
+def test_two_ranks_select_the_same_threshold_scale(tmp_path):
+    """Several --threshold-scale values: each rank scores its shard of the selection images
+    and the scores are gathered, so two ranks score, choose and write what one does."""
+    reports = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        proc = run_ranks(ranks, out, "--threshold-scale", "1", "1.3", "--no-baselines",
+                         "--verify-samples", "0")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        reports[ranks] = report["threshold_scale_selection"]
+    assert reports[2]["chosen"] == reports[1]["chosen"]
+    assert reports[2]["divergence"] == pytest.approx(reports[1]["divergence"], rel=1e-9)
+    assert ((tmp_path / "ranks1" / "network.net").read_bytes()
+            == (tmp_path / "ranks2" / "network.net").read_bytes())
+
+
 def test_only_rank_zero_speaks_and_writes(single_and_pair):
     _, _, proc = single_and_pair[2]
     assert proc.stdout.count("outputs in ") == 1

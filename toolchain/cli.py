@@ -104,6 +104,15 @@ def _directory(text: str) -> Path:
     return Path(text)
 
 
+def _distinct(values: list[float]) -> tuple[float, ...]:
+    """--threshold-scale's values, each once."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise InputError(f"--threshold-scale gives {', '.join(f'{v:g}' for v in twice)} more "
+                         "than once; give each scale once")
+    return tuple(values)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -147,15 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "max for this T)")
     g.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --threshold percentile (default 99.99)")
-    g.add_argument("--threshold-scale", type=_positive(float), default=Options.threshold_scale,
-                   metavar="S",
+    g.add_argument("--threshold-scale", type=_positive(float), nargs="+",
+                   default=list(Options.threshold_scale), metavar="S",
                    help="multiply every searched threshold by S > 0 (default 1; clips and "
                         "QCFS's learned thresholds keep theirs). The per-layer search weighs "
                         "clipping's one-signed error like rounding's, so at small T a scale "
                         "above 1 can suit the whole network better: on the CIFAR ResNet-20 "
                         "with --neuron signed at T = 2, S = 1.15 (chosen on validation images) "
                         "took the fixed-point drop from the ANN from 23.7 to 21.6 points "
-                        "(bench/README.md, 'Accuracy on residual networks', part 17)")
+                        "(bench/README.md, 'Accuracy on residual networks', part 17). Several "
+                        "values (e.g. 1 1.15 1.3): FTBC-calibrate with each and keep the one "
+                        "whose output is closest to the ANN's (KL divergence) on up to 1,000 "
+                        "training images outside the calibration draw; costs one conversion "
+                        "and FTBC calibration per value, and report.json says what each "
+                        "scored")
     g.add_argument("--v-init", type=float, metavar="FRACTION",
                    help="initial membrane potential as a fraction of the threshold")
     g.add_argument("--input-shift", action=argparse.BooleanOptionalAction, default=None,
@@ -270,7 +284,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         model=args.model, target=args.target, data=args.data, out=args.out,
         input_shape=args.input_shape, arch=args.arch, arch_kwargs=arch_kwargs,
         trust_pickle=args.trust_pickle, timesteps=args.timesteps, threshold=args.threshold,
-        percentile=args.percentile, threshold_scale=args.threshold_scale,
+        percentile=args.percentile, threshold_scale=_distinct(args.threshold_scale),
         v_init=args.v_init, input_shift=args.input_shift,
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,

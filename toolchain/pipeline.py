@@ -41,7 +41,7 @@ class Options:
     timesteps: int = 16
     threshold: str = "mse"
     percentile: float = 99.99
-    threshold_scale: float = 1.0
+    threshold_scale: tuple[float, ...] = (1.0,)  # several: select_scale keeps one
     v_init: float | None = None
     input_shift: bool | None = None
     neuron: str = "if"
@@ -194,16 +194,77 @@ def trace(run: Run) -> Run:
         ann_accuracy=accuracy, memory_estimate_bytes=memory)
 
 
-def convert(run: Run) -> Run:
+SELECTION_SAMPLES = 1000  # training images, after the calibration draw, that choose the scale
+
+
+def _selection_data(opts: Options, data: Any) -> np.ndarray:
+    """The images that choose among several threshold scales: the next (at most)
+    ``SELECTION_SAMPLES`` of the calibration draw's permutation of the training split, so
+    never a calibration image and never an evaluation one."""
+    need = len(_calib_data(opts, data))
+    order = np.random.default_rng(opts.seed).permutation(len(data.x_train))
+    idx = order[need:need + SELECTION_SAMPLES]
+    if len(idx) == 0:
+        raise InputError(
+            f"--threshold-scale with several values chooses on training images outside the "
+            f"calibration draw, and the {len(data.x_train)} training images of {opts.data} "
+            f"are all calibration images: give one --threshold-scale value, or fewer "
+            f"--calib-batches")
+    return data.x_train[np.sort(idx)]
+
+
+def threshold_scale(run: Run) -> float:
+    """The threshold scale the run converts with: the only one given, or select_scale's
+    choice."""
+    chosen = run.results.get("threshold_scale_selection")
+    return chosen["chosen"] if chosen else run.options.threshold_scale[0]
+
+
+def _converted(run: Run, scale: float) -> SnnGraph:
     from toolchain.convert import convert as convert_ann
     opts = run.options
     extra = {k: v for k, v in (("v_init", opts.v_init), ("input_shift", opts.input_shift))
              if v is not None}
-    snn = convert_ann(run.ann, run.calib, timesteps=opts.timesteps,
-                      threshold=opts.threshold, percentile=opts.percentile,
-                      threshold_scale=opts.threshold_scale,
-                      neuron=opts.neuron, **extra)
-    return replace(run, snn={"converted": snn})
+    return convert_ann(run.ann, run.calib, timesteps=opts.timesteps,
+                       threshold=opts.threshold, percentile=opts.percentile,
+                       threshold_scale=scale, neuron=opts.neuron, **extra)
+
+
+def select_scale(run: Run) -> Run:
+    """Several ``--threshold-scale`` values: convert and FTBC-calibrate with each and keep
+    the one whose FTBC network is closest to the ANN on selection images (training images
+    the calibration never saw, ``_selection_data``): the smallest mean KL divergence from
+    the ANN's softmax to the SNN's at t = T (readout / T as logits). No label is used, and
+    ties go to the value given first. One value: nothing to choose."""
+    from toolchain.calibrate import calibrate as calibrate_snn
+    from sims.progress import stderr_line
+    from toolchain.fidelity import divergence_from_ann
+    opts = run.options
+    if len(opts.threshold_scale) < 2:
+        return run
+    x = _selection_data(opts, run.data)
+    mine = x[distributed.shard(len(x))]
+
+    def divergence(scale: float) -> float:
+        ftbc, _ = calibrate_snn(_converted(run, scale), run.ann, run.calib, method="ftbc",
+                                **_calibration_settings(opts))
+        each = divergence_from_ann(ftbc, run.ann, mine, device=opts.device)
+        return float(distributed.gather_array(each).mean())
+
+    scores = []
+    for s in opts.threshold_scale:
+        scores.append(_part(run, f"select_scale:{s!r}", lambda s=s: divergence(s)))
+        if opts.progress:
+            stderr_line(f"threshold scale {s:g}: KL divergence of FTBC's output from the "
+                        f"ANN's {scores[-1]:.4f} on {len(x)} selection images")
+    best = int(np.argmin(scores))
+    return run.with_results(threshold_scale_selection={
+        "candidates": list(opts.threshold_scale), "divergence": scores,
+        "chosen": opts.threshold_scale[best], "selection_samples": len(x)})
+
+
+def convert(run: Run) -> Run:
+    return replace(run, snn={"converted": _converted(run, threshold_scale(run))})
 
 
 CALIBRATION_METHODS = ("none", "lp", "ftbc")
@@ -389,7 +450,8 @@ def _main_rank_only(fn: Stage) -> Stage:
 OUTPUT_FILES = ("report.json", "accuracy.png", "network.net", "netlist.json", "network.nir")
 
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
-    load, trace, convert, calibrate, simulate, normalize, quantize, calibrate_fixed, emulate,
+    load, trace, select_scale, convert, calibrate, simulate, normalize, quantize,
+    calibrate_fixed, emulate,
     *map(_main_rank_only, (export, netlist, export_nir, verify, report)),
 ))
 

@@ -48,6 +48,7 @@ def provenance(run) -> dict[str, Any]:
     """Versions, options and seed: recorded in every artifact. Nothing run-specific (paths,
     command line, timings) so that the same inputs give byte-identical exported files."""
     from importlib.metadata import PackageNotFoundError, version
+    from toolchain.pipeline import threshold_scale
     versions = {}
     for pkg in ("ftbc", "torch", "numpy", "h5py", "lava-nc", "lava-dl"):
         try:
@@ -57,7 +58,7 @@ def provenance(run) -> dict[str, Any]:
     opts = run.options
     return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
             "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
-            "threshold_scale": opts.threshold_scale,
+            "threshold_scale": threshold_scale(run),
             "neuron": opts.neuron,
             "calibrate_fixed": opts.calibrate_fixed,
             "calibration_data": f"{opts.data} (training split)"}
@@ -167,6 +168,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{lava['readout_mismatches']} readout mismatches "
                      f"({lava['seconds']:.1f} s"
                      + (f", {lava['workers']} workers)" if lava.get("workers") else ")"))
+    chosen = report.get("threshold_scale_selection")
+    if chosen:
+        scored = ", ".join(f"{s:g}: {d:.4f}" for s, d in zip(chosen["candidates"],
+                                                            chosen["divergence"]))
+        lines.append(f"threshold scale {chosen['chosen']:g}, chosen by FTBC's KL divergence "
+                     f"from the ANN on {chosen['selection_samples']} training images "
+                     f"outside the calibration draw ({scored})")
     clipped = report.get("input_clipped") or {}
     if clipped.get("values"):
         lo, hi = clipped["range"]

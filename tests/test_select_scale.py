@@ -1,0 +1,119 @@
+"""Several ``--threshold-scale`` values: ``pipeline.select_scale`` FTBC-calibrates each and
+keeps the one whose output is closest to the ANN's (``toolchain.fidelity``) on training
+images outside the calibration draw; the rest of the run converts with it."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+import toolchain.calibrate
+import toolchain.resume as resume
+from core.errors import InputError
+from core.ir import graphs_equal
+from sims.torch_snn import run_network
+from tests.fuzz_cases import run_cli
+from tests.test_faults import DIGITS_MODEL
+from tests.test_resume import Counted, _options, _results
+from toolchain import pipeline
+from toolchain.ann import ann_forward
+from toolchain.calibrate import calibrate
+from toolchain.convert import convert
+from toolchain.fidelity import divergence_from_ann
+from toolchain.pipeline import Options, Run, run_pipeline
+from toolchain.report import provenance
+
+CANDIDATES = (1.0, 1.2, 6.0)  # 6: thresholds far above every activation, never the closest
+SETTINGS = dict(timesteps=3, calib_batches=1, calib_batch_size=32, iterations=1,
+                verify_samples=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def traced() -> Run:
+    run = Run(options=Options(model=DIGITS_MODEL, threshold_scale=CANDIDATES, **SETTINGS))
+    return pipeline.trace(pipeline.load(run))
+
+
+@pytest.fixture(scope="module")
+def selected(traced) -> Run:
+    return pipeline.select_scale(traced)
+
+
+def test_divergence_is_the_kl_from_the_anns_softmax_to_the_readout_over_t(traced):
+    x = traced.data.x_train[:70]
+    near, far = (convert(traced.ann, traced.calib, timesteps=3, threshold_scale=s)
+                 for s in (1.0, 6.0))
+    got = divergence_from_ann(near, traced.ann, x)
+    ann_log = ann_forward(traced.ann, x).double().log_softmax(1)
+    snn_log = (run_network(near, x).readout[-1].double() / 3).log_softmax(1)
+    want = F.kl_div(snn_log, ann_log, reduction="none", log_target=True).sum(1)
+    assert got.shape == (70,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-12)
+    assert (got >= 0).all()
+    # thresholds 6x too high leave most neurons silent: far from the ANN
+    assert divergence_from_ann(far, traced.ann, x).mean() > 10 * got.mean()
+
+
+def test_select_scale_keeps_the_candidate_closest_to_the_ann(traced, selected):
+    chosen = selected.results["threshold_scale_selection"]
+    scores = chosen["divergence"]
+    assert chosen["candidates"] == list(CANDIDATES) and len(scores) == 3
+    assert chosen["chosen"] == CANDIDATES[int(np.argmin(scores))] != 6.0
+    assert scores[2] > max(scores[:2])
+    # each score is FTBC's network at that scale, scored on the selection images
+    x = pipeline._selection_data(traced.options, traced.data)
+    assert chosen["selection_samples"] == len(x) == pipeline.SELECTION_SAMPLES
+    ftbc, _ = calibrate(convert(traced.ann, traced.calib, timesteps=3, threshold_scale=1.2),
+                        traced.ann, traced.calib, method="ftbc", batches=1, batch_size=32,
+                        iterations=1)
+    assert scores[1] == pytest.approx(divergence_from_ann(ftbc, traced.ann, x).mean(),
+                                      rel=1e-9)
+    # never a calibration image
+    calib = {row.tobytes() for row in traced.calib}
+    assert not any(row.tobytes() in calib for row in x)
+    # the run goes on with the chosen scale, and says so in every artifact
+    converted = pipeline.convert(selected).snn["converted"]
+    assert converted.meta["threshold_scale"] == chosen["chosen"]
+    assert provenance(selected)["threshold_scale"] == chosen["chosen"]
+
+
+def test_one_scale_is_no_selection(traced):
+    one = replace(traced, options=replace(traced.options, threshold_scale=(1.2,)))
+    assert pipeline.select_scale(one) is one
+    assert pipeline.threshold_scale(one) == 1.2
+    assert pipeline.convert(one).snn["converted"].meta["threshold_scale"] == 1.2
+
+
+def test_no_training_image_left_to_select_on_is_a_named_error(traced):
+    every = replace(traced.options, calib_batches=45, holdout=0.0)  # 45 x 32 >= 1437 images
+    with pytest.raises(InputError, match="one --threshold-scale value, or fewer"):
+        pipeline._selection_data(every, traced.data)
+
+
+def test_a_scale_given_twice_is_refused():
+    code, _, err = run_cli([str(DIGITS_MODEL), "--threshold-scale", "1", "1.15", "1"])
+    assert code == 2 and "--threshold-scale gives 1 more than once" in err
+
+
+def test_a_run_stopped_while_selecting_resumes_from_each_scored_scale(tmp_path, monkeypatch):
+    scales = dict(threshold_scale=(1.0, 1.2))
+    plain = run_pipeline(_options(tmp_path / "plain", **scales))
+    folder = tmp_path / resume.FOLDER
+    stopper = Counted(toolchain.calibrate.calibrate, stop_at=2)  # inside the second scale
+    monkeypatch.setattr(toolchain.calibrate, "calibrate", stopper)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_options(tmp_path / "a", **scales), resume=folder)
+    assert not (folder / resume.STATE).exists()  # no stage after trace had finished
+    assert [p.name for p in folder.glob("part-*")] == ["part-select_scale-1.0.pkl"]
+
+    calibrations = Counted(stopper.fn)
+    monkeypatch.setattr(toolchain.calibrate, "calibrate", calibrations)
+    run = run_pipeline(_options(tmp_path / "b", **scales), resume=folder)
+    assert calibrations.calls == 1 + 3  # the second scale, then none / lp / ftbc
+    assert run.results["resumed"]["parts"] == ["select_scale:1.0"]
+    assert run.results["threshold_scale_selection"] == \
+        plain.results["threshold_scale_selection"]
+    assert _results(run) == _results(plain)
+    assert graphs_equal(run.quant, plain.quant)
