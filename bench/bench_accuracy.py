@@ -34,7 +34,7 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
                       eval_samples=args.eval_samples, seed=args.seed,
                       ftbc_target=args.ftbc_target, baselines=args.baselines,
                       neuron=args.neuron, keep_rule=args.keep_rule, ftbc_fit=args.ftbc_fit,
-                      threshold_scale=args.threshold_scale, progress=False)
+                      threshold_scale=tuple(args.threshold_scale), progress=False)
     start = time.perf_counter()
     resume = options.out_dir / RESUME_FOLDER if args.resume else None
     report = build_report(run_pipeline(options, resume=resume))
@@ -88,8 +88,11 @@ def main() -> None:
                    help="the calibration's keep rule (ftbc-export's --keep-rule)")
     p.add_argument("--ftbc-fit", default=Options.ftbc_fit, choices=FITS,
                    help="FTBC's fit (ftbc-export's --ftbc-fit)")
-    p.add_argument("--threshold-scale", type=float, default=Options.threshold_scale,
-                   help="searched thresholds times S (ftbc-export's --threshold-scale)")
+    p.add_argument("--threshold-scale", type=float, nargs="+",
+                   default=list(Options.threshold_scale), metavar="S",
+                   help="searched thresholds times S; several: the one whose FTBC network is "
+                        "closest to the ANN on selection images (ftbc-export's "
+                        "--threshold-scale)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also none and LP (ftbc-export's --baselines; --no-baselines: FTBC "
                         "and fixed point only, about half the calibration time)")
@@ -113,6 +116,14 @@ def main() -> None:
     for steps in args.timesteps:
         results[steps] = run_child(argv, steps)
         print(row(steps, results[steps]), flush=True)
+    for steps, r in results.items():
+        chosen = r.get("threshold_scale_selection")
+        if chosen:
+            scored = ", ".join(f"{s:g}: {d:.4f}" for s, d in zip(chosen["candidates"],
+                                                                chosen["divergence"]))
+            print(f"\nT = {steps}: threshold scale {chosen['chosen']:g} chosen by FTBC's KL "
+                  f"divergence from the ANN on {chosen['selection_samples']} selection images "
+                  f"({scored}); select_scale {r['seconds']['select_scale']:.0f} s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],
@@ -124,6 +135,8 @@ def main() -> None:
                   "ftbc_target": args.ftbc_target, "seed": args.seed,
                   "neuron": args.neuron, "keep_rule": args.keep_rule,
                   "ftbc_fit": args.ftbc_fit,
+                  "threshold_scale": v["provenance"]["threshold_scale"],
+                  "threshold_scale_selection": v.get("threshold_scale_selection"),
                   "stage_seconds": v["seconds"],
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
                   "resumed": v.get("resumed"),

@@ -39,11 +39,13 @@ VAL_START = 4096  # validation images start here in the permutation (after any c
 # (no seed here: it draws the validation images too; --seeds sets it for all variants at once)
 FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
           "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float,
-          "ftbc_target": str, "ftbc_fit": str, "neuron": str, "threshold_scale": float}
+          "ftbc_target": str, "ftbc_fit": str, "neuron": str,
+          "threshold_scale": lambda v: tuple(float(s) for s in v.split("/"))}
 
 
 def parse_variant(text: str) -> dict:
-    """``base`` or ``key=value[,key=value]``; ``threshold=percentile:99.9`` sets both."""
+    """``base`` or ``key=value[,key=value]``; ``threshold=percentile:99.9`` sets both;
+    ``threshold_scale=1/1.15/1.3``: several scales, the pipeline's ``select_scale`` keeps one."""
     if text == "base":
         return {}
     out = {}
@@ -61,8 +63,10 @@ def parse_variant(text: str) -> dict:
 def validation_split(opts: Options, data, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` training images after the calibration images in the pipeline's permutation."""
     need = len(pipeline._calib_data(opts, data))
+    if len(opts.threshold_scale) > 1:  # select_scale's images come right after them
+        need += pipeline.SELECTION_SAMPLES
     if need > VAL_START:
-        raise SystemExit(f"{need} calibration images: at most {VAL_START} here")
+        raise SystemExit(f"{need} calibration (and selection) images: at most {VAL_START} here")
     order = np.random.default_rng(opts.seed).permutation(len(data.x_train))
     idx = np.sort(order[VAL_START:VAL_START + n])  # the same images for every variant
     return data.x_train[idx], data.y_train[idx]
@@ -104,13 +108,15 @@ def main() -> None:
         if seed not in ann_acc:
             ann_acc[seed] = 100.0 * float((ann_predictions(ann, x_val) == y_val).mean())
         start = time.perf_counter()
-        run = pipeline.calibrate(pipeline.convert(run))
+        run = pipeline.calibrate(pipeline.convert(pipeline.select_scale(run)))
         seconds = time.perf_counter() - start
         acc = {m: accuracy(run.snn[m], x_val, y_val) for m in pipeline.CALIBRATION_METHODS}
         kept = run.results["calibration"]["ftbc"].get("layers", {})
         n_kept = sum(bool(v.get("kept")) for v in kept.values())
         scores[seed, steps, text] = acc
-        print(f"| {seed} | {steps} | {text} | {ann_acc[seed]:.2f} | {acc['none']:.2f} "
+        chosen = run.results.get("threshold_scale_selection")
+        shown = f"{text} (chose {chosen['chosen']:g})" if chosen else text
+        print(f"| {seed} | {steps} | {shown} | {ann_acc[seed]:.2f} | {acc['none']:.2f} "
               f"| {acc['lp']:.2f} | {acc['ftbc']:.2f} | {n_kept}/{len(kept)} | {seconds:.0f} |",
               flush=True)
     print_differences(scores, args.seeds, args.timesteps, args.variants)

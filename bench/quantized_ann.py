@@ -104,7 +104,7 @@ def main() -> None:
     for steps in args.timesteps:
         for scale in args.scales:
             snn = pipeline.convert(replace(run, options=replace(
-                opts, timesteps=steps, threshold_scale=scale))).snn
+                opts, timesteps=steps, threshold_scale=(scale,)))).snn
             thetas = {l.name: np.broadcast_to(np.asarray(l.threshold), (l.channels,))
                       for l in snn["converted"].layers if not l.readout}
             clip = with_quantisers(ResNet20(), thetas, None)
