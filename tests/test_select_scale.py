@@ -117,3 +117,16 @@ def test_a_run_stopped_while_selecting_resumes_from_each_scored_scale(tmp_path, 
         plain.results["threshold_scale_selection"]
     assert _results(run) == _results(plain)
     assert graphs_equal(run.quant, plain.quant)
+
+
+def test_the_run_after_the_choice_is_the_run_given_that_scale_alone(tmp_path):
+    """Selecting calibrates several networks first; nothing of theirs (no random state, no
+    cache) reaches the run that follows, which is the one-scale run of the chosen scale."""
+    several = run_pipeline(_options(tmp_path / "several", threshold_scale=(1.0, 1.2, 6.0)))
+    chosen = several.results["threshold_scale_selection"]["chosen"]
+    alone = run_pipeline(_options(tmp_path / "alone", threshold_scale=(chosen,)))
+    assert "threshold_scale_selection" not in alone.results
+    assert _results(several) == _results(alone)
+    assert graphs_equal(several.quant, alone.quant)
+    assert (tmp_path / "several" / "network.net").read_bytes() == \
+        (tmp_path / "alone" / "network.net").read_bytes()
