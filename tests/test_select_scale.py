@@ -82,7 +82,7 @@ def test_select_scale_keeps_the_candidate_closest_to_the_ann(traced, selected):
 def test_one_scale_is_no_selection(traced):
     one = replace(traced, options=replace(traced.options, threshold_scale=(1.2,)))
     assert pipeline.select_scale(one) is one
-    assert pipeline.threshold_scale(one) == 1.2
+    assert one.threshold_scale == 1.2
     assert pipeline.convert(one).snn["converted"].meta["threshold_scale"] == 1.2
 
 

@@ -91,6 +91,13 @@ class Run:
     def with_results(self, **items: Any) -> "Run":
         return replace(self, results={**self.results, **items})
 
+    @property
+    def threshold_scale(self) -> float:
+        """The threshold scale the run converts with: the only one given, or select_scale's
+        choice."""
+        chosen = self.results.get("threshold_scale_selection")
+        return chosen["chosen"] if chosen else self.options.threshold_scale[0]
+
 
 Stage = Callable[[Run], Run]
 TEST_SUBSET_SEED = 0  # fixed: --seed varies calibration, never which test images are scored
@@ -213,13 +220,6 @@ def _selection_data(opts: Options, data: Any) -> np.ndarray:
     return data.x_train[np.sort(idx)]
 
 
-def threshold_scale(run: Run) -> float:
-    """The threshold scale the run converts with: the only one given, or select_scale's
-    choice."""
-    chosen = run.results.get("threshold_scale_selection")
-    return chosen["chosen"] if chosen else run.options.threshold_scale[0]
-
-
 def _converted(run: Run, scale: float) -> SnnGraph:
     from toolchain.convert import convert as convert_ann
     opts = run.options
@@ -264,7 +264,7 @@ def select_scale(run: Run) -> Run:
 
 
 def convert(run: Run) -> Run:
-    return replace(run, snn={"converted": _converted(run, threshold_scale(run))})
+    return replace(run, snn={"converted": _converted(run, run.threshold_scale)})
 
 
 CALIBRATION_METHODS = ("none", "lp", "ftbc")

@@ -48,7 +48,6 @@ def provenance(run) -> dict[str, Any]:
     """Versions, options and seed: recorded in every artifact. Nothing run-specific (paths,
     command line, timings) so that the same inputs give byte-identical exported files."""
     from importlib.metadata import PackageNotFoundError, version
-    from toolchain.pipeline import threshold_scale
     versions = {}
     for pkg in ("ftbc", "torch", "numpy", "h5py", "lava-nc", "lava-dl"):
         try:
@@ -58,7 +57,7 @@ def provenance(run) -> dict[str, Any]:
     opts = run.options
     return {"versions": versions, "target": opts.target, "timesteps": opts.timesteps,
             "alpha": opts.alpha, "seed": opts.seed, "threshold": opts.threshold,
-            "threshold_scale": threshold_scale(run),
+            "threshold_scale": run.threshold_scale,
             "neuron": opts.neuron,
             "calibrate_fixed": opts.calibrate_fixed,
             "calibration_data": f"{opts.data} (training split)"}
