@@ -7,13 +7,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 import toolchain.calibrate
 import toolchain.resume as resume
 from core.errors import InputError
 from core.ir import graphs_equal
 from sims.torch_snn import run_network
+from tests.ann_builders import graph_from_sequential
 from tests.fuzz_cases import run_cli
 from tests.test_faults import DIGITS_MODEL
 from tests.test_resume import Counted, _options, _results
@@ -130,3 +133,17 @@ def test_the_run_after_the_choice_is_the_run_given_that_scale_alone(tmp_path):
     assert graphs_equal(several.quant, alone.quant)
     assert (tmp_path / "several" / "network.net").read_bytes() == \
         (tmp_path / "alone" / "network.net").read_bytes()
+
+
+def test_scales_that_change_no_threshold_are_calibrated_once(traced, monkeypatch):
+    """A network whose every threshold is a clip (or QCFS's learned one) is the same network
+    at every scale: the stage calibrates it once and gives each scale that score."""
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU6(), nn.AvgPool2d(8),
+                        nn.Flatten(), nn.Linear(4, 10)).eval()
+    clipped = replace(traced, ann=graph_from_sequential(seq, (1, 8, 8)))
+    calibrations = Counted(toolchain.calibrate.calibrate)
+    monkeypatch.setattr(toolchain.calibrate, "calibrate", calibrations)
+    chosen = pipeline.select_scale(clipped).results["threshold_scale_selection"]
+    assert calibrations.calls == 1
+    assert len(set(chosen["divergence"])) == 1 and chosen["chosen"] == CANDIDATES[0]

@@ -17,7 +17,7 @@ import numpy as np
 
 from core import distributed
 from core.errors import InputError
-from core.ir import AnnGraph, QuantGraph, SnnGraph
+from core.ir import AnnGraph, QuantGraph, SnnGraph, graphs_equal
 from toolchain.calibration import CalibrationOptions
 
 
@@ -245,15 +245,21 @@ def select_scale(run: Run) -> Run:
     x = _selection_data(opts, run.data)
     mine = x[distributed.shard(len(x))]
 
-    def divergence(scale: float) -> float:
-        ftbc, _ = calibrate_snn(_converted(run, scale), run.ann, run.calib, method="ftbc",
+    def divergence(snn: SnnGraph) -> float:
+        ftbc, _ = calibrate_snn(snn, run.ann, run.calib, method="ftbc",
                                 **_calibration_settings(opts))
         each = divergence_from_ann(ftbc, run.ann, mine, device=opts.device)
         return float(distributed.gather_array(each).mean())
 
-    scores = []
+    scores, seen = [], []  # seen: (layers, score) of each scale so far
     for s in opts.threshold_scale:
-        scores.append(_part(run, f"select_scale:{s!r}", lambda s=s: divergence(s)))
+        snn = _converted(run, s)
+        # a scale that changes no threshold (every one a clip or learned, as in QCFS
+        # models) gives a network already scored: its score, not another calibration
+        same = [d for layers, d in seen if graphs_equal(layers, snn.layers)]
+        scores.append(same[0] if same else
+                      _part(run, f"select_scale:{s!r}", lambda snn=snn: divergence(snn)))
+        seen.append((snn.layers, scores[-1]))
         if opts.progress:
             stderr_line(f"threshold scale {s:g}: KL divergence of FTBC's output from the "
                         f"ANN's {scores[-1]:.4f} on {len(x)} selection images")
