@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from toolchain.calibration import FITS, KEEP_RULES, STEP_TARGETS  # noqa: E402
 from toolchain.convert import NEURONS  # noqa: E402
 from toolchain.pipeline import Options, run_pipeline  # noqa: E402
-from toolchain.report import build_report  # noqa: E402
+from toolchain.report import build_report, scale_selection_line  # noqa: E402
 from toolchain.resume import FOLDER as RESUME_FOLDER  # noqa: E402
 
 
@@ -117,13 +117,9 @@ def main() -> None:
         results[steps] = run_child(argv, steps)
         print(row(steps, results[steps]), flush=True)
     for steps, r in results.items():
-        chosen = r.get("threshold_scale_selection")
-        if chosen:
-            scored = ", ".join(f"{s:g}: {d:.4f}" for s, d in zip(chosen["candidates"],
-                                                                chosen["divergence"]))
-            print(f"\nT = {steps}: threshold scale {chosen['chosen']:g} chosen by FTBC's KL "
-                  f"divergence from the ANN on {chosen['selection_samples']} selection images "
-                  f"({scored}); select_scale {r['seconds']['select_scale']:.0f} s")
+        if r.get("threshold_scale_selection"):
+            print(f"\nT = {steps}: {scale_selection_line(r['threshold_scale_selection'])}; "
+                  f"select_scale {r['seconds']['select_scale']:.0f} s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],

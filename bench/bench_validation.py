@@ -62,12 +62,12 @@ def parse_variant(text: str) -> dict:
 
 def validation_split(opts: Options, data, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` training images after the calibration images in the pipeline's permutation."""
-    need = len(pipeline._calib_data(opts, data))
+    need = min(pipeline._calib_count(opts), len(data.x_train))
     if len(opts.threshold_scale) > 1:  # select_scale's images come right after them
         need += pipeline.SELECTION_SAMPLES
     if need > VAL_START:
         raise SystemExit(f"{need} calibration (and selection) images: at most {VAL_START} here")
-    order = np.random.default_rng(opts.seed).permutation(len(data.x_train))
+    order = pipeline._training_order(opts, data)
     idx = np.sort(order[VAL_START:VAL_START + n])  # the same images for every variant
     return data.x_train[idx], data.y_train[idx]
 

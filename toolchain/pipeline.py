@@ -136,14 +136,23 @@ def _scores(run: Run, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             100.0 * (every == run.ann_labels).mean(-1))
 
 
+def _training_order(opts: Options, data: Any) -> np.ndarray:
+    """The seeded permutation of the training split that the calibration images are drawn
+    from first (select_scale's images come next)."""
+    return np.random.default_rng(opts.seed).permutation(len(data.x_train))
+
+
+def _calib_count(opts: Options) -> int:
+    """How many calibration images the options ask for (the keep rule's held-out share
+    included)."""
+    total = opts.calib_batches * opts.calib_batch_size
+    return int(np.ceil(total / (1.0 - opts.holdout))) if opts.holdout < 1 else total
+
+
 def _calib_data(opts: Options, data: Any) -> np.ndarray:
     """Calibration samples: a seeded subset of the TRAINING split only (never evaluation);
     the held-out part of FTBC's keep rule comes out of these too."""
-    total = opts.calib_batches * opts.calib_batch_size
-    need = int(np.ceil(total / (1.0 - opts.holdout))) if opts.holdout < 1 else total
-    rng = np.random.default_rng(opts.seed)
-    idx = rng.permutation(len(data.x_train))[:need]
-    return data.x_train[np.sort(idx)]
+    return data.x_train[np.sort(_training_order(opts, data)[:_calib_count(opts)])]
 
 
 def _timed(name: str, fn: Stage) -> Stage:
@@ -208,9 +217,8 @@ def _selection_data(opts: Options, data: Any) -> np.ndarray:
     """The images that choose among several threshold scales: the next (at most)
     ``SELECTION_SAMPLES`` of the calibration draw's permutation of the training split, so
     never a calibration image and never an evaluation one."""
-    need = len(_calib_data(opts, data))
-    order = np.random.default_rng(opts.seed).permutation(len(data.x_train))
-    idx = order[need:need + SELECTION_SAMPLES]
+    need = _calib_count(opts)
+    idx = _training_order(opts, data)[need:need + SELECTION_SAMPLES]
     if len(idx) == 0:
         raise InputError(
             f"--threshold-scale with several values chooses on training images outside the "

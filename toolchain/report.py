@@ -142,6 +142,15 @@ def _fmt(acc: Any) -> str:
     return "-" if acc is None else f"{acc:6.2f}"
 
 
+def scale_selection_line(chosen: dict[str, Any]) -> str:
+    """select_scale's choice (report.json ``threshold_scale_selection``) in one line."""
+    scored = ", ".join(f"{s:g}: {d:.4f}" for s, d in zip(chosen["candidates"],
+                                                        chosen["divergence"]))
+    return (f"threshold scale {chosen['chosen']:g}, chosen by FTBC's KL divergence from the "
+            f"ANN on {chosen['selection_samples']} training images outside the calibration "
+            f"draw ({scored})")
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A readable table: ANN; float none / LP / FTBC; fixed point; Lava (accuracy at t = T and
     t = min(T, 4); agreement with the ANN's top-1 at t = T)."""
@@ -167,13 +176,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{lava['readout_mismatches']} readout mismatches "
                      f"({lava['seconds']:.1f} s"
                      + (f", {lava['workers']} workers)" if lava.get("workers") else ")"))
-    chosen = report.get("threshold_scale_selection")
-    if chosen:
-        scored = ", ".join(f"{s:g}: {d:.4f}" for s, d in zip(chosen["candidates"],
-                                                            chosen["divergence"]))
-        lines.append(f"threshold scale {chosen['chosen']:g}, chosen by FTBC's KL divergence "
-                     f"from the ANN on {chosen['selection_samples']} training images "
-                     f"outside the calibration draw ({scored})")
+    if report.get("threshold_scale_selection"):
+        lines.append(scale_selection_line(report["threshold_scale_selection"]))
     clipped = report.get("input_clipped") or {}
     if clipped.get("values"):
         lo, hi = clipped["range"]
