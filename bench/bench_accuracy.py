@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from toolchain.calibration import FITS, KEEP_RULES, STEP_TARGETS  # noqa: E402
 from toolchain.convert import NEURONS  # noqa: E402
 from toolchain.pipeline import Options, run_pipeline  # noqa: E402
-from toolchain.report import build_report, scale_selection_line  # noqa: E402
+from toolchain.report import build_report, selection_line  # noqa: E402
 from toolchain.resume import FOLDER as RESUME_FOLDER  # noqa: E402
 
 
@@ -33,7 +33,8 @@ def one_run(args: argparse.Namespace, steps: int) -> dict:
                       out=Path(args.out) / f"T{steps}", timesteps=steps, verify_samples=0,
                       eval_samples=args.eval_samples, seed=args.seed,
                       ftbc_target=args.ftbc_target, baselines=args.baselines,
-                      neuron=args.neuron, keep_rule=args.keep_rule, ftbc_fit=args.ftbc_fit,
+                      neuron=args.neuron, keep_rule=tuple(args.keep_rule),
+                      ftbc_fit=args.ftbc_fit,
                       threshold_scale=tuple(args.threshold_scale), progress=False)
     start = time.perf_counter()
     resume = options.out_dir / RESUME_FOLDER if args.resume else None
@@ -84,8 +85,10 @@ def main() -> None:
                    help="FTBC's per-step target (ftbc-export's --ftbc-target)")
     p.add_argument("--neuron", default=Options.neuron, choices=NEURONS,
                    help="the spiking neuron (ftbc-export's --neuron)")
-    p.add_argument("--keep-rule", default=Options.keep_rule, choices=KEEP_RULES,
-                   help="the calibration's keep rule (ftbc-export's --keep-rule)")
+    p.add_argument("--keep-rule", default=list(Options.keep_rule), choices=KEEP_RULES,
+                   nargs="+", metavar="RULE",
+                   help="the calibration's keep rule; several: chosen like several scales "
+                        "(ftbc-export's --keep-rule)")
     p.add_argument("--ftbc-fit", default=Options.ftbc_fit, choices=FITS,
                    help="FTBC's fit (ftbc-export's --ftbc-fit)")
     p.add_argument("--threshold-scale", type=float, nargs="+",
@@ -117,9 +120,9 @@ def main() -> None:
         results[steps] = run_child(argv, steps)
         print(row(steps, results[steps]), flush=True)
     for steps, r in results.items():
-        if r.get("threshold_scale_selection"):
-            print(f"\nT = {steps}: {scale_selection_line(r['threshold_scale_selection'])}; "
-                  f"select_scale {r['seconds']['select_scale']:.0f} s")
+        if r.get("selection"):
+            print(f"\nT = {steps}: {selection_line(r['selection'])}; "
+                  f"select {r['seconds']['select']:.0f} s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {str(k): {"ann": v["ann_accuracy"], "snn": v["snn_accuracy"],
@@ -129,10 +132,11 @@ def main() -> None:
                   "calibration_seconds": {m: c["seconds"] for m, c in
                                           v["calibration"].items()},
                   "ftbc_target": args.ftbc_target, "seed": args.seed,
-                  "neuron": args.neuron, "keep_rule": args.keep_rule,
+                  "neuron": args.neuron,
+                  "keep_rule": v["calibration"]["ftbc"]["keep_rule"],
                   "ftbc_fit": args.ftbc_fit,
                   "threshold_scale": v["provenance"]["threshold_scale"],
-                  "threshold_scale_selection": v.get("threshold_scale_selection"),
+                  "selection": v.get("selection"),
                   "stage_seconds": v["seconds"],
                   "wall_seconds": v["wall_seconds"], "peak_rss_mib": v["peak_rss_mib"],
                   "resumed": v.get("resumed"),

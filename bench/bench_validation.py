@@ -38,14 +38,16 @@ from toolchain.pipeline import Options, Run  # noqa: E402
 VAL_START = 4096  # validation images start here in the permutation (after any calibration draw)
 # (no seed here: it draws the validation images too; --seeds sets it for all variants at once)
 FIELDS = {"threshold": str, "percentile": float, "v_init": float, "holdout": float,
-          "iterations": int, "calib_batches": int, "keep_rule": str, "alpha": float,
+          "iterations": int, "calib_batches": int, "alpha": float,
           "ftbc_target": str, "ftbc_fit": str, "neuron": str,
+          "keep_rule": lambda v: tuple(v.split("/")),
           "threshold_scale": lambda v: tuple(float(s) for s in v.split("/"))}
 
 
 def parse_variant(text: str) -> dict:
     """``base`` or ``key=value[,key=value]``; ``threshold=percentile:99.9`` sets both;
-    ``threshold_scale=1/1.15/1.3``: several scales, the pipeline's ``select_scale`` keeps one."""
+    ``threshold_scale=1/1.15/1.3``, ``keep_rule=layer/network``: several values, the
+    pipeline's ``select`` keeps one (of each)."""
     if text == "base":
         return {}
     out = {}
@@ -63,7 +65,7 @@ def parse_variant(text: str) -> dict:
 def validation_split(opts: Options, data, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` training images after the calibration images in the pipeline's permutation."""
     need = min(pipeline._calib_count(opts), len(data.x_train))
-    if len(opts.threshold_scale) > 1:  # select_scale's images come right after them
+    if len(opts.threshold_scale) * len(opts.keep_rule) > 1:  # select's images come next
         need += pipeline.SELECTION_SAMPLES
     if need > VAL_START:
         raise SystemExit(f"{need} calibration (and selection) images: at most {VAL_START} here")
@@ -108,14 +110,15 @@ def main() -> None:
         if seed not in ann_acc:
             ann_acc[seed] = 100.0 * float((ann_predictions(ann, x_val) == y_val).mean())
         start = time.perf_counter()
-        run = pipeline.calibrate(pipeline.convert(pipeline.select_scale(run)))
+        run = pipeline.calibrate(pipeline.convert(pipeline.select(run)))
         seconds = time.perf_counter() - start
         acc = {m: accuracy(run.snn[m], x_val, y_val) for m in pipeline.CALIBRATION_METHODS}
         kept = run.results["calibration"]["ftbc"].get("layers", {})
         n_kept = sum(bool(v.get("kept")) for v in kept.values())
         scores[seed, steps, text] = acc
-        chosen = run.results.get("threshold_scale_selection")
-        shown = f"{text} (chose {chosen['chosen']:g})" if chosen else text
+        chosen = run.results.get("selection")
+        shown = (f"{text} (chose {run.threshold_scale:g}, {run.keep_rule})" if chosen
+                 else text)
         print(f"| {seed} | {steps} | {shown} | {ann_acc[seed]:.2f} | {acc['none']:.2f} "
               f"| {acc['lp']:.2f} | {acc['ftbc']:.2f} | {n_kept}/{len(kept)} | {seconds:.0f} |",
               flush=True)

@@ -138,7 +138,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     opts = Options(model=Path(args.model), data=args.data, timesteps=args.timesteps,
-                   verify_samples=0, progress=False, keep_rule=args.keep,
+                   verify_samples=0, progress=False, keep_rule=(args.keep,),
                    ftbc_target="paper" if args.paper_target else "ideal")
     run = pipeline.load(Run(options=opts))
     from toolchain.trace import trace as trace_model

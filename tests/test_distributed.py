@@ -150,7 +150,7 @@ def test_two_ranks_select_the_same_threshold_scale(tmp_path):
                          "--verify-samples", "0")
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((out / "report.json").read_text())
-        reports[ranks] = report["threshold_scale_selection"]
+        reports[ranks] = report["selection"]
     assert reports[2]["chosen"] == reports[1]["chosen"]
     assert reports[2]["divergence"] == pytest.approx(reports[1]["divergence"], rel=1e-9)
     assert ((tmp_path / "ranks1" / "network.net").read_bytes()

@@ -104,12 +104,13 @@ def _directory(text: str) -> Path:
     return Path(text)
 
 
-def _distinct(values: list[float]) -> tuple[float, ...]:
-    """--threshold-scale's values, each once."""
-    twice = sorted({v for v in values if values.count(v) > 1})
+def _distinct(option: str, values: list) -> tuple:
+    """The values of an option that takes several (select chooses among them), each once."""
+    twice = [f"{v:g}" if isinstance(v, float) else v
+             for v in sorted({v for v in values if values.count(v) > 1})]
     if twice:
-        raise InputError(f"--threshold-scale gives {', '.join(f'{v:g}' for v in twice)} more "
-                         "than once; give each scale once")
+        raise InputError(f"{option} gives {', '.join(twice)} more than once; give each value "
+                         "once")
     return tuple(values)
 
 
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout", type=_fraction, default=Options.holdout,
                    help="fraction of the calibration samples held out to decide which "
                         f"corrections to keep (default {Options.holdout:g})")
-    g.add_argument("--keep-rule", choices=KEEP_RULES, default=Options.keep_rule,
+    g.add_argument("--keep-rule", choices=KEEP_RULES, nargs="+",
+                   default=list(Options.keep_rule), metavar="RULE",
                    help="layer: keep a layer's correction only if it lowers the held-out "
                         "error of the network's output (default); lenient: keep it unless it "
                         "raises that error significantly (paired over the held-out samples, "
@@ -206,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the CIFAR-10 ResNet-20s at T = 1-2 and level from T = 4, worse on "
                         "VGG-16 at T = 1-2: bench/README.md parts 11 and 13); "
                         "network: keep every layer's correction (the authors' algorithm) and "
-                        "revert them all only if the held-out agreement with the ANN drops")
+                        "revert them all only if the held-out agreement with the ANN drops. "
+                        "Several (e.g. layer network): calibrate with each and keep the one "
+                        "whose FTBC output is closest to the ANN's, as for several "
+                        "--threshold-scale values (with both, every pair is tried)")
     g.add_argument("--ftbc-target", choices=STEP_TARGETS, default=Options.ftbc_target,
                    help="FTBC's per-step target. ideal (default): each step's firing is "
                         "pulled to that of an ideal IF neuron (same threshold and v_init, the "
@@ -285,11 +290,13 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         model=args.model, target=args.target, data=args.data, out=args.out,
         input_shape=args.input_shape, arch=args.arch, arch_kwargs=arch_kwargs,
         trust_pickle=args.trust_pickle, timesteps=args.timesteps, threshold=args.threshold,
-        percentile=args.percentile, threshold_scale=_distinct(args.threshold_scale),
+        percentile=args.percentile,
+        threshold_scale=_distinct("--threshold-scale", args.threshold_scale),
         v_init=args.v_init, input_shift=args.input_shift,
         alpha=args.alpha, calib_batches=args.calib_batches,
         calib_batch_size=args.calib_batch_size, iterations=args.iterations,
-        holdout=args.holdout, keep_rule=args.keep_rule, ftbc_target=args.ftbc_target,
+        holdout=args.holdout, keep_rule=_distinct("--keep-rule", args.keep_rule),
+        ftbc_target=args.ftbc_target,
         ftbc_fit=args.ftbc_fit,
         neuron=args.neuron,
         calibrate_fixed=args.calibrate_fixed, baselines=args.baselines,

@@ -41,7 +41,7 @@ class Options:
     timesteps: int = 16
     threshold: str = "mse"
     percentile: float = 99.99
-    threshold_scale: tuple[float, ...] = (1.0,)  # several: select_scale keeps one
+    threshold_scale: tuple[float, ...] = (1.0,)  # several (or several keep rules): select
     v_init: float | None = None
     input_shift: bool | None = None
     neuron: str = "if"
@@ -51,7 +51,7 @@ class Options:
     calib_batch_size: int = CalibrationOptions.batch_size
     iterations: int = CalibrationOptions.iterations
     holdout: float = CalibrationOptions.holdout
-    keep_rule: str = CalibrationOptions.keep
+    keep_rule: tuple[str, ...] = (CalibrationOptions.keep,)  # several: select keeps one
     ftbc_target: str = CalibrationOptions.step_target
     ftbc_fit: str = CalibrationOptions.fit
     calibrate_fixed: bool = True
@@ -93,10 +93,16 @@ class Run:
 
     @property
     def threshold_scale(self) -> float:
-        """The threshold scale the run converts with: the only one given, or select_scale's
+        """The threshold scale the run converts with: the only one given, or select's
         choice."""
-        chosen = self.results.get("threshold_scale_selection")
-        return chosen["chosen"] if chosen else self.options.threshold_scale[0]
+        chosen = self.results.get("selection")
+        return chosen["chosen"]["threshold_scale"] if chosen else self.options.threshold_scale[0]
+
+    @property
+    def keep_rule(self) -> str:
+        """The keep rule the run calibrates with: the only one given, or select's choice."""
+        chosen = self.results.get("selection")
+        return chosen["chosen"]["keep_rule"] if chosen else self.options.keep_rule[0]
 
 
 Stage = Callable[[Run], Run]
@@ -138,7 +144,7 @@ def _scores(run: Run, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _training_order(opts: Options, data: Any) -> np.ndarray:
     """The seeded permutation of the training split that the calibration images are drawn
-    from first (select_scale's images come next)."""
+    from first (select's images come next)."""
     return np.random.default_rng(opts.seed).permutation(len(data.x_train))
 
 
@@ -210,20 +216,20 @@ def trace(run: Run) -> Run:
         ann_accuracy=accuracy, memory_estimate_bytes=memory)
 
 
-SELECTION_SAMPLES = 1000  # training images, after the calibration draw, that choose the scale
+SELECTION_SAMPLES = 1000  # training images, after the calibration draw, that choose (select)
 
 
 def _selection_data(opts: Options, data: Any) -> np.ndarray:
-    """The images that choose among several threshold scales: the next (at most)
-    ``SELECTION_SAMPLES`` of the calibration draw's permutation of the training split, so
-    never a calibration image and never an evaluation one."""
+    """The images that choose among several threshold scales or keep rules: the next (at
+    most) ``SELECTION_SAMPLES`` of the calibration draw's permutation of the training split,
+    so never a calibration image and never an evaluation one."""
     need = _calib_count(opts)
     idx = _training_order(opts, data)[need:need + SELECTION_SAMPLES]
     if len(idx) == 0:
         raise InputError(
-            f"--threshold-scale with several values chooses on training images outside the "
-            f"calibration draw, and the {len(data.x_train)} training images of {opts.data} "
-            f"are all calibration images: give one --threshold-scale value, or fewer "
+            f"several --threshold-scale or --keep-rule values are chosen among on training "
+            f"images outside the calibration draw, and the {len(data.x_train)} training images "
+            f"of {opts.data} are all calibration images: give one value of each, or fewer "
             f"--calib-batches")
     return data.x_train[np.sort(idx)]
 
@@ -238,43 +244,54 @@ def _converted(run: Run, scale: float) -> SnnGraph:
                        threshold_scale=scale, neuron=opts.neuron, **extra)
 
 
-def select_scale(run: Run) -> Run:
-    """Several ``--threshold-scale`` values: convert and FTBC-calibrate with each and keep
-    the one whose FTBC network is closest to the ANN on selection images (training images
-    the calibration never saw, ``_selection_data``): the smallest mean KL divergence from
-    the ANN's softmax to the SNN's at t = T (readout / T as logits). No label is used, and
-    ties go to the value given first. One value: nothing to choose."""
+def select(run: Run) -> Run:
+    """Several ``--threshold-scale`` or ``--keep-rule`` values: for each pair, convert with
+    the scale and FTBC-calibrate with the rule, and keep the pair whose FTBC network is
+    closest to the ANN on selection images (training images the calibration never saw,
+    ``_selection_data``): the smallest mean KL divergence from the ANN's softmax to the
+    SNN's at t = T (readout / T as logits). No label is used, and ties go to the pair given
+    first (scales outer, rules inner). One of each: nothing to choose."""
     from toolchain.calibrate import calibrate as calibrate_snn
     from sims.progress import stderr_line
     from toolchain.fidelity import divergence_from_ann
     opts = run.options
-    if len(opts.threshold_scale) < 2:
+    pairs = [(s, r) for s in opts.threshold_scale for r in opts.keep_rule]
+    if len(pairs) < 2:
         return run
     x = _selection_data(opts, run.data)
     mine = x[distributed.shard(len(x))]
 
-    def divergence(snn: SnnGraph) -> float:
+    def divergence(snn: SnnGraph, rule: str) -> float:
         ftbc, _ = calibrate_snn(snn, run.ann, run.calib, method="ftbc",
-                                **_calibration_settings(opts))
+                                **_calibration_settings(opts, rule))
         each = divergence_from_ann(ftbc, run.ann, mine, device=opts.device)
         return float(distributed.gather_array(each).mean())
 
-    scores, seen = [], []  # seen: (layers, score) of each scale so far
+    scores, seen = [], []  # seen: (layers, rule, score) of each pair so far
     for s in opts.threshold_scale:
         snn = _converted(run, s)
-        # a scale that changes no threshold (every one a clip or learned, as in QCFS
-        # models) gives a network already scored: its score, not another calibration
-        same = [d for layers, d in seen if graphs_equal(layers, snn.layers)]
-        scores.append(same[0] if same else
-                      _part(run, f"select_scale:{s!r}", lambda snn=snn: divergence(snn)))
-        seen.append((snn.layers, scores[-1]))
-        if opts.progress:
-            stderr_line(f"threshold scale {s:g}: KL divergence of FTBC's output from the "
-                        f"ANN's {scores[-1]:.4f} on {len(x)} selection images")
+        for r in opts.keep_rule:
+            # a scale that changes no threshold (every one a clip or learned, as in QCFS
+            # models) gives a network already scored: its score, not another calibration
+            same = [d for layers, rule, d in seen if rule == r and graphs_equal(layers, snn.layers)]
+            scores.append(same[0] if same else _part(
+                run, f"select:{s!r}:{r}", lambda snn=snn, r=r: divergence(snn, r)))
+            seen.append((snn.layers, r, scores[-1]))
+            if opts.progress:
+                stderr_line(f"{_pair_name(opts, s, r)}: KL divergence of FTBC's output from "
+                            f"the ANN's {scores[-1]:.4f} on {len(x)} selection images")
     best = int(np.argmin(scores))
-    return run.with_results(threshold_scale_selection={
-        "candidates": list(opts.threshold_scale), "divergence": scores,
-        "chosen": opts.threshold_scale[best], "selection_samples": len(x)})
+    pair = [{"threshold_scale": s, "keep_rule": r} for s, r in pairs]
+    return run.with_results(selection={
+        "candidates": pair, "divergence": scores, "chosen": pair[best],
+        "selection_samples": len(x)})
+
+
+def _pair_name(opts: Options, scale: float, rule: str) -> str:
+    """A candidate of select, named by what varies."""
+    named = ([f"threshold scale {scale:g}"] if len(opts.threshold_scale) > 1 else []) + \
+        ([f"keep rule {rule}"] if len(opts.keep_rule) > 1 else [])
+    return ", ".join(named)
 
 
 def convert(run: Run) -> Run:
@@ -290,11 +307,13 @@ def calibration_methods(opts: Options) -> tuple[str, ...]:
     return CALIBRATION_METHODS if opts.baselines else ("ftbc",)
 
 
-def _calibration_settings(opts: Options) -> dict[str, Any]:
-    """The user's calibration choices, as the float and the integer calibration take them."""
+def _calibration_settings(opts: Options, keep_rule: str | None = None) -> dict[str, Any]:
+    """The user's calibration choices, as the float and the integer calibration take them;
+    ``keep_rule``: the run's (``Run.keep_rule``), default the first given."""
     return dict(alpha=opts.alpha, batches=opts.calib_batches, batch_size=opts.calib_batch_size,
                 iterations=opts.iterations, holdout=opts.holdout, seed=opts.seed,
-                progress=opts.progress, device=opts.device, keep=opts.keep_rule,
+                progress=opts.progress, device=opts.device,
+                keep=keep_rule or opts.keep_rule[0],
                 step_target=opts.ftbc_target, fit=opts.ftbc_fit)
 
 
@@ -311,7 +330,7 @@ def calibrate(run: Run) -> Run:
     for method in calibration_methods(opts):
         graphs[method], reports[method] = _part(run, f"calibrate:{method}", lambda: calibrate_snn(
             run.snn["converted"], run.ann, run.calib, method=method,
-            **_calibration_settings(opts)))
+            **_calibration_settings(opts, run.keep_rule)))
     return replace(run, snn={**run.snn, **graphs}).with_results(calibration=reports)
 
 
@@ -363,7 +382,7 @@ def calibrate_fixed(run: Run) -> Run:
     target = get_target(opts.target)
     q, rep = calibrate_q(run.quant, run.ann, run.calib,
                          thresholds=float_thresholds(run.snn["converted"]), target=target,
-                         **_calibration_settings(opts))
+                         **_calibration_settings(opts, run.keep_rule))
     check(q, target)
     return replace(run, quant=q).with_results(fixed_calibration=rep,
                                               quantization=quantization_report(q))
@@ -464,7 +483,7 @@ def _main_rank_only(fn: Stage) -> Stage:
 OUTPUT_FILES = ("report.json", "accuracy.png", "network.net", "netlist.json", "network.nir")
 
 STAGES: tuple[Stage, ...] = tuple(_timed(fn.__name__, fn) for fn in (
-    load, trace, select_scale, convert, calibrate, simulate, normalize, quantize,
+    load, trace, select, convert, calibrate, simulate, normalize, quantize,
     calibrate_fixed, emulate,
     *map(_main_rank_only, (export, netlist, export_nir, verify, report)),
 ))

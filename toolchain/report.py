@@ -142,12 +142,18 @@ def _fmt(acc: Any) -> str:
     return "-" if acc is None else f"{acc:6.2f}"
 
 
-def scale_selection_line(chosen: dict[str, Any]) -> str:
-    """select_scale's choice (report.json ``threshold_scale_selection``) in one line."""
-    scored = ", ".join(f"{s:g}: {d:.4f}" for s, d in zip(chosen["candidates"],
-                                                        chosen["divergence"]))
-    return (f"threshold scale {chosen['chosen']:g}, chosen by FTBC's KL divergence from the "
-            f"ANN on {chosen['selection_samples']} training images outside the calibration "
+def selection_line(selection: dict[str, Any]) -> str:
+    """select's choice (report.json ``selection``) in one line, naming what varied."""
+    keys = [k for k in ("threshold_scale", "keep_rule")
+            if len({c[k] for c in selection["candidates"]}) > 1]
+
+    def name(pair: dict[str, Any]) -> str:
+        return "/".join(f"{pair[k]:g}" if k == "threshold_scale" else pair[k] for k in keys)
+    scored = ", ".join(f"{name(c)}: {d:.4f}" for c, d in zip(selection["candidates"],
+                                                            selection["divergence"]))
+    what = " and ".join(k.replace("_", " ") for k in keys)
+    return (f"{what} {name(selection['chosen'])}, chosen by FTBC's KL divergence from the "
+            f"ANN on {selection['selection_samples']} training images outside the calibration "
             f"draw ({scored})")
 
 
@@ -176,8 +182,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{lava['readout_mismatches']} readout mismatches "
                      f"({lava['seconds']:.1f} s"
                      + (f", {lava['workers']} workers)" if lava.get("workers") else ")"))
-    if report.get("threshold_scale_selection"):
-        lines.append(scale_selection_line(report["threshold_scale_selection"]))
+    if report.get("selection"):
+        lines.append(selection_line(report["selection"]))
     clipped = report.get("input_clipped") or {}
     if clipped.get("values"):
         lo, hi = clipped["range"]
