@@ -281,9 +281,9 @@ def select(run: Run) -> Run:
                 stderr_line(f"{_pair_name(opts, s, r)}: KL divergence of FTBC's output from "
                             f"the ANN's {scores[-1]:.4f} on {len(x)} selection images")
     best = int(np.argmin(scores))
-    pair = [{"threshold_scale": s, "keep_rule": r} for s, r in pairs]
+    candidates = [{"threshold_scale": s, "keep_rule": r} for s, r in pairs]
     return run.with_results(selection={
-        "candidates": pair, "divergence": scores, "chosen": pair[best],
+        "candidates": candidates, "divergence": scores, "chosen": candidates[best],
         "selection_samples": len(x)})
 
 
