@@ -279,7 +279,7 @@ def select(run: Run) -> Run:
             seen.append((snn.layers, r, scores[-1]))
             if opts.progress:
                 stderr_line(f"{_pair_name(opts, s, r)}: KL divergence of FTBC's output from "
-                            f"the ANN's {scores[-1]:.4f} on {len(x)} selection images")
+                            f"the ANN's {scores[-1]:.5g} on {len(x)} selection images")
     best = int(np.argmin(scores))
     candidates = [{"threshold_scale": s, "keep_rule": r} for s, r in pairs]
     return run.with_results(selection={

@@ -149,7 +149,7 @@ def selection_line(selection: dict[str, Any]) -> str:
 
     def name(pair: dict[str, Any]) -> str:
         return "/".join(f"{pair[k]:g}" if k == "threshold_scale" else pair[k] for k in keys)
-    scored = ", ".join(f"{name(c)}: {d:.4f}" for c, d in zip(selection["candidates"],
+    scored = ", ".join(f"{name(c)}: {d:.5g}" for c, d in zip(selection["candidates"],
                                                             selection["divergence"]))
     what = " and ".join(k.replace("_", " ") for k in keys)
     return (f"{what} {name(selection['chosen'])}, chosen by FTBC's KL divergence from the "
