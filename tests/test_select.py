@@ -28,7 +28,7 @@ from toolchain.calibrate import calibrate
 from toolchain.convert import convert
 from toolchain.fidelity import divergence_from_ann
 from toolchain.pipeline import Options, Run, run_pipeline
-from toolchain.report import provenance, selection_line
+from toolchain.report import candidate_name, provenance, selection_line, varied
 
 CANDIDATES = (1.0, 1.2, 6.0)  # 6: thresholds far above every activation, never the closest
 SETTINGS = dict(timesteps=3, calib_batches=1, calib_batch_size=32, iterations=1,
@@ -122,7 +122,7 @@ def test_a_run_stopped_while_selecting_resumes_from_each_scored_scale(tmp_path, 
     calibrations = Counted(stopper.fn)
     monkeypatch.setattr(toolchain.calibrate, "calibrate", calibrations)
     run = run_pipeline(_options(tmp_path / "b", **scales), resume=folder)
-    assert calibrations.calls == 1 + 3  # the second scale, then none / lp / ftbc
+    assert calibrations.calls == 1 + 2  # the second scale, then none / lp (ftbc: the choice's)
     assert run.results["resumed"]["parts"] == ["select:1.0:layer"]
     assert run.results["selection"] == plain.results["selection"]
     assert _results(run) == _results(plain)
@@ -189,10 +189,22 @@ def test_several_scales_and_rules_try_every_pair_converting_once_per_scale(trace
     assert selection_line(chosen).startswith(
         f"threshold scale and keep rule {chosen['chosen']['threshold_scale']:g}/"
         f"{chosen['chosen']['keep_rule']}, chosen by")
+    assert candidate_name({"threshold_scale": 1.0, "keep_rule": "network"},
+                          varied(chosen["candidates"]), labelled=True) == \
+        "threshold scale 1, keep rule network"
 
 
-def test_the_run_after_choosing_a_keep_rule_is_the_run_given_that_rule_alone(tmp_path):
+def test_the_run_after_choosing_a_keep_rule_is_the_run_given_that_rule_alone(tmp_path,
+                                                                           monkeypatch):
+    """...and the chosen pair's FTBC network is select's own, not calibrated again."""
+    methods = []
+
+    def recorded(*args, **kwargs):
+        methods.append(kwargs["method"])
+        return calibrate(*args, **kwargs)
+    monkeypatch.setattr(toolchain.calibrate, "calibrate", recorded)
     several = run_pipeline(_options(tmp_path / "several", keep_rule=("network", "layer")))
+    assert methods == ["ftbc", "ftbc", "none", "lp"]
     chosen = several.results["selection"]["chosen"]["keep_rule"]
     assert chosen != "network"  # (here the second is the closest: the order is not what wins)
     assert several.keep_rule == chosen
@@ -200,6 +212,8 @@ def test_the_run_after_choosing_a_keep_rule_is_the_run_given_that_rule_alone(tmp
                    several.results["fixed_calibration"]):
         assert report["keep_rule"] == chosen
     alone = run_pipeline(_options(tmp_path / "alone", keep_rule=(chosen,)))
+    assert methods[4:] == ["none", "lp", "ftbc"]
     assert _results(several) == _results(alone)
+    assert graphs_equal(several.snn["ftbc"], alone.snn["ftbc"])
     assert (tmp_path / "several" / "network.net").read_bytes() == \
         (tmp_path / "alone" / "network.net").read_bytes()

@@ -250,22 +250,28 @@ def select(run: Run) -> Run:
     closest to the ANN on selection images (training images the calibration never saw,
     ``_selection_data``): the smallest mean KL divergence from the ANN's softmax to the
     SNN's at t = T (readout / T as logits). No label is used, and ties go to the pair given
-    first (scales outer, rules inner). One of each: nothing to choose."""
+    first (scales outer, rules inner). The chosen pair's FTBC network and calibration report
+    are the run's (``snn["ftbc"]``, ``results["calibration"]["ftbc"]``): calibrate does not
+    compute them again. One of each: nothing to choose."""
     from toolchain.calibrate import calibrate as calibrate_snn
     from sims.progress import stderr_line
-    from toolchain.fidelity import divergence_from_ann
+    from toolchain.fidelity import ann_log_probs, divergence_from_ann
+    from toolchain.report import candidate_name, varied
     opts = run.options
-    pairs = [(s, r) for s in opts.threshold_scale for r in opts.keep_rule]
-    if len(pairs) < 2:
+    candidates = [{"threshold_scale": s, "keep_rule": r}
+                  for s in opts.threshold_scale for r in opts.keep_rule]
+    if len(candidates) < 2:
         return run
+    keys = varied(candidates)
     x = _selection_data(opts, run.data)
     mine = x[distributed.shard(len(x))]
+    reference = ann_log_probs(run.ann, mine)
 
-    def divergence(snn: SnnGraph, rule: str) -> float:
-        ftbc, _ = calibrate_snn(snn, run.ann, run.calib, method="ftbc",
-                                **_calibration_settings(opts, rule))
-        each = divergence_from_ann(ftbc, run.ann, mine, device=opts.device)
-        return float(distributed.gather_array(each).mean())
+    def scored(snn: SnnGraph, rule: str) -> tuple[float, SnnGraph, dict[str, Any]]:
+        ftbc, report = calibrate_snn(snn, run.ann, run.calib, method="ftbc",
+                                     **_calibration_settings(opts, rule))
+        each = divergence_from_ann(ftbc, run.ann, mine, device=opts.device, reference=reference)
+        return float(distributed.gather_array(each).mean()), ftbc, report
 
     scores, seen = [], []  # seen: (layers, rule, score) of each pair so far
     for s in opts.threshold_scale:
@@ -273,29 +279,30 @@ def select(run: Run) -> Run:
         for r in opts.keep_rule:
             # a scale that changes no threshold (every one a clip or learned, as in QCFS
             # models) gives a network already scored: its score, not another calibration
+            # (an equal score, so never the choice: ties go to the pair given first)
             same = [d for layers, rule, d in seen if rule == r and graphs_equal(layers, snn.layers)]
-            scores.append(same[0] if same else _part(
-                run, f"select:{s!r}:{r}", lambda snn=snn, r=r: divergence(snn, r)))
+            if same:
+                scores.append(same[0])
+            else:
+                score, ftbc, report = _part(run, f"select:{s!r}:{r}",
+                                            lambda snn=snn, r=r: scored(snn, r))
+                scores.append(score)
+                if int(np.argmin(scores)) == len(scores) - 1:  # the closest so far: kept
+                    closest = ftbc, report
             seen.append((snn.layers, r, scores[-1]))
             if opts.progress:
-                stderr_line(f"{_pair_name(opts, s, r)}: KL divergence of FTBC's output from "
-                            f"the ANN's {scores[-1]:.5g} on {len(x)} selection images")
+                name = candidate_name(candidates[len(scores) - 1], keys, labelled=True)
+                stderr_line(f"{name}: KL divergence of FTBC's output from the ANN's "
+                            f"{scores[-1]:.5g} on {len(x)} selection images")
     best = int(np.argmin(scores))
-    candidates = [{"threshold_scale": s, "keep_rule": r} for s, r in pairs]
-    return run.with_results(selection={
-        "candidates": candidates, "divergence": scores, "chosen": candidates[best],
-        "selection_samples": len(x)})
-
-
-def _pair_name(opts: Options, scale: float, rule: str) -> str:
-    """A candidate of select, named by what varies."""
-    named = ([f"threshold scale {scale:g}"] if len(opts.threshold_scale) > 1 else []) + \
-        ([f"keep rule {rule}"] if len(opts.keep_rule) > 1 else [])
-    return ", ".join(named)
+    return replace(run, snn={"ftbc": closest[0]}).with_results(
+        selection={"candidates": candidates, "divergence": scores,
+                   "chosen": candidates[best], "selection_samples": len(x)},
+        calibration={"ftbc": closest[1]})
 
 
 def convert(run: Run) -> Run:
-    return replace(run, snn={"converted": _converted(run, run.threshold_scale)})
+    return replace(run, snn={**run.snn, "converted": _converted(run, run.threshold_scale)})
 
 
 CALIBRATION_METHODS = ("none", "lp", "ftbc")
@@ -324,10 +331,15 @@ def _part(run: Run, name: str, compute: Callable[[], Any]) -> Any:
 
 
 def calibrate(run: Run) -> Run:
+    """Each of calibration_methods on the converted network, except one select has already
+    calibrated (the chosen pair's FTBC), taken as it is."""
     from toolchain.calibrate import calibrate as calibrate_snn
     opts = run.options
     graphs, reports = {}, {}
     for method in calibration_methods(opts):
+        if method in run.snn:
+            graphs[method], reports[method] = run.snn[method], run.results["calibration"][method]
+            continue
         graphs[method], reports[method] = _part(run, f"calibrate:{method}", lambda: calibrate_snn(
             run.snn["converted"], run.ann, run.calib, method=method,
             **_calibration_settings(opts, run.keep_rule)))

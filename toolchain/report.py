@@ -142,19 +142,30 @@ def _fmt(acc: Any) -> str:
     return "-" if acc is None else f"{acc:6.2f}"
 
 
+def varied(candidates: list[dict[str, Any]]) -> list[str]:
+    """What differs among select's candidates: threshold_scale, keep_rule or both."""
+    return [k for k in ("threshold_scale", "keep_rule") if len({c[k] for c in candidates}) > 1]
+
+
+def candidate_name(pair: dict[str, Any], keys: list[str], *, labelled: bool = False) -> str:
+    """One of select's candidates named by what varies (``keys``): "1.15/network", or with
+    ``labelled`` "threshold scale 1.15, keep rule network"."""
+    values = [(k.replace("_", " "), f"{pair[k]:g}" if k == "threshold_scale" else pair[k])
+              for k in keys]
+    if labelled:
+        return ", ".join(f"{what} {value}" for what, value in values)
+    return "/".join(value for _, value in values)
+
+
 def selection_line(selection: dict[str, Any]) -> str:
     """select's choice (report.json ``selection``) in one line, naming what varied."""
-    keys = [k for k in ("threshold_scale", "keep_rule")
-            if len({c[k] for c in selection["candidates"]}) > 1]
-
-    def name(pair: dict[str, Any]) -> str:
-        return "/".join(f"{pair[k]:g}" if k == "threshold_scale" else pair[k] for k in keys)
-    scored = ", ".join(f"{name(c)}: {d:.5g}" for c, d in zip(selection["candidates"],
-                                                            selection["divergence"]))
+    keys = varied(selection["candidates"])
+    scored = ", ".join(f"{candidate_name(c, keys)}: {d:.5g}"
+                       for c, d in zip(selection["candidates"], selection["divergence"]))
     what = " and ".join(k.replace("_", " ") for k in keys)
-    return (f"{what} {name(selection['chosen'])}, chosen by FTBC's KL divergence from the "
-            f"ANN on {selection['selection_samples']} training images outside the calibration "
-            f"draw ({scored})")
+    return (f"{what} {candidate_name(selection['chosen'], keys)}, chosen by FTBC's KL "
+            f"divergence from the ANN on {selection['selection_samples']} training images "
+            f"outside the calibration draw ({scored})")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
