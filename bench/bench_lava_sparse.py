@@ -86,7 +86,6 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--pixels", type=int, nargs="+", default=[0, 16])
     args = p.parse_args()
-    import numpy as np
     import torch
     torch.set_num_threads(1)
     import sims.lava_runner as runner

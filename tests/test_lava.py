@@ -173,7 +173,7 @@ def test_skip_connection_across_depths_runs_with_a_synaptic_delay(q, tmp_path, m
 def test_graded_input_through_a_delayed_synapse(tmp_path):
     """A layer three hops deep that also reads the graded input: that synapse waits 2 steps
     and carries 8-bit messages (DelaySparse with num_message_bits 8)."""
-    from tests.lava_builders import dense, even_weights, layer
+    from tests.lava_builders import dense, even_weights
     from core.ir import INPUT
     q = residual_net(same_depth=False)
     a, b, c, out = q.layers

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import InputError
-from core.ir import (INPUT, QInput, QLayer, QSynapse, QuantGraph, SnnGraph, SynapseKind,
+from core.ir import (INPUT, QLayer, QSynapse, QuantGraph, SnnGraph, SynapseKind,
                      evolve, frozen_array)
 from exporters.quantize import quantize
 from hw_targets import get_target

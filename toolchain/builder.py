@@ -23,7 +23,6 @@ what to do) and tracing goes on, so one ``UnsupportedModelError`` lists them all
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
